@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends
+from fastapi.responses import JSONResponse
+
+from core.api import get_system
+from core.settings import ConfigInvalid
+from core.system import System
+
+router = APIRouter(prefix='/api', tags=['config'])
+
+
+@router.get('/config')
+def get_config(system: System = Depends(get_system)) -> dict[str, Any]:
+    """Effective settings (API keys redacted), the source of each value, and any rejected values."""
+    return system.config.describe()
+
+
+@router.put('/config', responses={422: {'description': 'Field errors; nothing was saved'}})
+def put_config(patch: dict[str, Any] = Body(...), system: System = Depends(get_system)) -> Any:
+    """Validate and save the given fields atomically; says which changes need a restart."""
+    try:
+        result = system.config.update(patch)
+    except ConfigInvalid as e:
+        return JSONResponse(status_code=422, content={'detail': [err.as_dict() for err in e.errors]})
+    return {
+        'saved': True,
+        'changed': result.changed,
+        'restart_required': result.restart_required,
+        'overridden': result.overridden,
+        **system.config.describe(),
+    }

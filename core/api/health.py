@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel
+
+from core.api import get_system
+from core.system import System
+
+router = APIRouter(prefix='/api', tags=['health'])
+
+
+class LlamaServerInfo(BaseModel):
+    path: str
+    version: str
+    source: str
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    llama_server: LlamaServerInfo | None
+
+
+@router.get('/health', response_model=Health)
+def health(system: System = Depends(get_system)) -> dict[str, Any]:
+    return system.health()

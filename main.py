@@ -1,0 +1,124 @@
+"""Llama Async Proxy: parse the command line, build the System, mount the API, proxy and pages, run."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from core import __version__
+from core.settings import SettingsManager
+
+log = logging.getLogger('llama_async_proxy')
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog='llama-async-proxy',
+        description='Run llama.cpp llama-server for your GGUF models behind an OpenAI-compatible proxy, '
+        'with a live web UI.',
+    )
+    p.add_argument('--host', help='interface to bind (default 127.0.0.1; anything else needs api_keys set)')
+    p.add_argument('--port', type=int, help='HTTP port for the UI, the /api REST API and the /v1 proxy (default 8080)')
+    p.add_argument(
+        '--models-dir',
+        action='append',
+        dest='models_dirs',
+        metavar='DIR',
+        help='folder to scan for GGUF models; repeat for several (replaces models_dirs from the config)',
+    )
+    p.add_argument('--config', type=Path, metavar='FILE', help='JSON config file (default: the user config dir)')
+    p.add_argument('--native', action='store_true', help='open in a native desktop window (needs pywebview)')
+    p.add_argument('--no-browser', action='store_true', help='do not open a browser tab on start')
+    p.add_argument('--log-level', choices=['debug', 'info', 'warning', 'error'], help='app log level (default info)')
+    p.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    return p.parse_args(argv)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ('localhost', 'localhost.localdomain'):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def storage_secret(data_dir: Path) -> str:
+    """A per-installation secret for NiceGUI's browser storage, kept in the data dir."""
+    path = data_dir / 'storage_secret'
+    if path.exists():
+        return path.read_text().strip()
+    from core.fsutil import atomic_write_text
+
+    secret = secrets.token_urlsafe(32)
+    atomic_write_text(path, secret)
+    path.chmod(0o600)
+    return secret
+
+
+def build(args: argparse.Namespace) -> Any:
+    """Create the System and register routers, proxy and pages on NiceGUI's app. Returns the System."""
+    from nicegui import app
+
+    from core.api import include_all
+    from core.system import System
+    from ui import register_pages
+
+    cli = {'host': args.host, 'port': args.port, 'models_dirs': args.models_dirs, 'log_level': args.log_level}
+    config = SettingsManager(config_path=args.config, cli=cli)
+    system = System(config)
+    app.state.system = system
+    app.on_startup(system.start)
+    app.on_shutdown(system.stop)
+    include_all(app)  # API routers before any page
+    system.frontdoor.install(app)
+    register_pages(system)
+    return system
+
+
+def main(argv: list[str] | None = None) -> None:
+    simulated = bool(os.environ.get('NICEGUI_USER_SIMULATION'))  # NiceGUI's `User` test fixture runs this file
+    args = parse_args([] if simulated else argv)
+    logging.basicConfig(
+        level=(args.log_level or 'info').upper(), format='%(asctime)s %(levelname)s %(name)s: %(message)s'
+    )
+    system = build(args)
+    settings = system.config.settings
+    for warning in system.config.warnings:
+        print(f'config: {warning.field} (from {warning.source}) ignored: {warning.message}', file=sys.stderr)
+    if not is_loopback(settings.host) and not settings.api_keys:
+        sys.exit(
+            f'Refusing to bind {settings.host} without an API key: anyone on the network could use your models.\n'
+            'Set one with LAP_API_KEYS=<key> (or "api_keys" in the config file), or bind 127.0.0.1.'
+        )
+    if args.native:
+        try:
+            import webview  # noqa: F401
+        except ImportError:
+            sys.exit('--native needs pywebview: pip install ".[native]" (or run without --native)')
+
+    from nicegui import ui
+
+    ui.run(
+        host=settings.host,
+        port=settings.port,
+        title='Llama Async Proxy',
+        reload=False,
+        show=not args.no_browser,
+        native=args.native,
+        storage_secret=storage_secret(settings.data_dir),
+        favicon=str(Path(__file__).parent / 'assets' / 'favicon.svg'),
+        fastapi_docs=True,
+        show_welcome_message=False,
+        uvicorn_logging_level='warning',
+    )
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,15 @@
+"""Pages: one module per page plus the shared frame. Pages call core methods and subscribe to core events."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from core.system import System
+
+
+def register_pages(system: System) -> None:
+    from ui import chat, dashboard, logs, models, monitoring, settings
+
+    for page in (dashboard, models, monitoring, logs, settings, chat):
+        page.register(system)
