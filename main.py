@@ -32,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar='DIR',
         help='folder to scan for GGUF models; repeat for several (replaces models_dirs from the config)',
     )
-    p.add_argument('--config', type=Path, metavar='FILE', help='JSON config file (default: the user config dir)')
+    p.add_argument(
+        '--config', type=Path, metavar='FILE', help='JSON config file (default: $LAP_CONFIG, else the user config dir)'
+    )
     p.add_argument('--native', action='store_true', help='open in a native desktop window (needs pywebview)')
     p.add_argument('--no-browser', action='store_true', help='do not open a browser tab on start')
     p.add_argument('--log-level', choices=['debug', 'info', 'warning', 'error'], help='app log level (default info)')
@@ -71,7 +73,8 @@ def build(args: argparse.Namespace) -> Any:
     from ui import register_pages
 
     cli = {'host': args.host, 'port': args.port, 'models_dirs': args.models_dirs, 'log_level': args.log_level}
-    config = SettingsManager(config_path=args.config, cli=cli)
+    config_path = args.config or (Path(os.environ['LAP_CONFIG']) if os.environ.get('LAP_CONFIG') else None)
+    config = SettingsManager(config_path=config_path, cli=cli)
     system = System(config)
     app.state.system = system
     app.on_startup(system.start)

