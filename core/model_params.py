@@ -1,18 +1,93 @@
-"""Per-model launch parameters. `Settings.defaults` holds values for every model; per model, `None` inherits."""
+"""Per-model launch parameters. `Settings.defaults` holds values for every model; per model, `None` inherits.
+
+Every launch field maps to a llama-server flag in `core/supervisor/argv.py`; `None` means "not passed", so the
+binary's own default applies. Supervisor-only fields (`ttl`, `pinned`, `env`) never reach the command line.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.request_params import RequestParams
+
+CacheType = Literal['f32', 'f16', 'bf16', 'q8_0', 'q4_0', 'q4_1', 'iq4_nl', 'q5_0', 'q5_1']
+OnOffAuto = Literal['on', 'off', 'auto']
 
 
 class ModelParams(BaseModel):
     model_config = ConfigDict(extra='forbid')
 
+    # --- context, batching, threads ---
     ctx_size: int | None = Field(None, ge=0, description='Context size (-c); 0 = from the model')
-    n_gpu_layers: int | None = Field(None, ge=-1, description='Layers offloaded to the GPU (-ngl); -1 = all')
     threads: int | None = Field(None, ge=1, description='CPU threads for generation (-t)')
+    threads_batch: int | None = Field(None, ge=1, description='CPU threads for prompt processing (-tb)')
     batch_size: int | None = Field(None, ge=1, description='Logical batch size (-b)')
+    ubatch_size: int | None = Field(None, ge=1, description='Physical batch size (-ub)')
     parallel: int | None = Field(None, ge=1, description='Parallel slots (-np)')
+    # --- GPU ---
+    n_gpu_layers: int | None = Field(None, ge=-1, description='Layers offloaded to the GPU (-ngl); -1 = all')
+    main_gpu: int | None = Field(None, ge=0, description='GPU for the model with split_mode none (-mg)')
+    split_mode: Literal['none', 'layer', 'row', 'tensor'] | None = Field(None, description='Split across GPUs (-sm)')
+    tensor_split: list[float] | None = Field(None, description='Fraction of the model per GPU (-ts), e.g. [3, 1]')
+    flash_attn: OnOffAuto | None = Field(None, description='Flash attention (-fa)')
+    # --- KV cache and memory ---
+    cache_type_k: CacheType | None = Field(None, description='KV cache type for K (-ctk)')
+    cache_type_v: CacheType | None = Field(None, description='KV cache type for V (-ctv)')
+    mlock: bool | None = Field(None, description='Keep the model in RAM (no swapping)')
+    no_mmap: bool | None = Field(None, description='Read the model into memory instead of memory-mapping it')
+    # --- RoPE ---
+    rope_scaling: Literal['none', 'linear', 'yarn'] | None = Field(None, description='RoPE scaling method')
+    rope_scale: float | None = Field(None, gt=0, description='RoPE context scaling factor')
+    rope_freq_base: float | None = Field(None, gt=0, description='RoPE base frequency')
+    rope_freq_scale: float | None = Field(None, gt=0, description='RoPE frequency scaling factor')
+    yarn_orig_ctx: int | None = Field(None, ge=0, description='YaRN original context size of the model')
+    # --- features ---
+    embeddings: bool | None = Field(None, description='Serve embeddings (--embeddings)')
+    pooling: Literal['none', 'mean', 'cls', 'last', 'rank'] | None = Field(None, description='Embedding pooling')
+    jinja: bool | None = Field(None, description='Use the jinja chat template engine')
+    chat_template: str | None = Field(None, min_length=1, description='Chat template override (name or jinja)')
+    chat_template_file: Path | None = Field(None, description='Chat template override from a file')
+    mmproj: Path | None = Field(None, description='Multimodal projector; empty = the one found next to the model')
+    alias: str | None = Field(None, min_length=1, description='Model name(s) llama-server reports, comma-separated')
+    extra_args: list[str] | None = Field(None, description='More llama-server flags, checked against its --help')
+    env: dict[str, str] | None = Field(None, description='Extra environment variables for the llama-server process')
+    # --- supervisor ---
+    ttl: float | None = Field(None, ge=0, description='Seconds idle before the model is unloaded; 0 = never')
+    pinned: bool | None = Field(None, description='Never evict this model to make room for another')
+
     request: RequestParams | None = Field(None, description='Applied to each request body by the proxy')
+
+    @field_validator('tensor_split')
+    @classmethod
+    def _non_negative(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(x < 0 for x in v)):
+            raise ValueError('needs one non-negative number per GPU')
+        return v
+
+    @field_validator('env')
+    @classmethod
+    def _env_names(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for name in v or {}:
+            if not name or '=' in name or '\0' in name:
+                raise ValueError(f'invalid environment variable name {name!r}')
+        return v
+
+    def overlay(self, override: ModelParams | None) -> ModelParams:
+        """These values with every field that `override` sets (not None) on top."""
+        if override is None:
+            return self.model_copy()
+        return self.model_copy(update=override.model_dump(exclude_none=True, exclude={'request'}) | _request(override))
+
+
+def _request(override: ModelParams) -> dict[str, RequestParams]:
+    return {'request': override.request} if override.request is not None else {}
+
+
+def effective_params(settings: object, model_id: str) -> ModelParams:
+    """`settings.defaults` overlaid by `settings.models[model_id]`."""
+    defaults: ModelParams = getattr(settings, 'defaults', None) or ModelParams()
+    models: dict[str, ModelParams] = getattr(settings, 'models', None) or {}
+    return defaults.overlay(models.get(model_id))

@@ -76,6 +76,17 @@ class Settings(BaseSettings):
     # --- metrics and logs ---
     metrics_interval: float = Field(1.0, ge=0.1, le=60, description='Seconds between metric samples')
     log_buffer_lines: int = Field(10_000, ge=100, description='Log lines kept in memory')
+    log_file_max_bytes: int = Field(10 * 1024 * 1024, ge=10_000, description='Size at which a log file rotates')
+    log_file_backups: int = Field(3, ge=0, le=100, description='Rotated log files kept per source')
+    sse_heartbeat: float = Field(15.0, gt=0, le=300, description='Seconds between /api/events heartbeats')
+    sse_queue_size: int = Field(1000, ge=10, description='Events buffered per /api/events client before it is dropped')
+    alert_ram_pct: float = Field(90.0, gt=0, le=100, description='Alert when RAM use reaches this percentage')
+    alert_gpu_memory_pct: float = Field(95.0, gt=0, le=100, description='Alert when a GPU memory use reaches this %')
+    alert_gpu_temp_c: float = Field(85.0, gt=0, description='Alert when a GPU reaches this temperature (°C)')
+    alert_disk_free_gb: float = Field(5.0, ge=0, description='Alert when a models dir has less free space (GB)')
+    alert_hysteresis_pct: float = Field(
+        5.0, ge=0, le=50, description='Alerts clear this % of the threshold back inside it'
+    )
 
     @field_validator('models_dirs', 'api_keys', 'preload', mode='before')
     @classmethod
@@ -102,6 +113,7 @@ class Settings(BaseSettings):
 
 
 # Changing these only takes effect after the app restarts; everything else is applied live.
+_MISSING = object()
 RESTART_FIELDS = frozenset({'host', 'port', 'data_dir', 'log_buffer_lines'})
 SECRET_FIELDS = frozenset({'api_keys'})
 
@@ -207,31 +219,32 @@ class SettingsManager:
         return self._validate_layers(layers)
 
     def _validate_layers(self, layers: list[tuple[Source, dict[str, Any]]]) -> Settings:
-        """Merge the layers; drop each invalid value (from the layer that supplied it) with a warning."""
-        layers = [(name, dict(data)) for name, data in layers]
-        for _ in range(50):
-            merged: dict[str, Any] = {}
-            origin: dict[str, Source] = {}
-            for name, data in layers:
-                merged.update(data)
-                origin.update(dict.fromkeys(data, name))
+        """Validate each layer on its own, dropping each invalid value with a warning, then merge the rest."""
+        merged: dict[str, Any] = {}
+        origin: dict[str, Source] = {}
+        for name, data in layers:
+            data = self._valid_part(name, data)
+            merged.update(data)
+            origin.update(dict.fromkeys(data, name))
+        settings = Settings(**merged)
+        self.sources = {field: origin.get(field, 'default') for field in Settings.model_fields}
+        for w in self.warnings:
+            log.warning('config: %s (from %s) ignored: %s', w.field, w.source, w.message)
+        return settings
+
+    def _valid_part(self, source: Source, data: dict[str, Any]) -> dict[str, Any]:
+        data = dict(data)
+        while True:
             try:
-                settings = Settings(**merged)
+                Settings(**data)
+                return data
             except ValidationError as exc:
-                for err in _errors(exc, 'merged'):
-                    top = err.field.split('.')[0]
-                    src = origin.get(top, 'default')
-                    err.source = src
+                dropped = False
+                for err in _errors(exc, source):
                     self.warnings.append(err)
-                    for name, data in layers:
-                        if name == src:
-                            data.pop(top, None)
-                continue
-            self.sources = {name: origin.get(name, 'default') for name in Settings.model_fields}
-            for w in self.warnings:
-                log.warning('config: %s (from %s) ignored: %s', w.field, w.source, w.message)
-            return settings
-        raise RuntimeError('configuration could not be repaired')  # pragma: no cover - needs >50 bad fields
+                    dropped |= data.pop(err.field.split('.')[0], _MISSING) is not _MISSING
+                if not dropped:  # an error not tied to one of this layer's keys: ignore the whole layer
+                    return {}
 
     def reload(self) -> Settings:
         with self._lock:

@@ -181,7 +181,12 @@ def start_app(
     child_env.update({'LAP_DATA_DIR': str(data_dir), 'PYTHONUNBUFFERED': '1', **(env or {})})
     argv = [sys.executable, str(ROOT / 'main.py'), '--no-browser', '--port', str(port), '--config', str(config), *args]
     proc = subprocess.Popen(
-        argv, cwd=tmp, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        argv,
+        cwd=tmp,
+        env=child_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     app = AppProcess(proc, f'http://127.0.0.1:{port}', data_dir, config)

@@ -92,21 +92,22 @@ def _hash_floats(key: str, seed: int, shape: tuple[int, ...], std: float) -> np.
 
 
 def _word_pieces(n: int) -> list[str]:
-    """n unique printable SentencePiece pieces: common words, letters, then letter combos."""
+    """n unique printable SentencePiece pieces: letters, common words (with every prefix, since
+    SPM only merges pairs whose concatenation is in the vocab), then letter combos."""
     seen: dict[str, None] = {}
     lower = string.ascii_lowercase
-
     def gen():
-        yield from ('\u2581' + w for w in WORDS)
         yield from lower
-        yield from ('\u2581' + c for c in lower + string.ascii_uppercase + string.digits)
-        yield from ('.', ',', '!', '?', "'", '-')
+        yield from ("\u2581" + c for c in lower)
+        yield from (".", ",", "!", "?", "'", "-")
+        for w in WORDS:
+            yield from ("\u2581" + w[:i] for i in range(1, len(w) + 1))
+        yield from ("\u2581" + c for c in string.ascii_uppercase + string.digits)
         for k in itertools.count(2):  # "ab", "▁ab", "ac", ... unbounded
             for t in itertools.product(lower, repeat=k):
-                s = ''.join(t)
+                s = "".join(t)
                 yield s
-                yield '\u2581' + s
-
+                yield "\u2581" + s
     for p in gen():
         if len(seen) == n:
             break

@@ -49,7 +49,7 @@ def frame(system: System, title: str) -> Iterator[None]:
     with ui.left_drawer(value=True, bordered=True).classes('bg-gray-50') as drawer:
         with ui.column().classes('gap-1 w-full'):
             for label, path, icon in NAV:
-                with ui.link(target=path).classes('no-underline w-full'):
+                with ui.link(target=path).classes('no-underline w-full').mark(f'nav-{label.lower()}'):
                     with ui.row().classes('items-center gap-3 px-3 py-2 rounded hover:bg-indigo-50 w-full'):
                         ui.icon(icon).classes('text-indigo-600')
                         ui.label(label).classes('text-gray-800')

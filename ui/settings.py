@@ -49,11 +49,12 @@ def register(system: System) -> None:
                     source = desc['sources'][name]
                     hint = f'{field.description or ""} (from {source})'
                     if isinstance(value, bool):
-                        inputs[name] = ui.switch(name, value=value).tooltip(hint)
+                        element: Any = ui.switch(name, value=value).tooltip(hint)
                     elif isinstance(value, list):
-                        inputs[name] = ui.textarea(name, value=_to_text(value)).props('autogrow').classes('w-full')
+                        element = ui.textarea(name, value=_to_text(value)).props('autogrow').classes('w-full')
                     else:
-                        inputs[name] = ui.input(name, value=_to_text(value)).classes('w-full')
+                        element = ui.input(name, value=_to_text(value)).classes('w-full')
+                    inputs[name] = element.mark(f'setting-{name}')
                     ui.label(hint).classes('text-xs text-gray-500 -mt-2')
             status = ui.label().classes('text-sm')
 

@@ -1,0 +1,64 @@
+"""Pages through NiceGUI's simulated user (no browser): the frame, navigation and the settings form."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from nicegui import ui
+from nicegui.testing import User
+
+PAGES = {
+    '/': 'Dashboard',
+    '/models': 'Models',
+    '/monitoring': 'Monitoring',
+    '/logs': 'Logs',
+    '/settings': 'Settings',
+    '/chat': 'Chat',
+}
+
+
+async def test_every_page_has_the_frame_and_navigation(user: User) -> None:
+    for path, title in PAGES.items():
+        await user.open(path)
+        await user.should_see('Llama Async Proxy')
+        await user.should_see(title)
+        for label in PAGES.values():
+            await user.should_see(label, kind=ui.label)
+        await user.should_see(marker='binary-status')
+    await user.should_see('llama-server 0.')  # the real binary's version, resolved at start
+
+
+async def test_dashboard_shows_real_facts(user: User) -> None:
+    await user.open('/')
+    await user.should_see('llama-server')
+    await user.should_see('Models found')
+    await user.should_see('http://127.0.0.1:8080/v1')
+
+
+async def test_navigation_links_open_pages(user: User) -> None:
+    await user.open('/')
+    user.find(marker='nav-settings').click()
+    await user.should_see('Saved to')
+
+
+async def test_settings_page_saves_and_rejects(user: User) -> None:
+    await user.open('/settings')
+    user.find(marker='setting-concurrency_limit').clear().type('0')
+    user.find(marker='save-settings').click()
+    await user.should_see('Not saved')
+    config = Path(os.environ['LAP_CONFIG'])
+    assert not config.exists()
+    user.find(marker='setting-concurrency_limit').clear().type('6')
+    user.find(marker='save-settings').click()
+    await user.should_see('Saved concurrency_limit')
+    assert json.loads(config.read_text()) == {'concurrency_limit': 6}
+
+
+async def test_logs_page_streams_new_lines(user: User) -> None:
+    import logging
+
+    await user.open('/logs')
+    logging.getLogger('test').warning('a line for the logs page')
+    await user.should_see('a line for the logs page', retries=20)
