@@ -96,18 +96,20 @@ def _word_pieces(n: int) -> list[str]:
     SPM only merges pairs whose concatenation is in the vocab), then letter combos."""
     seen: dict[str, None] = {}
     lower = string.ascii_lowercase
+
     def gen():
         yield from lower
-        yield from ("\u2581" + c for c in lower)
-        yield from (".", ",", "!", "?", "'", "-")
+        yield from ('\u2581' + c for c in lower)
+        yield from ('.', ',', '!', '?', "'", '-')
         for w in WORDS:
-            yield from ("\u2581" + w[:i] for i in range(1, len(w) + 1))
-        yield from ("\u2581" + c for c in string.ascii_uppercase + string.digits)
+            yield from ('\u2581' + w[:i] for i in range(1, len(w) + 1))
+        yield from ('\u2581' + c for c in string.ascii_uppercase + string.digits)
         for k in itertools.count(2):  # "ab", "▁ab", "ac", ... unbounded
             for t in itertools.product(lower, repeat=k):
-                s = "".join(t)
+                s = ''.join(t)
                 yield s
-                yield "\u2581" + s
+                yield '\u2581' + s
+
     for p in gen():
         if len(seen) == n:
             break
@@ -382,7 +384,7 @@ def write_header_heavy_gguf(
     names = ['token_embd.weight', 'output_norm.weight', 'output.weight'] + [
         f'blk.{i}.{t}.weight' for i in range(n_layer) for t in TENSORS_PER_LAYER
     ]
-    for i, tname in enumerate(names[:n_tensors]):
+    for tname in names[:n_tensors]:
         w.add_tensor(tname, _hash_floats(tname, seed, (8,), 0.02))
     _finish(w)
     return path
