@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -191,10 +192,10 @@ def _read_gpu(nv: Any, index: int) -> GpuInfo:
     info.fan_pct = None if fan is None else float(fan)
     procs: dict[int, GpuProcess] = {}
     for kind, getter in (
-        ('compute_processes', 'nvmlDeviceGetComputeRunningProcesses'),
-        ('graphics_processes', 'nvmlDeviceGetGraphicsRunningProcesses'),
+        ('compute_processes', nv.nvmlDeviceGetComputeRunningProcesses),
+        ('graphics_processes', nv.nvmlDeviceGetGraphicsRunningProcesses),
     ):
-        for p in read(kind, lambda g=getter: getattr(nv, g)(h)) or []:
+        for p in read(kind, partial(getter, h)) or []:
             used = getattr(p, 'usedGpuMemory', None)
             # NVML reports "not available" as a huge sentinel value (NVML_VALUE_NOT_AVAILABLE).
             used = int(used) if isinstance(used, int) and 0 <= used < (1 << 62) else None

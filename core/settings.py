@@ -66,12 +66,16 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(30.0, ge=0, description='Seconds a swap waits for in-flight requests')
     health_interval: float = Field(5.0, gt=0, description='Seconds between liveness checks of a ready server')
     preload: list[str] = Field(default_factory=list, description='Models started when the app starts')
+    restart_backoff: float = Field(1.0, gt=0, description='Seconds before the first restart after a crash (doubles)')
 
     # --- proxy ---
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description='Largest request body accepted')
     concurrency_limit: int = Field(10, ge=1, description='In-flight requests per model before 429')
     send_loading_state: bool = Field(False, description='Stream load progress as reasoning_content while loading')
     requests_keep: int = Field(100_000, ge=100, description='Request activity rows kept in SQLite')
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description='Extra Host header names accepted besides loopback and host; * = any'
+    )
 
     # --- metrics and logs ---
     metrics_interval: float = Field(1.0, ge=0.1, le=60, description='Seconds between metric samples')
@@ -88,7 +92,7 @@ class Settings(BaseSettings):
         5.0, ge=0, le=50, description='Alerts clear this % of the threshold back inside it'
     )
 
-    @field_validator('models_dirs', 'api_keys', 'preload', mode='before')
+    @field_validator('models_dirs', 'api_keys', 'preload', 'allowed_hosts', mode='before')
     @classmethod
     def _split_list(cls, v: Any) -> Any:
         # Let LAP_MODELS_DIRS=/a:/b and --models-dir style plain strings work besides JSON lists.
@@ -114,7 +118,7 @@ class Settings(BaseSettings):
 
 # Changing these only takes effect after the app restarts; everything else is applied live.
 _MISSING = object()
-RESTART_FIELDS = frozenset({'host', 'port', 'data_dir', 'log_buffer_lines'})
+RESTART_FIELDS = frozenset({'host', 'port', 'data_dir', 'log_buffer_lines', 'log_file_max_bytes', 'log_file_backups'})
 SECRET_FIELDS = frozenset({'api_keys'})
 
 

@@ -28,7 +28,13 @@ class System:
         s = config.settings
         self.version = __version__
         self.bus = EventBus()
-        self.logs = LogService(self.bus, capacity=s.log_buffer_lines)
+        self.logs = LogService(
+            self.bus,
+            capacity=s.log_buffer_lines,
+            log_dir=s.data_dir / 'logs',
+            max_bytes=s.log_file_max_bytes,
+            backups=s.log_file_backups,
+        )
         self.data_dir: Path = s.data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.data_dir / 'lap.sqlite3')
@@ -36,7 +42,7 @@ class System:
         self.library = ModelLibrary(config, self.store, self.bus)
         self.scheduler = Scheduler(config, self.library, self.binary, self.logs, self.bus, self.data_dir)
         self.proxy = Proxy(config, self.scheduler, self.library, self.store, self.bus)
-        self.metrics = MetricsService(config, self.scheduler, self.library, self.store, self.bus)
+        self.metrics = MetricsService(config, self.scheduler, self.library, self.store, self.bus, logs=self.logs)
         # Raw ASGI routes and guards that run before NiceGUI's middleware (see core/frontdoor.py).
         self.frontdoor = FrontDoor()
         self.proxy.register_routes(self.frontdoor)
@@ -76,6 +82,7 @@ class System:
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler = None
+        self.logs.close()
         self.store.close()
         self.started = False
 

@@ -1,5 +1,107 @@
+"""Launch parameters: global defaults and per-model overrides, validated (also against llama-server --help)
+and saved through the settings manager so the atomic write and the settings validation apply."""
+
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Any
 
-router = APIRouter(prefix='/api')
+from fastapi import APIRouter, Body, Depends
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from core.api import get_system
+from core.model_params import ModelParams
+from core.settings import ConfigInvalid
+from core.supervisor.argv import ArgvError
+from core.system import System
+
+router = APIRouter(prefix='/api', tags=['parameters'])
+
+_422: dict[int | str, dict[str, Any]] = {422: {'description': 'Field errors; nothing was saved'}}
+
+
+def _dump(params: ModelParams | None) -> dict[str, Any]:
+    return {} if params is None else params.model_dump(mode='json', exclude_none=True)
+
+
+def _field_errors(errors: list[dict[str, str]]) -> JSONResponse:
+    return JSONResponse(status_code=422, content={'detail': errors})
+
+
+async def _validated(
+    system: System, body: dict[str, Any], current: ModelParams | None, base: ModelParams | None
+) -> ModelParams | JSONResponse:
+    """`body` as ModelParams (keeping the saved `request` block when the body has none), checked as it would
+    launch: on top of `base` (the defaults) for a per-model override."""
+    if 'request' not in body and current is not None and current.request is not None:
+        body = {**body, 'request': current.request.model_dump(mode='json')}
+    try:
+        params = ModelParams.model_validate(body)
+    except ValidationError as exc:
+        return _field_errors(
+            [{'field': '.'.join(str(p) for p in e['loc']) or '(root)', 'message': e['msg']} for e in exc.errors()]
+        )
+    try:
+        await system.scheduler.check_params(params if base is None else base.overlay(params))
+    except ArgvError as e:
+        return _field_errors([{'field': e.field, 'message': e.message}])
+    return params
+
+
+def _save(system: System, patch: dict[str, Any]) -> JSONResponse | None:
+    try:
+        system.config.update(patch)
+    except ConfigInvalid as e:
+        return _field_errors([{'field': err.field, 'message': err.message} for err in e.errors])
+    return None
+
+
+def _descriptions() -> dict[str, str]:
+    return {name: f.description or '' for name, f in ModelParams.model_fields.items()}
+
+
+@router.get('/parameters')
+def get_parameters(system: System = Depends(get_system)) -> dict[str, Any]:
+    """Launch parameters every model starts with (unset = llama-server's own default)."""
+    return {'params': _dump(system.config.settings.defaults), 'descriptions': _descriptions()}
+
+
+@router.put('/parameters', responses=_422)
+async def put_parameters(body: dict[str, Any] = Body(...), system: System = Depends(get_system)) -> Any:
+    """Replace the global defaults. Running models keep their parameters until they are next started."""
+    params = await _validated(system, body, system.config.settings.defaults, None)
+    if isinstance(params, JSONResponse):
+        return params
+    return _save(system, {'defaults': _dump(params)}) or get_parameters(system)
+
+
+@router.get('/models/{model_id:path}/parameters', responses={404: {'description': 'Model not found'}})
+def get_model_parameters(model_id: str, system: System = Depends(get_system)) -> Any:
+    """The model's own overrides, the defaults, and the effective result it launches with."""
+    entry = system.library.get(model_id)
+    if entry is None:
+        return JSONResponse(status_code=404, content={'detail': f'model {model_id!r} not found'})
+    s = system.config.settings
+    return {
+        'model': entry.id,
+        'params': _dump(s.models.get(entry.id)),
+        'defaults': _dump(s.defaults),
+        'effective': _dump(system.scheduler.params_for(entry.id)),
+        'descriptions': _descriptions(),
+    }
+
+
+@router.put('/models/{model_id:path}/parameters', responses={404: {'description': 'Model not found'}, **_422})
+async def put_model_parameters(model_id: str, body: dict[str, Any] = Body(...), system: System = Depends(get_system)):
+    """Replace the model's overrides (an empty object removes them). Applies at the model's next start."""
+    entry = system.library.get(model_id)
+    if entry is None:
+        return JSONResponse(status_code=404, content={'detail': f'model {model_id!r} not found'})
+    s = system.config.settings
+    params = await _validated(system, body, s.models.get(entry.id), s.defaults)
+    if isinstance(params, JSONResponse):
+        return params
+    models = {mid: _dump(p) for mid, p in s.models.items() if mid != entry.id}
+    if _dump(params):
+        models[entry.id] = _dump(params)
+    return _save(system, {'models': models}) or get_model_parameters(entry.id, system)

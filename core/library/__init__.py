@@ -1,19 +1,12 @@
-"""Model library: discovery, GGUF metadata and fit estimates. (Filled in by the model-library work.)"""
+"""Model library: discovery, lazy GGUF header metadata (cached in SQLite), folder watching and fit estimates.
+
+`ModelLibrary(config, store, bus)` is the service; see docs/ARCHITECTURE.md for its contract.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from core.library.fit import FitEstimate
+from core.library.library import ModelEntry, ModelLibrary, ScanReport
+from core.library.meta import ModelMeta
 
-
-class ModelLibrary:
-    def __init__(self, config: Any, store: Any, bus: Any) -> None:
-        self.config, self.store, self.bus = config, store, bus
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    def models(self) -> list[Any]:
-        return []
+__all__ = ['FitEstimate', 'ModelEntry', 'ModelLibrary', 'ModelMeta', 'ScanReport']

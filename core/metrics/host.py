@@ -61,7 +61,13 @@ class HostSampler:
                 out.append({'path': str(d), 'error': str(e)})
                 continue
             out.append(
-                {'path': str(d), 'total_bytes': du.total, 'used_bytes': du.used, 'free_bytes': du.free, 'pct': du.percent}
+                {
+                    'path': str(d),
+                    'total_bytes': du.total,
+                    'used_bytes': du.used,
+                    'free_bytes': du.free,
+                    'pct': du.percent,
+                }
             )
         return out
 

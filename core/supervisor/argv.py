@@ -55,7 +55,12 @@ _FLAG_TOKEN = re.compile(r'^--?[A-Za-z][\w-]*$')
 
 
 class ArgvError(ValueError):
-    """A parameter this binary cannot take; the message says which and why."""
+    """A parameter this binary cannot take; `field` names it, the message says why."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f'{field}: {message}')
+        self.field = field
+        self.message = message
 
 
 @lru_cache(maxsize=8)
@@ -65,7 +70,8 @@ def accepted_flags(help_text: str) -> frozenset[str]:
     for line in help_text.splitlines():
         if not line.startswith('-'):
             continue
-        spec = re.split(r'\s{2,}', line.strip(), maxsplit=1)[0]
+        # `-c,    --ctx-size N      size of ...`: join the spellings, then cut at the description column.
+        spec = re.split(r'\s{2,}', re.sub(r',\s+', ', ', line.strip()), maxsplit=1)[0]
         for part in re.split(r'[,\s]+', spec):
             if _FLAG_TOKEN.match(part):
                 flags.add(part)
@@ -102,7 +108,7 @@ def _load_mode_args(params: ModelParams, flags: frozenset[str]) -> list[str]:
     for field, flag in (('mlock', '--mlock'), ('no_mmap', '--no-mmap')):
         if getattr(params, field):
             if flag not in flags:
-                raise ArgvError(f'{field}: this llama-server has no {flag} (nor --load-mode)')
+                raise ArgvError(field, f'this llama-server has no {flag} (nor --load-mode)')
             out.append(flag)
     return out
 
@@ -116,7 +122,7 @@ def params_args(params: ModelParams, flags: frozenset[str]) -> list[str]:
             continue
         flag = _pick(candidates, flags)
         if flag is None:
-            raise ArgvError(f'{field}: this llama-server accepts none of {", ".join(candidates)}')
+            raise ArgvError(field, f'this llama-server accepts none of {", ".join(candidates)}')
         out += [flag, _value(field, value)]
     for field, (on, off) in SWITCH_FLAGS.items():
         value = getattr(params, field)
@@ -127,7 +133,7 @@ def params_args(params: ModelParams, flags: frozenset[str]) -> list[str]:
             continue
         flag = _pick(wanted, flags)
         if flag is None:
-            raise ArgvError(f'{field}={value}: this llama-server accepts none of {", ".join(wanted)}')
+            raise ArgvError(field, f'{value}: this llama-server accepts none of {", ".join(wanted)}')
         out.append(flag)
     out += _load_mode_args(params, flags)
     return out
@@ -140,9 +146,9 @@ def check_extra_args(extra: list[str], flags: frozenset[str]) -> None:
         if not _FLAG_TOKEN.match(name):
             continue  # a value such as `4`, `-1` or `q8_0`
         if name in MANAGED_FLAGS:
-            raise ArgvError(f'extra_args: {name} is set by the supervisor and cannot be overridden')
+            raise ArgvError('extra_args', f'{name} is set by the supervisor and cannot be overridden')
         if name not in flags:
-            raise ArgvError(f'extra_args: llama-server does not accept {name} (see llama-server --help)')
+            raise ArgvError('extra_args', f'llama-server does not accept {name} (see llama-server --help)')
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,421 @@
+"""One llama-server process and its state machine.
+
+    stopped -> starting -> ready -> stopping -> stopped
+                  |          |
+                  v          v (crash / hung)
+              restarting (backoff) -> starting ... -> failed (after too many failures; terminal until loaded again)
+
+A single task (`_run`) owns the process from spawn to exit, so a start, a crash restart and a stop never race on
+a stale state read. Callers wait on `wait_ready()`; `stop()` cancels that task and reaps the child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from core.supervisor.errors import StartFailed
+
+log = logging.getLogger(__name__)
+
+HOST = '127.0.0.1'
+LOG_TAIL_LINES = 40
+READ_CHUNK = 64 * 1024
+MAX_LINE = 64 * 1024  # a longer line is logged in pieces instead of growing the buffer without bound
+HEALTH_POLL_S = 0.02  # while starting: llama-server is healthy ~20 ms after spawn on small models
+LIVENESS_FAILURES = 3  # consecutive failed liveness checks before a ready server counts as hung
+BIND_RETRIES = 5
+
+# Load progress from llama-server's log: (marker, progress). It prints no percentage, only these stages.
+_PROGRESS_MARKERS = (
+    ('loading model', 0.1),
+    ('llama_model_loader: loaded meta data', 0.2),
+    ('load_tensors', 0.4),
+    ('llama_context', 0.6),
+    ('load_model: initializing', 0.8),
+    ('model loaded', 0.95),
+)
+_BIND_ERRORS = ('address already in use', "couldn't bind", 'could not bind', 'failed to bind')
+
+ACTIVE_STATES = frozenset({'starting', 'ready', 'restarting', 'stopping'})
+
+
+@dataclass(frozen=True)
+class Upstream:
+    model_id: str
+    host: str
+    port: int
+    base_url: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    load_timeout: float = 300.0
+    stop_timeout: float = 10.0
+    health_interval: float = 5.0
+    restart_backoff: float = 1.0
+    restart_backoff_max: float = 60.0
+    max_failures: int = 5
+    failure_window: float = 300.0
+    healthy_reset: float = 60.0
+
+    def backoff(self, failures: int) -> float:
+        """1, 2, 4 ... x base, capped, with up to 10% jitter so restarts of several models do not align."""
+        delay = min(self.restart_backoff * 2 ** max(failures - 1, 0), self.restart_backoff_max)
+        return delay * (1 + 0.1 * random.random())
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything needed to spawn: `argv(port)` builds the command line for a free port."""
+
+    argv: Callable[[int], list[str]]
+    env: dict[str, str]
+    timings: Timings
+
+
+class _Exited(Exception):
+    def __init__(self, message: str, bind_race: bool = False) -> None:
+        super().__init__(message)
+        self.bind_race = bind_race
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A preexec_fn that makes the kernel SIGKILL the child when this process dies (Linux only)."""
+    if not sys.platform.startswith('linux'):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+class ServerProcess:
+    def __init__(
+        self,
+        model_id: str,
+        logs: Any,
+        publish: Callable[[dict[str, Any]], None],
+        registry: Any = None,
+    ) -> None:
+        self.model_id = model_id
+        self.logs = logs
+        self._publish = publish
+        self.registry = registry
+        self.state = 'stopped'
+        self.pid: int | None = None
+        self.port: int | None = None
+        self.progress: float | None = None
+        self.error: str | None = None
+        self.restarts = 0
+        self.ready_since: float | None = None
+        self.inflight = 0
+        self.waiters = 0
+        self.last_used = time.monotonic()
+        self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.launch_info: Any = None  # what the scheduler launched it with (params, memory need)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._readers: list[asyncio.Task[None]] = []
+        self._run_task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[Upstream] | None = None
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self.inflight + self.waiters > 0
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def upstream(self) -> Upstream:
+        assert self.port is not None and self.pid is not None
+        return Upstream(self.model_id, HOST, self.port, f'http://{HOST}:{self.port}', self.pid)
+
+    def describe(self) -> dict[str, Any]:
+        uptime = time.monotonic() - self.ready_since if self.state == 'ready' and self.ready_since else None
+        return {
+            'status': self.state,
+            'pid': self.pid,
+            'port': self.port,
+            'uptime_s': None if uptime is None else round(uptime, 3),
+            'restarts': self.restarts,
+            'inflight': self.inflight,
+            'error': self.error,
+            'progress': self.progress,
+        }
+
+    def _set(self, state: str, **changes: Any) -> None:
+        self.state = state
+        for key, value in changes.items():
+            setattr(self, key, value)
+        data = {
+            'model': self.model_id,
+            'state': state,
+            'pid': self.pid,
+            'port': self.port,
+            'progress': self.progress,
+            'error': self.error,
+            'log_tail': list(self.tail) if state in ('failed', 'restarting') else [],
+        }
+        self._publish(data)
+
+    # ---- control -------------------------------------------------------------------------------------------
+    def start(self, launch: Launch) -> None:
+        """Begin starting (no-op while a run is alive). Await `wait_ready()` for the outcome."""
+        if self._run_task is not None and not self._run_task.done():
+            return
+        self.error = None
+        self.tail.clear()
+        self._new_ready_future()
+        self._run_task = asyncio.create_task(self._run(launch), name=f'llama-server {self.model_id}')
+
+    async def wait_ready(self) -> Upstream:
+        if self.state == 'ready':
+            return self.upstream()
+        if self._ready is None:
+            raise StartFailed(self.error or f'{self.model_id} is not starting', list(self.tail), self.model_id)
+        return await asyncio.shield(self._ready)
+
+    def reset(self) -> None:
+        """Leave `failed` so that the next load starts afresh."""
+        if self.state == 'failed':
+            self._set('stopped', error=None, restarts=0)
+
+    async def stop(self, stop_timeout: float) -> None:
+        task, self._run_task = self._run_task, None
+        if self._proc is not None and self._proc.returncode is None:
+            self._set('stopping')
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._terminate(stop_timeout)
+        self._fail_waiters(f'{self.model_id} was stopped')
+        self._set('stopped', pid=None, port=None, progress=None, ready_since=None, error=None)
+
+    # ---- the run loop --------------------------------------------------------------------------------------
+    def _new_ready_future(self) -> None:
+        if self._ready is None or self._ready.done():
+            self._ready = asyncio.get_running_loop().create_future()
+            self._ready.add_done_callback(_consume)
+
+    def _fail_waiters(self, message: str) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(StartFailed(message, list(self.tail), self.model_id))
+
+    async def _run(self, launch: Launch) -> None:
+        t = launch.timings
+        failures: deque[float] = deque()
+        while True:
+            self._new_ready_future()
+            try:
+                await self._start_once(launch)
+            except _Exited as e:
+                self._fail_waiters(str(e))
+                reason = str(e)
+            else:
+                self._set('ready', progress=1.0, error=None, ready_since=time.monotonic())
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(self.upstream())
+                reason = await self._watch(t)
+                if time.monotonic() - (self.ready_since or 0) >= t.healthy_reset:
+                    failures.clear()
+            await self._terminate(t.stop_timeout)
+            now = time.monotonic()
+            failures.append(now)
+            while failures and now - failures[0] > t.failure_window:
+                failures.popleft()
+            if len(failures) >= t.max_failures:
+                message = f'{reason} ({len(failures)} failures in {t.failure_window:.0f} s; giving up)'
+                log.error('%s: %s', self.model_id, message, extra={'model': self.model_id})
+                self._set('failed', error=message, pid=None, port=None, progress=None, ready_since=None)
+                self._fail_waiters(message)
+                self._run_task = None
+                return
+            delay = t.backoff(len(failures))
+            log.warning('%s: %s; restarting in %.2f s', self.model_id, reason, delay, extra={'model': self.model_id})
+            self.restarts += 1
+            self._set('restarting', error=reason, pid=None, port=None, progress=None, ready_since=None)
+            self._new_ready_future()  # callers arriving during the backoff wait for the next attempt
+            await asyncio.sleep(delay)  # the backoff itself; stop() cancels it
+
+    async def _start_once(self, launch: Launch) -> None:
+        for _ in range(BIND_RETRIES):
+            port = free_port()
+            self._set('starting', port=port, pid=None, progress=0.0)
+            await self._spawn(launch.argv(port), launch.env)
+            try:
+                await self._wait_healthy(launch.timings.load_timeout)
+                return
+            except _Exited as e:
+                if not e.bind_race:
+                    raise
+                log.info('%s: port %s was taken; retrying on another', self.model_id, port)
+        raise _Exited(f'could not bind a port after {BIND_RETRIES} tries')
+
+    async def _spawn(self, argv: list[str], env: dict[str, str]) -> None:
+        log.info('starting %s: %s', self.model_id, ' '.join(argv), extra={'model': self.model_id})
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # own process group: stop() signals the whole group
+                preexec_fn=_parent_death_signal(),
+            )
+        except OSError as e:
+            raise _Exited(f'cannot run {argv[0]}: {e}') from e
+        self._proc = proc
+        self.pid = proc.pid
+        assert proc.stdout is not None and proc.stderr is not None
+        self._readers = [asyncio.create_task(self._read(s)) for s in (proc.stdout, proc.stderr)]
+        if self.registry is not None:
+            await asyncio.to_thread(self.registry.add, proc.pid, self.model_id)
+
+    async def _wait_healthy(self, load_timeout: float) -> None:
+        proc = self._proc
+        assert proc is not None
+        url = f'http://{HOST}:{self.port}/health'
+        deadline = time.monotonic() + load_timeout
+        exited = asyncio.ensure_future(proc.wait())
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=1.0)) as client:
+                while True:
+                    if exited.done():
+                        await self._drain_readers()
+                        tail = ' | '.join(list(self.tail)[-3:])
+                        bind_race = any(b in tail.lower() for b in _BIND_ERRORS)
+                        raise _Exited(
+                            f'llama-server exited with code {proc.returncode} while loading: {tail}', bind_race
+                        )
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get(url)).status_code == 200:
+                            return
+                    if time.monotonic() > deadline:
+                        raise _Exited(f'not healthy after load_timeout={load_timeout:g} s')
+                    await asyncio.wait([exited], timeout=HEALTH_POLL_S)
+        finally:
+            exited.cancel()
+
+    async def _watch(self, t: Timings) -> str:
+        """While ready: return why it stopped being ready (exit or a hung /health)."""
+        proc = self._proc
+        assert proc is not None
+        exited = asyncio.ensure_future(proc.wait())
+        url = f'http://{HOST}:{self.port}/health'
+        misses = 0
+        try:
+            # A check may take as long as the interval (within reason) before it counts as a miss.
+            async with httpx.AsyncClient(timeout=min(max(t.health_interval, 1.0), 10.0)) as client:
+                while True:
+                    done, _ = await asyncio.wait([exited], timeout=t.health_interval)
+                    if done:
+                        await self._drain_readers()
+                        return f'llama-server exited with code {proc.returncode}'
+                    try:
+                        ok = (await client.get(url)).status_code < 500
+                    except httpx.HTTPError:
+                        ok = False
+                    misses = 0 if ok else misses + 1
+                    if misses >= LIVENESS_FAILURES:
+                        return f'llama-server stopped answering /health ({misses} checks)'
+        finally:
+            exited.cancel()
+
+    async def _terminate(self, stop_timeout: float) -> None:
+        """SIGTERM the group, SIGKILL after `stop_timeout`, always reap."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), stop_timeout)
+            except TimeoutError:
+                log.warning('%s: no exit %g s after SIGTERM; killing', self.model_id, stop_timeout)
+                _signal_group(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        await self._drain_readers()
+        if self.registry is not None:
+            await asyncio.to_thread(self.registry.remove, proc.pid)
+
+    # ---- output --------------------------------------------------------------------------------------------
+    async def _drain_readers(self) -> None:
+        readers, self._readers = self._readers, []
+        if readers:
+            # EOF follows the exit at once unless a grandchild kept the pipe open; do not wait on one forever.
+            _done, pending = await asyncio.wait(readers, timeout=1.0)
+            for task in pending:
+                task.cancel()
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        buf = b''
+        while chunk := await stream.read(READ_CHUNK):
+            buf += chunk
+            *lines, buf = buf.split(b'\n')
+            for line in lines:
+                self._line(line)
+            while len(buf) > MAX_LINE:
+                self._line(buf[:MAX_LINE])
+                buf = buf[MAX_LINE:]
+        if buf:
+            self._line(buf)
+
+    def _line(self, raw: bytes) -> None:
+        line = raw.decode('utf-8', errors='replace').rstrip('\r')
+        if not line:
+            return
+        self.tail.append(line)
+        self.logs.add_llama_line(self.model_id, line)
+        if self.state == 'starting':
+            for marker, value in _PROGRESS_MARKERS:
+                if marker in line and (self.progress or 0) < value:
+                    self._set('starting', progress=value)
+                    break
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    # A start that nobody awaited must not log "exception was never retrieved".
+    if not fut.cancelled():
+        fut.exception()

@@ -1,0 +1,346 @@
+"""The scheduler: the one owner of which llama-server runs.
+
+Admissions (start a stopped model, evicting others to make room) are serialised by one lock, so two loads never
+race for the same memory. Requests for a model that is already ready never touch that lock. A model with requests
+in flight (or callers waiting for it) is drained before it is evicted, up to `drain_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from core.model_params import ModelParams, effective_params
+from core.supervisor.argv import ArgvError, LaunchSpec, validate_params
+from core.supervisor.errors import ModelNotFound, NoCapacity, StartFailed
+from core.supervisor.pidfile import PidRegistry
+from core.supervisor.process import Launch, ServerProcess, Timings, Upstream
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+REGISTRY_FILE = 'llama-servers.json'
+
+
+class _LaunchInfo:
+    def __init__(self, params: ModelParams, need_mb: float | None) -> None:
+        self.params = params
+        self.need_mb = need_mb
+
+
+class Scheduler:
+    def __init__(self, config: Any, library: Any, binary: Any, logs: Any, bus: Any, data_dir: Path) -> None:
+        self.config = config
+        self.library = library
+        self.binary = binary
+        self.logs = logs
+        self.bus = bus
+        self.data_dir = Path(data_dir)
+        self.registry = PidRegistry(self.data_dir / REGISTRY_FILE)
+        self._procs: dict[str, ServerProcess] = {}
+        self._starts: dict[str, asyncio.Task[None]] = {}
+        self._admit = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._listeners: dict[str, set[Callable[[dict[str, Any]], Any]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ttl_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def settings(self) -> Any:
+        return self.config.settings
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._stopping = False
+        reaped = await asyncio.to_thread(self.registry.reap)
+        if reaped:
+            log.warning('reaped %d llama-server process(es) left by an earlier run: %s', len(reaped), reaped)
+        self._ttl_task = asyncio.create_task(self._ttl_loop(), name='scheduler ttl')
+        for name in self.settings.preload:
+            self._spawn_task(self._preload(name))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in [*self._tasks, *self._starts.values(), self._ttl_task]:
+            if task is not None:
+                task.cancel()
+        await self.unload_all()
+        if self._ttl_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ttl_task
+            self._ttl_task = None
+
+    async def _preload(self, name: str) -> None:
+        try:
+            await self.load(name)
+        except (ModelNotFound, StartFailed, NoCapacity) as e:
+            log.error('preload of %s failed: %s', name, e.message)
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def describe(self, model_id: str) -> dict[str, Any]:
+        """Live status of one model for /api/models: status, pid, port, uptime_s, restarts, inflight, error."""
+        proc = self._procs.get(model_id)
+        if proc is None:
+            entry = self.library.get(model_id)
+            proc = self._procs.get(entry.id) if entry is not None else None
+        if proc is None:
+            return {
+                'status': 'stopped',
+                'pid': None,
+                'port': None,
+                'uptime_s': None,
+                'restarts': 0,
+                'inflight': 0,
+                'error': None,
+                'progress': None,
+            }
+        return proc.describe()
+
+    def running(self) -> list[Upstream]:
+        return [p.upstream() for p in self._procs.values() if p.state == 'ready']
+
+    def params_for(self, model_id: str) -> ModelParams:
+        return effective_params(self.settings, model_id)
+
+    async def check_params(self, params: ModelParams) -> None:
+        """Raise ArgvError if the current llama-server cannot start with `params` (skipped when it is missing)."""
+        if await asyncio.to_thread(self.binary.resolve) is None:
+            return
+        validate_params(params, await asyncio.to_thread(self.binary.help_text))
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    async def ensure_ready(self, model: str) -> Upstream:
+        """Start `model` if needed (evicting others to make room) and return where it listens."""
+        entry = self._entry(model)
+        proc = self._proc(entry.id)
+        for _ in range(3):  # a model evicted right after it came up is started again, within reason
+            if proc.state == 'ready':
+                proc.last_used = time.monotonic()
+                return proc.upstream()
+            if proc.state == 'failed':
+                raise StartFailed(
+                    f'{entry.id} failed: {proc.error} (load it again to retry)', list(proc.tail), entry.id
+                )
+            if proc.state in ('starting', 'restarting'):
+                await proc.wait_ready()
+                continue
+            task = self._starts.get(entry.id)
+            if task is None:
+                task = asyncio.create_task(self._admit_and_start(entry, proc), name=f'start {entry.id}')
+                self._starts[entry.id] = task
+                task.add_done_callback(functools.partial(self._start_done, entry.id))
+            await asyncio.shield(task)
+        raise NoCapacity(f'{entry.id} was evicted repeatedly while starting; too many models are being requested')
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, model: str, on_progress: Callable[[dict[str, Any]], Any] | None = None
+    ) -> AsyncIterator[Upstream]:
+        """Ready the model and count the caller in flight, so evictions wait for it. `on_progress(state_event)`
+        is called with each state/progress change while it waits."""
+        entry = self._entry(model)
+        proc = self._proc(entry.id)
+        proc.waiters += 1
+        if on_progress is not None:
+            self._listeners.setdefault(entry.id, set()).add(on_progress)
+        try:
+            upstream = await self.ensure_ready(entry.id)
+            proc.inflight += 1  # no await since ensure_ready returned: the server is ready now
+        finally:
+            proc.waiters -= 1
+            if on_progress is not None:
+                self._listeners.get(entry.id, set()).discard(on_progress)
+            self._notify()
+        try:
+            yield upstream
+        finally:
+            proc.inflight -= 1
+            proc.last_used = time.monotonic()
+            self._notify()
+
+    async def load(self, model: str) -> Upstream:
+        """Explicit load (API, preload): like ensure_ready, but also retries a model that had `failed`."""
+        entry = self._entry(model)
+        self._proc(entry.id).reset()
+        return await self.ensure_ready(entry.id)
+
+    async def unload(self, model: str) -> bool:
+        """Stop the model now (requests in flight are cut). Returns whether anything was running."""
+        proc = self._procs.get(model)
+        if proc is None:
+            entry = self.library.get(model)
+            proc = self._procs.get(entry.id) if entry is not None else None
+        if proc is None or proc.state == 'stopped':
+            return False
+        await proc.stop(self.settings.stop_timeout)
+        self._notify()
+        return True
+
+    async def unload_all(self) -> int:
+        procs = [p for p in self._procs.values() if p.state != 'stopped']
+        await asyncio.gather(*(p.stop(self.settings.stop_timeout) for p in procs), return_exceptions=True)
+        self._notify()
+        return len(procs)
+
+    # ---- admission -----------------------------------------------------------------------------------------
+    def _start_done(self, model_id: str, task: asyncio.Task[None]) -> None:
+        self._starts.pop(model_id, None)
+        if not task.cancelled():
+            task.exception()  # retrieved by the awaiting callers; keep asyncio quiet when there are none
+
+    async def _admit_and_start(self, entry: Any, proc: ServerProcess) -> None:
+        params = self.params_for(entry.id)
+        launch = await self._launch(entry, params)  # bad parameters fail here, before anything is evicted
+        need_mb = self._need_mb(entry, params)
+        async with self._admit:
+            while proc.state == 'stopping':  # an unload in progress; start again once it is down
+                await self._wait_change(None)
+            if proc.state not in ('stopped', 'failed'):
+                return  # started meanwhile (e.g. preload); the caller waits on it
+            await self._make_room(proc, params, need_mb)
+            proc.launch_info = _LaunchInfo(params, need_mb)
+            proc.start(launch)
+            await proc.wait_ready()
+
+    async def _launch(self, entry: Any, params: ModelParams) -> Launch:
+        binary = await asyncio.to_thread(self.binary.resolve)
+        if binary is None:
+            raise StartFailed(f'llama-server not found: {self.binary.how_to_install()}', model=entry.id)
+        help_text = await asyncio.to_thread(self.binary.help_text)
+        mmproj = params.mmproj or getattr(entry, 'mmproj', None)
+        spec = LaunchSpec(Path(binary.path), Path(entry.path), Path(mmproj) if mmproj else None, params)
+        try:
+            validate_params(params, help_text)
+        except ArgvError as e:
+            raise StartFailed(f'{entry.id}: {e}', model=entry.id) from None
+        env = binary.child_env()
+        env.update(params.env or {})
+        s = self.settings
+        timings = Timings(
+            load_timeout=s.load_timeout,
+            stop_timeout=s.stop_timeout,
+            health_interval=s.health_interval,
+            restart_backoff=s.restart_backoff,
+        )
+        return Launch(lambda port: spec.argv(port, help_text), env, timings)
+
+    def _need_mb(self, entry: Any, params: ModelParams) -> float | None:
+        """Memory the model will take, from the library's fit estimate (only needed with a memory budget)."""
+        if self.settings.memory_budget_mb is None:
+            return None
+        try:
+            fit = self.library.fit(entry, params)
+        except Exception:
+            log.exception('fit estimate for %s failed; using the file size', entry.id)
+            fit = None
+        if fit is not None:  # RAM and VRAM both count against the one budget
+            return (fit.ram_needed_bytes + fit.vram_needed_bytes) / MIB
+        return float(getattr(entry, 'size_bytes', 0) or 0) / MIB
+
+    async def _make_room(self, target: ServerProcess, params: ModelParams, need_mb: float | None) -> None:
+        s = self.settings
+        budget = s.memory_budget_mb
+        if budget is not None and need_mb is not None and need_mb > budget:
+            raise NoCapacity(f'{target.model_id} needs ~{need_mb:.0f} MiB, more than memory_budget_mb={budget}')
+        deadline = time.monotonic() + max(s.drain_timeout, 1.0)
+        while True:
+            loaded = [p for p in self._procs.values() if p is not target and p.active]
+            over_count = s.max_loaded_models > 0 and len(loaded) + 1 > s.max_loaded_models
+            used = sum((p.launch_info.need_mb or 0) if p.launch_info else 0 for p in loaded)
+            over_memory = budget is not None and need_mb is not None and used + need_mb > budget
+            if not over_count and not over_memory:
+                return
+            victims = [p for p in loaded if not (p.launch_info and p.launch_info.params.pinned)]
+            if not victims:
+                if time.monotonic() >= deadline:
+                    raise NoCapacity(
+                        f'cannot load {target.model_id}: every loaded model is pinned '
+                        f'(max_loaded_models={s.max_loaded_models}, memory_budget_mb={budget})'
+                    )
+                await self._wait_change(deadline - time.monotonic())
+                continue
+            # Idle models first, then the least recently used.
+            victim = min(victims, key=lambda p: (p.busy, p.last_used))
+            await self._evict(victim, s.drain_timeout)
+
+    async def _evict(self, victim: ServerProcess, drain_timeout: float) -> None:
+        deadline = time.monotonic() + drain_timeout
+        if victim.busy:
+            log.info('draining %s (%d in flight) before evicting it', victim.model_id, victim.inflight)
+        while victim.busy and time.monotonic() < deadline:
+            await self._wait_change(deadline - time.monotonic())
+        if victim.busy:
+            log.warning(
+                'evicting %s with %d request(s) still in flight after drain_timeout=%g s',
+                victim.model_id,
+                victim.inflight,
+                drain_timeout,
+            )
+        log.info('evicting %s', victim.model_id)
+        await victim.stop(self.settings.stop_timeout)
+
+    # ---- TTL -----------------------------------------------------------------------------------------------
+    async def _ttl_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            next_at: float | None = None
+            for proc in list(self._procs.values()):
+                ttl = proc.launch_info.params.ttl if proc.launch_info else None
+                if not ttl or proc.state != 'ready' or proc.busy:
+                    continue
+                expires = proc.last_used + ttl
+                if expires <= now:
+                    log.info('%s idle for %g s (ttl); unloading', proc.model_id, ttl)
+                    await proc.stop(self.settings.stop_timeout)
+                else:
+                    next_at = expires if next_at is None else min(next_at, expires)
+            await self._wait_change(None if next_at is None else next_at - time.monotonic())
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _entry(self, model: str) -> Any:
+        entry = self.library.get(model)
+        if entry is None:
+            raise ModelNotFound(f'model {model!r} not found')
+        return entry
+
+    def _proc(self, model_id: str) -> ServerProcess:
+        proc = self._procs.get(model_id)
+        if proc is None:
+            proc = ServerProcess(model_id, self.logs, self._on_state, self.registry)
+            self._procs[model_id] = proc
+        return proc
+
+    def _on_state(self, data: dict[str, Any]) -> None:
+        self.bus.publish('models', 'state', data)
+        for cb in list(self._listeners.get(data['model'], ())):
+            try:
+                result = cb(data)
+                if asyncio.iscoroutine(result):
+                    self._spawn_task(result)
+            except Exception:
+                log.exception('progress listener failed')
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake everything waiting for a change of load, in-flight counts or states."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self, timeout: float | None) -> None:
+        event = self._changed
+        if timeout is not None and timeout <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

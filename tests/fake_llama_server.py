@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""A scripted stand-in for llama-server, for fault injection only (the real binary is used everywhere else).
+
+Answers `--version` and `--help` like llama-server, then serves `GET /health` on `--port`. Behaviour by env:
+FAKE_IGNORE_TERM=1  ignore SIGTERM (a hung child the supervisor must SIGKILL)
+FAKE_LONG_LINE=N    print one N-byte line before serving
+FAKE_HANG_FILE=P    stop answering /health (hang the handler) once file P exists
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HELP = """----- common params -----
+
+-h,    --help, --usage                  print usage and exit
+--version                               show version and build info
+-c,    --ctx-size N                     size of the prompt context (default: 0, 0 = loaded from model)
+-t,    --threads N                      number of CPU threads to use during generation (default: -1)
+-m,    --model FNAME                    model path to load
+--host HOST                             IP addresses to listen on
+--port PORT                             port to listen (default: 8080)
+--metrics                               enable prometheus compatible metrics endpoint (default: disabled)
+"""
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        hang = os.environ.get('FAKE_HANG_FILE')
+        while hang and os.path.exists(hang):
+            time.sleep(0.05)
+        body = b'{"status":"ok"}'
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if '--version' in argv:
+        print('version: 0 (fake)', file=sys.stderr)
+        return
+    if '--help' in argv:
+        print(HELP)
+        return
+    if os.environ.get('FAKE_IGNORE_TERM'):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    long_line = int(os.environ.get('FAKE_LONG_LINE', '0'))
+    if long_line:
+        sys.stderr.write('x' * long_line + '\n')
+        sys.stderr.flush()
+    port = int(argv[argv.index('--port') + 1])
+    print(f'I srv  llama_server: listening on http://127.0.0.1:{port}', file=sys.stderr, flush=True)
+    ThreadingHTTPServer(('127.0.0.1', port), Handler).serve_forever()
+
+
+if __name__ == '__main__':
+    main()
