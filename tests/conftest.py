@@ -57,6 +57,7 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
     monkeypatch.setenv('LAP_CONFIG', str(tmp_path / 'user-config.json'))
     monkeypatch.setenv('LAP_DATA_DIR', str(tmp_path / 'user-data'))
+    monkeypatch.setenv('LAP_SCAN_WELL_KNOWN_DIRS', 'false')  # never scan the real HF / LM Studio caches
 
 
 class _StaticConfig:

@@ -87,7 +87,15 @@ async def test_scan_lists_models_with_metadata_and_clear_errors(make_library: Ma
     lib = await asyncio.wait_for(make_library([zoo]), 20)
     by_id = {e.id: e for e in lib.models()}
     assert set(by_id) == {
-        'tiny-f16', 'tiny-q8', 'splitty', 'seeing-model', 'renamed', 'bad-magic', 'truncated', 'empty', 'pipe',
+        'tiny-f16',
+        'tiny-q8',
+        'splitty',
+        'seeing-model',
+        'renamed',
+        'bad-magic',
+        'truncated',
+        'empty',
+        'pipe',
         'dangling',
     }
 

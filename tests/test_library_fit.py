@@ -54,9 +54,9 @@ def test_estimate_matches_llama_server_load_log(llama_binary, tmp_path: Path, qu
     assert est.weights_bytes / MIB == pytest.approx(model_mib, abs=0.006)  # the log rounds to 0.01 MiB
     kv_mib = _mib_sum(r'llama_kv_cache: size =\s+([\d.]+) MiB', log)
     assert est.kv_bytes / MIB == pytest.approx(kv_mib, abs=0.006)
-    assert f'{ctx} cells' in log and est.ctx_size == ctx
+    assert re.search(rf'llama_context: n_ctx\s+=\s+{ctx}\b', log) and est.ctx_size == ctx
     compute_mib = _mib_sum(r'compute buffer size =\s+([\d.]+) MiB', log)
-    assert est.compute_bytes / MIB == pytest.approx(compute_mib, rel=0.25)  # an allowance, not exact
+    assert est.compute_bytes / MIB == pytest.approx(compute_mib, rel=0.15)  # an allowance, not exact
     assert est.label == 'fits' and est.n_gpu_layers == 0 and est.vram_needed_bytes == 0
     assert est.ram_needed_bytes == est.weights_bytes + est.kv_bytes + est.compute_bytes
 

@@ -11,16 +11,27 @@ import gguf
 import numpy as np
 import pytest
 
-from core.library.gguf_header import ArrayInfo, GGUFError, _skip_short_strings, is_gguf, read_header
+from core.library.gguf_header import ArrayInfo, GGUFError, is_gguf, read_header, skip_strings
 from core.library.meta import FileInfo, summarise
 from tests.gguf_factory import CHATML, write_header_heavy_gguf, write_mmproj_gguf, write_tiny_gguf
 
 
-@pytest.mark.parametrize(('quant', 'label', 'wtype'), [('f32', 'F32', 'F32'), ('f16', 'F16', 'F16'),
-                                                        ('q8_0', 'Q8_0', 'Q8_0')])
+@pytest.mark.parametrize(
+    ('quant', 'label', 'wtype'), [('f32', 'F32', 'F32'), ('f16', 'F16', 'F16'), ('q8_0', 'Q8_0', 'Q8_0')]
+)
 def test_header_values_match_the_generator_and_gguf_reader(tmp_path: Path, quant: str, label: str, wtype: str):
-    path = write_tiny_gguf(tmp_path / f'm-{quant}.gguf', name=f'tiny {quant}', quant=quant, vocab_size=600,
-                           n_layer=3, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, ctx=4096)
+    path = write_tiny_gguf(
+        tmp_path / f'm-{quant}.gguf',
+        name=f'tiny {quant}',
+        quant=quant,
+        vocab_size=600,
+        n_layer=3,
+        n_embd=64,
+        n_head=4,
+        n_head_kv=2,
+        n_ff=128,
+        ctx=4096,
+    )
     h = read_header(path)
     assert h.version == 3
     assert h.kv['general.architecture'] == 'llama'
@@ -83,16 +94,31 @@ def test_string_arrays_the_fast_path_refuses_are_walked(tmp_path: Path):
     assert h.data_offset == gguf.GGUFReader(path).data_offset
 
 
-@pytest.mark.parametrize('lengths', [[3, 5, 1, 7] * 100, [0, 4, 9] * 50, [300, 2, 3] * 40, [5] * 1000])
-def test_numpy_string_skip_is_exact_or_declines(lengths: list[int]):
+@pytest.mark.parametrize(
+    ('lengths', 'nul'),
+    [
+        ([3, 5, 1, 7] * 100, False),
+        ([0, 4, 9] * 50, False),
+        ([300, 2, 3] * 40, False),
+        ([5] * 1000, False),
+        ([6, 2, 11, 4] * 300, True),
+        ([0] * 50, False),
+        ([1000] * 5 + [4] * 500, False),
+    ],
+)
+@pytest.mark.parametrize('misalign', [0, 1, 2, 3])
+def test_numpy_string_skip_is_exact(lengths: list[int], nul: bool, misalign: int):
+    """Whatever the strings (long, empty, NUL bytes) and alignment, the skip lands exactly on the next key."""
     rng = np.random.default_rng(7)
     items = [bytes(rng.integers(1, 256, n, dtype=np.uint8)) for n in lengths]
+    if nul:
+        items = [b[:1] + b'\0' + b[2:] if i % 7 == 0 else b for i, b in enumerate(items)]
     body = b''.join(struct.pack('<Q', len(b)) + b for b in items)
-    buf = body + struct.pack('<Q', 21) + b'tokenizer.ggml.scores' + b'\x07' * 64
-    end = _skip_short_strings(buf, 0, len(items), len(buf))  # type: ignore[arg-type]
-    assert end in (len(body), None)
-    if max(lengths) < 256 and min(lengths) > 0:
-        assert end == len(body)
+    pad = b'\0' * misalign
+    buf = pad + body + struct.pack('<Q', 21) + b'tokenizer.ggml.scores' + b'\x07' * 64
+    assert skip_strings(buf, misalign, len(items), len(buf)) == misalign + len(body)
+    with pytest.raises(GGUFError, match='truncated'):
+        skip_strings(buf, misalign, len(items), misalign + len(body) - 1)
 
 
 def test_mmproj_header(tmp_path: Path):
@@ -151,7 +177,7 @@ def test_truncated_files_fail_clearly(tmp_path: Path, good: Path, keep: int | st
     cut = {'header_end': gguf.GGUFReader(good).data_offset, 'data_half': len(raw) // 2}.get(keep, keep)  # type: ignore[call-overload]
     bad = tmp_path / 'cut.gguf'
     bad.write_bytes(raw[:cut])
-    with pytest.raises(GGUFError, match='truncated|too short'):
+    with pytest.raises(GGUFError, match=r'truncated|too short'):
         read_header(bad)
 
 

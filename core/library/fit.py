@@ -11,11 +11,13 @@ Formula (mirrors how llama.cpp allocates; checked against llama-server's own loa
   that is 2 x n_layer x ctx x n_head_kv x head_dim x bytes per element. ctx is the total context (`-c`, or the
   model's training context when 0/unset): llama-server shares it among its parallel slots, it is not multiplied.
   llama.cpp pads ctx to a multiple of 256. Each layer's KV lives where the layer lives.
-* Compute buffer: n_ubatch x (4 x n_vocab + 4 x (n_embd + n_ff)) for the logits and the widest activations,
-  plus n_ubatch x ctx x 2 for the f16 attention mask, plus 4 x n_vocab x parallel output logits. With flash
-  attention off (`-fa off`; llama-server's default `auto` turns it on where it can) the f32 attention scores
-  add n_ubatch x ctx x n_head x 4. n_ubatch is `-ub` (default 512), capped by `-b`. It sits on the GPU when
-  any layer is offloaded, else on the CPU.
+* Compute buffer (calibrated on llama-server's `compute buffer size` lines; the graph is reserved for one
+  ubatch and a few output rows, so the vocabulary hardly counts): n_ubatch x (2 x ctx_attn + 12 x (n_embd + n_ff))
+  -- the f16 attention mask plus the widest f32 activations -- plus 4 x n_vocab x n_seq output logits.
+  ctx_attn is the whole context when the KV cache is unified (llama-server's default with `-np` unset, 4 slots)
+  and ctx / parallel with an explicit `-np`. With flash attention off (`-fa off`; the default `auto` turns it
+  on where it can) the f32 attention scores add n_ubatch x ctx_attn x n_head x 4. n_ubatch is `-ub`
+  (default 512), capped by `-b`. It sits on the GPU when any layer is offloaded, else on the CPU.
 
 The label compares the total per device with free memory (psutil `available` RAM; free VRAM from NVML via
 `core.gpu`): `fits` when it needs at most 85 % of what is free (room for the runtime and fragmentation),
@@ -39,6 +41,7 @@ FitLabel = Literal['fits', 'tight', 'does not fit', 'unknown']
 FITS_SHARE = 0.85
 CTX_PAD = 256
 DEFAULT_UBATCH = 512
+AUTO_SLOTS = 4  # llama-server's `-np -1` (auto)
 DEFAULT_CTX = 4096  # used only when a header has no context length
 KV_TYPES = ('f32', 'f16', 'bf16', 'q8_0', 'q4_0', 'q4_1', 'iq4_nl', 'q5_0', 'q5_1')
 
@@ -141,15 +144,13 @@ def estimate(
     n_ubatch = int(p.get('ubatch_size') or DEFAULT_UBATCH)
     if p.get('batch_size'):
         n_ubatch = min(n_ubatch, int(p['batch_size']))
-    parallel = int(p.get('parallel') or 1)
+    parallel = int(p.get('parallel') or AUTO_SLOTS)
+    ctx_attn = ctx_padded if not p.get('parallel') else -(-ctx_padded // parallel)
     n_vocab = meta.vocab_size or 0
-    compute = (
-        n_ubatch * (4 * n_vocab + 4 * ((meta.embedding_length or 0) + (meta.feed_forward_length or 0)))
-        + n_ubatch * ctx_padded * 2
-        + 4 * n_vocab * parallel
-    )
+    width = (meta.embedding_length or 0) + (meta.feed_forward_length or 0)
+    compute = n_ubatch * (2 * ctx_attn + 12 * width) + 4 * n_vocab * parallel
     if p.get('flash_attn') == 'off':
-        compute += n_ubatch * ctx_padded * (meta.head_count or 0) * 4
+        compute += n_ubatch * ctx_attn * (meta.head_count or 0) * 4
     compute_on_gpu = ngl_eff > 0
 
     ram_needed = int(w_cpu + (kv_total - kv_gpu) + (0 if compute_on_gpu else compute))
