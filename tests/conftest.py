@@ -179,7 +179,9 @@ def start_app(
     data_dir = tmp / 'app-data'
     config = tmp / 'app-config.json'
     child_env = {k: v for k, v in os.environ.items() if k != 'PYTEST_CURRENT_TEST' and not k.startswith('LAP_')}
-    child_env.update({'LAP_DATA_DIR': str(data_dir), 'PYTHONUNBUFFERED': '1', **(env or {})})
+    child_env.update(
+        {'LAP_DATA_DIR': str(data_dir), 'LAP_SCAN_WELL_KNOWN_DIRS': 'false', 'PYTHONUNBUFFERED': '1', **(env or {})}
+    )
     argv = [sys.executable, str(ROOT / 'main.py'), '--no-browser', '--port', str(port), '--config', str(config), *args]
     proc = subprocess.Popen(
         argv,
