@@ -56,8 +56,11 @@ async def direct(system: System, model: Path, client: httpx.AsyncClient) -> tupl
     proc = await asyncio.create_subprocess_exec(
         *argv, env=binary.child_env(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
     )
+    deadline = time.perf_counter() + 60
     try:
         while True:
+            if proc.returncode is not None or time.perf_counter() > deadline:
+                raise RuntimeError(f'llama-server did not become healthy (exit code {proc.returncode})')
             try:
                 if (await client.get(f'http://127.0.0.1:{port}/health')).status_code == 200:
                     break

@@ -57,6 +57,8 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
     monkeypatch.setenv('LAP_CONFIG', str(tmp_path / 'user-config.json'))
     monkeypatch.setenv('LAP_DATA_DIR', str(tmp_path / 'user-data'))
+    # NiceGUI's simulated `user` sends `Host: test`, which the DNS-rebinding guard would otherwise refuse.
+    monkeypatch.setenv('LAP_ALLOWED_HOSTS', 'test')
     monkeypatch.setenv('LAP_SCAN_WELL_KNOWN_DIRS', 'false')  # never scan the real HF / LM Studio caches
 
 

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
 
 
 def register_pages(system: System) -> None:
-    from ui import chat, dashboard, logs, models, monitoring, settings
+    from ui import chat, dashboard, login, logs, models, monitoring, settings
 
-    for page in (dashboard, models, monitoring, logs, settings, chat):
+    for page in (dashboard, models, monitoring, logs, settings, chat, login):
         page.register(system)

@@ -39,6 +39,16 @@ def binary_status(system: System) -> tuple[str, str]:
 
 @contextmanager
 def frame(system: System, title: str) -> Iterator[None]:
+    from ui.login import authorised
+
+    if not authorised(system):
+        # The page body still runs (it is the caller's `with` block); build it detached and throw it away.
+        ui.navigate.to(f'/login?next={_current_path()}')
+        hidden = ui.element('div').classes('hidden')
+        with hidden:
+            yield
+        hidden.delete()
+        return
     ui.colors(primary='#4f46e5')
     with ui.header(elevated=True).classes('items-center gap-4 px-4 py-2'):
         ui.button(on_click=lambda: drawer.toggle(), icon='menu').props('flat color=white dense')
@@ -56,6 +66,13 @@ def frame(system: System, title: str) -> Iterator[None]:
     with ui.column().classes('w-full p-4 gap-4'):
         ui.label(title).classes('text-2xl font-semibold')
         yield
+
+
+def _current_path() -> str:
+    try:
+        return context.client.request.url.path
+    except AttributeError:
+        return '/'
 
 
 def fact(label: str, value: str) -> None:

@@ -312,7 +312,7 @@ class ServerProcess:
         deadline = time.monotonic() + load_timeout
         exited = asyncio.ensure_future(proc.wait())
         try:
-            async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=1.0)) as client:
+            async with _loopback_client(httpx.Timeout(5.0, connect=1.0)) as client:
                 while True:
                     if exited.done():
                         await self._drain_readers()
@@ -339,7 +339,7 @@ class ServerProcess:
         misses = 0
         try:
             # A check may take as long as the interval (within reason) before it counts as a miss.
-            async with httpx.AsyncClient(timeout=min(max(t.health_interval, 1.0), 10.0)) as client:
+            async with _loopback_client(min(max(t.health_interval, 1.0), 10.0)) as client:
                 while True:
                     done, _ = await asyncio.wait([exited], timeout=t.health_interval)
                     if done:
@@ -405,6 +405,12 @@ class ServerProcess:
                 if marker in line and (self.progress or 0) < value:
                     self._set('starting', progress=value)
                     break
+
+
+def _loopback_client(timeout: httpx.Timeout | float) -> httpx.AsyncClient:
+    """Plain-HTTP loopback client. The default client loads the CA bundle (40-70 ms of blocked event loop),
+    and must not pick up HTTP(S)_PROXY from the environment."""
+    return httpx.AsyncClient(timeout=timeout, verify=False, trust_env=False)
 
 
 def _signal_group(pid: int, sig: int) -> None:

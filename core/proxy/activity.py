@@ -1,0 +1,219 @@
+"""The activity recorder: one record per proxied request, in flight in memory, finished rows in SQLite.
+
+Rows are written in small batches off the event loop (the relay never waits on SQLite) and the table is trimmed
+to `requests_keep` rows. Each start and finish is published as a `requests` event; only finished ones carry
+`status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL_S = 0.5
+STATS_WINDOW_S = 60.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS proxy_requests (
+    id TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    client TEXT,
+    model TEXT,
+    route TEXT,
+    method TEXT,
+    status INTEGER,
+    stream INTEGER,
+    ttft_s REAL,
+    duration_s REAL,
+    prompt_tokens INTEGER,
+    cached_tokens INTEGER,
+    completion_tokens INTEGER,
+    prompt_tps REAL,
+    gen_tps REAL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS proxy_requests_ts ON proxy_requests (ts);
+CREATE INDEX IF NOT EXISTS proxy_requests_model ON proxy_requests (model, ts);
+"""
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    id: str
+    ts: float
+    client: str
+    route: str
+    method: str
+    model: str | None = None
+    status: int | None = None
+    stream: bool = False
+    ttft_s: float | None = None
+    duration_s: float | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int | None = None
+    prompt_tps: float | None = None
+    gen_tps: float | None = None
+    error: str | None = None
+    # Not stored: monotonic start, and the task serving it (for cancel).
+    t0: float = field(default_factory=time.perf_counter)
+    task: asyncio.Task[Any] | None = None
+    cancelled_by: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in COLUMNS}
+
+    def mark_first_token(self) -> None:
+        if self.ttft_s is None:
+            self.ttft_s = round(time.perf_counter() - self.t0, 4)
+
+
+COLUMNS = tuple(f.name for f in fields(RequestRecord) if f.name not in ('t0', 'task', 'cancelled_by'))
+_INSERT = f'INSERT OR REPLACE INTO proxy_requests ({", ".join(COLUMNS)}) VALUES ({", ".join("?" * len(COLUMNS))})'
+
+
+class Activity:
+    def __init__(self, store: Any, bus: Any, keep: Any) -> None:
+        self.store = store
+        self.bus = bus
+        self._keep = keep  # callable: rows to keep (read live from settings)
+        self._inflight: dict[str, RequestRecord] = {}
+        self._pending: list[tuple[Any, ...]] = []
+        self._ids = itertools.count(1)
+        self._prefix = f'{int(time.time()):x}{os.getpid() % 0xFFFF:04x}'
+        self._recent: deque[tuple[float, float, bool]] = deque(maxlen=10_000)  # (finish ts, duration, error)
+        self.total = 0
+        self.errors_total = 0
+        self._flusher: asyncio.Task[None] | None = None
+        self._schema_ready = False
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._ensure_schema()
+        self._flusher = asyncio.create_task(self._flush_loop(), name='proxy activity flush')
+
+    async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        self.flush()
+
+    def _ensure_schema(self) -> None:
+        if not self._schema_ready:
+            self.store.ensure_schema(SCHEMA)
+            self._schema_ready = True
+
+    # ---- recording -----------------------------------------------------------------------------------------
+    def begin(self, client: str, route: str, method: str) -> RequestRecord:
+        rec = RequestRecord(
+            id=f'req-{self._prefix}-{next(self._ids)}', ts=time.time(), client=client, route=route, method=method
+        )
+        self._inflight[rec.id] = rec
+        return rec
+
+    def announce(self, rec: RequestRecord) -> None:
+        """Publish the start once the model is known (so listeners see which model is busy)."""
+        self.bus.publish('requests', 'started', _started(rec))
+
+    def finish(self, rec: RequestRecord) -> None:
+        if self._inflight.pop(rec.id, None) is None:
+            return  # already finished
+        rec.duration_s = round(time.perf_counter() - rec.t0, 4)
+        if rec.status is None:
+            rec.status = 500
+        error = rec.status >= 400
+        self.total += 1
+        self.errors_total += error
+        self._recent.append((time.time(), rec.duration_s, error))
+        self._pending.append(tuple(getattr(rec, c) for c in COLUMNS))
+        self.bus.publish('requests', 'finished', rec.as_dict())
+
+    def inflight(self) -> list[dict[str, Any]]:
+        now = time.perf_counter()
+        return [{**r.as_dict(), 'elapsed_s': round(now - r.t0, 3)} for r in self._inflight.values()]
+
+    def inflight_for(self, model_id: str) -> int:
+        return sum(1 for r in self._inflight.values() if r.model == model_id)
+
+    def cancel(self, request_id: str, by: str = 'operator') -> bool:
+        rec = self._inflight.get(request_id)
+        if rec is None or rec.task is None or rec.task.done():
+            return False
+        rec.cancelled_by = by
+        rec.task.cancel()
+        return True
+
+    # ---- storage -------------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        rows, self._pending = self._pending, []
+        if not rows:
+            return
+        try:
+            self._ensure_schema()
+            self.store.executemany(_INSERT, rows)
+            keep = int(self._keep())
+            self.store.execute(
+                'DELETE FROM proxy_requests WHERE rowid <= (SELECT MAX(rowid) FROM proxy_requests) - ?', (keep,)
+            )
+        except Exception:
+            log.exception('writing %d request rows failed', len(rows))
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            if self._pending:
+                await asyncio.to_thread(self.flush)
+
+    def recent(self, model: str | None = None, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Finished requests, newest first. `status`: ok (< 400), error (>= 400) or an exact code."""
+        self.flush()
+        where: list[str] = []
+        args: list[Any] = []
+        if model:
+            where.append('model = ?')
+            args.append(model)
+        if status == 'ok':
+            where.append('status < 400')
+        elif status == 'error':
+            where.append('status >= 400')
+        elif status:
+            where.append('status = ?')
+            args.append(int(status))
+        sql = f'SELECT {", ".join(COLUMNS)} FROM proxy_requests'
+        if where:
+            sql += ' WHERE ' + ' AND '.join(where)
+        sql += ' ORDER BY ts DESC, rowid DESC LIMIT ?'
+        args.append(max(1, min(int(limit), 10_000)))
+        rows = self.store.query(sql, args)
+        return [{**dict(r), 'stream': bool(r['stream'])} for r in rows]
+
+    # ---- counters ------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Requests/s and errors over the last minute, p50 latency, in flight, totals."""
+        now = time.time()
+        recent = [r for r in self._recent if r[0] >= now - STATS_WINDOW_S]
+        durations = [d for _, d, _ in recent]
+        return {
+            'requests_per_s': round(len(recent) / STATS_WINDOW_S, 3),
+            'in_flight': len(self._inflight),
+            'errors_last_minute': sum(1 for r in recent if r[2]),
+            'p50_latency_s': round(statistics.median(durations), 4) if durations else None,
+            'requests_total': self.total,
+            'errors_total': self.errors_total,
+        }
+
+
+def _started(rec: RequestRecord) -> dict[str, Any]:
+    return {k: v for k, v in rec.as_dict().items() if k in ('id', 'ts', 'client', 'model', 'route', 'method', 'stream')}

@@ -1,0 +1,501 @@
+"""The proxy: route by `model`, start it on demand, relay the answer as it arrives, record the request.
+
+Served as raw ASGI handlers on the front door (before NiceGUI's middleware). One long-lived aiohttp session with
+keep-alive talks to every llama-server; there is no read timeout, since prompt processing can take minutes. The
+client's `receive()` is watched from the moment the body is read, so a disconnect cancels the work also while the
+model loads or the prompt is processed; the upstream connection is then closed, which is how llama-server learns
+to stop. For that to be noticed between prompt batches the proxy asks for `return_progress` on the streaming
+routes (llama-server writes a small progress chunk per batch; a failed write cancels the task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import struct
+import time
+from collections import deque
+from typing import Any
+from urllib.parse import unquote
+
+import aiohttp
+
+from core import request_params
+from core.auth import AuthGuard
+from core.frontdoor import Receive, Scope, Send
+from core.proxy.activity import Activity, RequestRecord
+from core.proxy.asgi import SSE_HEADERS, ClientGone, Reply, read_body, wait_disconnect
+from core.proxy.errors import ProxyError, bad_gateway, bad_request, not_found, unavailable
+from core.proxy.routes import DROP_REQUEST_HEADERS, DROP_RESPONSE_HEADERS, ROOT_PATHS, ROUTES, RouteSpec
+from core.proxy.sse import Assembler, SSEObjects, sse_payloads, usage_stats
+from core.supervisor.errors import ModelNotFound, NoCapacity, StartFailed
+
+log = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; recorded, never sent
+TAIL_CHUNKS = 8  # last chunks kept to read `timings`/`usage` from once the stream ends
+MAX_LISTED_IDS = 50
+_SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
+
+
+class Proxy:
+    def __init__(self, config: Any, scheduler: Any, library: Any, store: Any, bus: Any) -> None:
+        self.config, self.scheduler, self.library, self.store, self.bus = config, scheduler, library, store, bus
+        self.activity = Activity(store, bus, lambda: self.config.settings.requests_keep)
+        self.auth = AuthGuard(config)
+        self._session: aiohttp.ClientSession | None = None
+        self._per_model: dict[str, int] = {}
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.activity.start()
+        self._client()
+
+    async def stop(self) -> None:
+        for rec in list(self.activity._inflight.values()):
+            self.activity.cancel(rec.id, by='shutdown')
+        await self.activity.stop()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+            timeout = aiohttp.ClientTimeout(total=None, sock_read=None, connect=30)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=('User-Agent',)
+            )
+        return self._session
+
+    def register_routes(self, frontdoor: Any) -> None:
+        """Register /v1/*, /upstream/* and the root llama-server paths, and the auth / Host guard."""
+        frontdoor.guard(self.auth)
+        frontdoor.route('/v1/', self.handle_v1, prefix=True)
+        frontdoor.route('/upstream/', self.handle_upstream, prefix=True)
+        for path in ROOT_PATHS:
+            frontdoor.route(path, self.handle_v1)
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return self.activity.stats()
+
+    def models_list(self) -> dict[str, Any]:
+        """OpenAI list of every discovered model (not only loaded ones), with status and metadata."""
+        return {'object': 'list', 'data': [self._model_card(e) for e in self.library.models() if not e.error]}
+
+    def _model_card(self, entry: Any) -> dict[str, Any]:
+        meta = entry.meta
+        info = self.scheduler.describe(entry.id)
+        ctx = meta.get('context_length')
+        caps = list(entry.capabilities or [])
+        inputs = ['text', *(['image'] if 'vision' in caps or entry.mmproj else [])]
+        return {
+            'id': entry.id,
+            'object': 'model',
+            'created': int(entry.mtime),
+            'owned_by': 'llama-async-proxy',
+            'aliases': list(entry.aliases),
+            'status': info.get('status'),
+            'context_length': ctx,
+            'size': entry.size_bytes,
+            'capabilities': caps,
+            'architecture': {
+                'name': meta.get('architecture'),
+                'input_modalities': inputs,
+                'output_modalities': ['embedding'] if 'embedding' in caps else ['text'],
+            },
+            'meta': {
+                'n_ctx': ctx,
+                'n_ctx_train': ctx,
+                'n_params': meta.get('n_params'),
+                'n_embd': meta.get('embedding_length'),
+                'n_vocab': meta.get('vocab_size'),
+                'quantization': meta.get('file_type'),
+                'size': entry.size_bytes,
+            },
+        }
+
+    # ---- ASGI handlers -------------------------------------------------------------------------------------
+    async def handle_v1(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = scope['path'], scope['method']
+        if path in ('/v1/models', '/v1/models/') and method == 'GET':
+            await Reply(send).json(200, self.models_list())
+            return
+        if path.startswith('/v1/models/') and method == 'GET':
+            entry = self.library.get(unquote(path[len('/v1/models/') :]))
+            if entry is None or entry.error:
+                await Reply(send).error(self._unknown_model(path[len('/v1/models/') :]))
+            else:
+                await Reply(send).json(200, self._model_card(entry))
+            return
+        spec = ROUTES.get(path)
+        if spec is None:
+            await Reply(send).error(not_found(f'no such endpoint: {method} {path}', 'unknown_endpoint'))
+            return
+        if method != 'POST':
+            await Reply(send).error(ProxyError(405, f'{path} takes POST', 'invalid_request_error', 'method'))
+            return
+        await self._serve(scope, receive, send, spec, path, model_in_path=None)
+
+    async def handle_upstream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`/upstream/{model}/{path}`: any method and path, passed through to that model's llama-server."""
+        rest = scope['path'][len('/upstream/') :]
+        parts = rest.split('/')
+        for i in range(len(parts), 0, -1):  # ids may contain '/': the longest prefix naming a model wins
+            name = '/'.join(parts[:i])
+            if self.library.get(name) is not None:
+                sub = '/' + '/'.join(parts[i:])
+                await self._serve(scope, receive, send, RouteSpec(), sub, model_in_path=name)
+                return
+        await Reply(send).error(self._unknown_model(parts[0] if parts else ''))
+
+    # ---- the request ---------------------------------------------------------------------------------------
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, spec: RouteSpec, upstream_path: str, model_in_path: str | None
+    ) -> None:
+        reply = Reply(send)
+        client = scope.get('client')
+        rec = self.activity.begin(client[0] if client else '', scope['path'], scope['method'])
+        entry_id: str | None = None
+        try:
+            try:
+                settings = self.config.settings
+                body = await read_body(scope, receive, settings.max_body_bytes)
+                data: dict[str, Any] | None = None
+                if model_in_path is None:
+                    data = _parse_json(body)
+                    entry = self._resolve(data.get('model'))
+                else:
+                    entry = self.library.get(model_in_path)
+                    if entry is None:
+                        raise self._unknown_model(model_in_path)
+                rec.model = entry.id
+                if self._per_model.get(entry.id, 0) >= settings.concurrency_limit:
+                    raise ProxyError(
+                        429,
+                        f'{entry.id} has {settings.concurrency_limit} requests in flight (concurrency_limit); '
+                        'retry shortly',
+                        'rate_limit_error',
+                        'too_many_requests',
+                        headers={'Retry-After': '1'},
+                    )
+                entry_id = entry.id
+                self._per_model[entry_id] = self._per_model.get(entry_id, 0) + 1
+                client_stream = bool(data.get('stream')) if data is not None else False
+                rec.stream = client_stream
+                if data is not None:
+                    body = self._upstream_body(data, spec, entry.id, client_stream)
+            except ProxyError as e:
+                rec.status, rec.error = e.status, e.message
+                await reply.error(e)
+                return
+            self.activity.announce(rec)
+            work = asyncio.create_task(
+                self._forward(reply, rec, entry.id, scope, upstream_path, body, spec, client_stream)
+            )
+            rec.task = work
+            watch = asyncio.create_task(wait_disconnect(receive))
+            try:
+                await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not work.done():
+                    work.cancel()
+                    if watch.done():
+                        rec.cancelled_by = 'client'
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({work})
+                watch.cancel()
+            if work.cancelled():
+                await self._cancelled(reply, rec)
+            elif work.exception() is not None:
+                exc = work.exception()
+                log.error('proxying %s for %s failed', upstream_path, entry.id, exc_info=exc)
+                rec.status, rec.error = 500, f'internal error: {exc}'
+                with contextlib.suppress(ClientGone):
+                    await reply.error(ProxyError(500, rec.error, 'internal_error', 'internal_error'))
+        except ClientGone:
+            rec.status, rec.error = CLIENT_CLOSED, 'client disconnected'
+        finally:
+            if entry_id is not None:
+                self._per_model[entry_id] -= 1
+            self.activity.finish(rec)
+
+    async def _cancelled(self, reply: Reply, rec: RequestRecord) -> None:
+        by = rec.cancelled_by or 'client'
+        rec.status = CLIENT_CLOSED
+        rec.error = 'client disconnected' if by == 'client' else f'cancelled ({by})'
+        if by != 'client':
+            with contextlib.suppress(ClientGone):
+                await reply.error(ProxyError(503, f'request {rec.error}', 'cancelled', 'cancelled'))
+
+    def _resolve(self, name: Any) -> Any:
+        if name is None or name == '':
+            # A llama-server client may not name the model: fine while there is only one to choose.
+            running = self.scheduler.running()
+            if len(running) == 1:
+                return self.library.get(running[0].model_id)
+            models = [e for e in self.library.models() if not e.error]
+            if len(models) == 1:
+                return models[0]
+            raise bad_request(f'the request names no "model"; available: {self._ids()}', 'missing_model')
+        if not isinstance(name, str):
+            raise bad_request('"model" must be a string', 'invalid_model')
+        entry = self.library.get(name)
+        if entry is None or entry.error:
+            raise self._unknown_model(name)
+        return entry
+
+    def _ids(self) -> str:
+        ids = [e.id for e in self.library.models() if not e.error]
+        more = f' (+{len(ids) - MAX_LISTED_IDS} more)' if len(ids) > MAX_LISTED_IDS else ''
+        return (', '.join(ids[:MAX_LISTED_IDS]) or '(none found: check models_dirs)') + more
+
+    def _unknown_model(self, name: str) -> ProxyError:
+        return not_found(f'model {name!r} not found; available: {self._ids()}')
+
+    def _upstream_body(self, data: dict[str, Any], spec: RouteSpec, model_id: str, client_stream: bool) -> bytes:
+        if spec.generates:
+            params = request_params.for_model(self.config.settings, model_id)
+            data = request_params.apply(data, params, spec.max_tokens_field)
+        if spec.assemble is not None:
+            data = dict(data)
+            if not client_stream:
+                data['stream'] = True
+                if spec.assemble in ('chat', 'text'):
+                    data['stream_options'] = {'include_usage': True}
+            data.setdefault('return_progress', True)
+        return json.dumps(data).encode()
+
+    async def _forward(
+        self,
+        reply: Reply,
+        rec: RequestRecord,
+        model_id: str,
+        scope: Scope,
+        path: str,
+        body: bytes,
+        spec: RouteSpec,
+        client_stream: bool,
+    ) -> None:
+        loading = (
+            _LoadingState(reply, model_id)
+            if client_stream and spec.assemble == 'chat' and self.config.settings.send_loading_state
+            else None
+        )
+        try:
+            try:
+                async with self.scheduler.lease(model_id, on_progress=loading and loading.on_progress) as up:
+                    if loading is not None:
+                        await loading.close()
+                    await self._relay(reply, rec, up.base_url, scope, path, body, spec, client_stream)
+            except ModelNotFound as e:
+                raise not_found(e.message) from e
+            except (StartFailed, NoCapacity) as e:
+                raise unavailable(e.message) from e
+            finally:
+                if loading is not None:
+                    await loading.close()
+        except ProxyError as e:
+            rec.status, rec.error = e.status, e.message
+            await reply.error(e)
+        except ClientGone:
+            rec.status, rec.error = CLIENT_CLOSED, 'client disconnected'
+
+    async def _relay(
+        self,
+        reply: Reply,
+        rec: RequestRecord,
+        base_url: str,
+        scope: Scope,
+        path: str,
+        body: bytes,
+        spec: RouteSpec,
+        client_stream: bool,
+    ) -> None:
+        qs = scope.get('query_string') or b''
+        url = base_url + path + ('?' + qs.decode('latin-1') if qs else '')
+        headers = _request_headers(scope, body)
+        for attempt in (1, 2):
+            try:
+                resp = await self._client().request(
+                    scope['method'], url, data=body or None, headers=headers, allow_redirects=False
+                )
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                # A pooled keep-alive connection the server closed meanwhile; it never saw the request.
+                if attempt == 2:
+                    raise bad_gateway(f'{rec.model}: cannot reach llama-server: {e!r}') from e
+            except aiohttp.ClientError as e:
+                raise bad_gateway(f'{rec.model}: cannot reach llama-server: {e!r}') from e
+        complete = False
+        try:
+            rec.status = resp.status
+            is_sse = resp.headers.get('Content-Type', '').startswith('text/event-stream')
+            if reply.started and resp.status >= 400:  # loading progress already opened a 200 stream
+                raise _upstream_error(resp.status, await resp.read())
+            if spec.assemble is not None and not client_stream and is_sse:
+                await self._assemble(reply, rec, resp, spec.assemble)
+            else:
+                await self._stream(reply, rec, resp, is_sse)
+            complete = True
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.IncompleteReadError) as e:
+            raise bad_gateway(f'{rec.model}: llama-server connection lost mid-response ({e.__class__.__name__})') from e
+        finally:
+            if complete:
+                resp.release()
+            else:
+                _abort(resp)
+
+    async def _stream(self, reply: Reply, rec: RequestRecord, resp: aiohttp.ClientResponse, is_sse: bool) -> None:
+        headers = _response_headers(resp)
+        if is_sse:
+            headers = [h for h in headers if h[0] not in _SSE_HEADER_NAMES] + SSE_HEADERS
+        if not reply.started:
+            await reply.start(resp.status, headers, sse=is_sse)
+        tail: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
+        n = 0
+        waiting_first = True
+        async for chunk in resp.content.iter_any():
+            if waiting_first and b'"prompt_progress"' not in chunk:
+                rec.mark_first_token()
+                waiting_first = False
+            tail.append(chunk)
+            n += 1
+            await reply.body(chunk)
+        if is_sse:
+            self._record_usage(rec, sse_payloads(b''.join(tail)))
+        elif n <= TAIL_CHUNKS and resp.status < 400:
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                obj = json.loads(b''.join(tail))
+                if isinstance(obj, dict):
+                    self._record_usage(rec, [obj])
+        if resp.status >= 400:
+            rec.error = _error_message(b''.join(tail)) if n <= TAIL_CHUNKS else f'upstream status {resp.status}'
+        await reply.end()
+
+    async def _assemble(self, reply: Reply, rec: RequestRecord, resp: aiohttp.ClientResponse, kind: str) -> None:
+        assembler = Assembler(kind)
+        parser = SSEObjects()
+        async for chunk in resp.content.iter_any():
+            for obj in parser.feed(chunk):
+                assembler.add(obj)
+                if assembler.objs and rec.ttft_s is None:
+                    rec.mark_first_token()
+        for obj in parser.close():
+            assembler.add(obj)
+        if assembler.error is not None:
+            err = assembler.error['error']
+            raise ProxyError(
+                int(err.get('code') or 500) if str(err.get('code', '')).isdigit() else 500,
+                str(err.get('message') or 'llama-server error'),
+                str(err.get('type') or 'upstream_error'),
+            )
+        self._record_usage(rec, assembler.objs)
+        await reply.json(200, assembler.result())
+
+    @staticmethod
+    def _record_usage(rec: RequestRecord, objs: list[dict[str, Any]]) -> None:
+        for key, value in usage_stats(objs).items():
+            setattr(rec, key, value)
+
+
+class _LoadingState:
+    """While the model loads, stream its progress to a chat client as `reasoning_content` deltas."""
+
+    def __init__(self, reply: Reply, model_id: str) -> None:
+        self.reply = reply
+        self.model_id = model_id
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._last = ''
+
+    def on_progress(self, event: dict[str, Any]) -> None:
+        state, progress = event.get('state'), event.get('progress')
+        text = f'Loading {self.model_id}: {state}'
+        if isinstance(progress, (int, float)):
+            text += f' {int(progress * 100)}%'
+        if text == self._last:
+            return
+        self._last = text
+        self._queue.put_nowait(text + '\n')
+        if self._task is None:
+            self._task = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        if not self.reply.started:
+            await self.reply.start(200, [(b'content-type', b'text/event-stream'), *SSE_HEADERS], sse=True)
+        while (text := await self._queue.get()) is not None:
+            chunk = {
+                'id': f'loading-{self.model_id}',
+                'object': 'chat.completion.chunk',
+                'created': int(time.time()),
+                'model': self.model_id,
+                'choices': [{'index': 0, 'delta': {'role': 'assistant', 'reasoning_content': text}}],
+            }
+            await self.reply.body(b'data: ' + json.dumps(chunk).encode() + b'\n\n')
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._queue.put_nowait(None)
+        try:
+            await task
+        except ClientGone:
+            raise
+        except Exception:
+            log.debug('loading-state stream failed', exc_info=True)
+
+
+def _abort(resp: aiohttp.ClientResponse) -> None:
+    """Drop the upstream connection with a reset, not a FIN: llama-server's next write (a token, or a progress
+    chunk after each prompt batch) then fails at once and it cancels the task, freeing the slot."""
+    conn = resp.connection
+    sock = conn.transport.get_extra_info('socket') if conn is not None and conn.transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    resp.close()
+
+
+def _parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f'request body is not valid JSON: {e}', 'invalid_json') from None
+    if not isinstance(data, dict):
+        raise bad_request('request body must be a JSON object', 'invalid_json')
+    return data
+
+
+def _request_headers(scope: Scope, body: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in scope.get('headers') or ():
+        key = name.decode('latin-1').lower()
+        if key not in DROP_REQUEST_HEADERS:
+            out[key] = value.decode('latin-1')
+    if body and 'content-type' not in out:
+        out['content-type'] = 'application/json'
+    return out
+
+
+def _response_headers(resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    return [(k.lower(), v) for k, v in resp.raw_headers if k.decode('latin-1').lower() not in DROP_RESPONSE_HEADERS]
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        err = json.loads(body).get('error')
+        if isinstance(err, dict) and err.get('message'):
+            return str(err['message'])
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        pass
+    return body[:300].decode('utf-8', 'replace')
+
+
+def _upstream_error(status: int, body: bytes) -> ProxyError:
+    return ProxyError(status, _error_message(body), 'upstream_error', status)

@@ -1,0 +1,135 @@
+"""Cancellation through the proxy, against a real llama-server: a client that goes away (mid-stream, or while its
+prompt is still being processed) frees the slot at once; an upstream that dies mid-stream ends the client's stream
+with an `error` event, never `[DONE]`; an operator can cancel an in-flight request."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import wait_for
+from tests.gguf_factory import write_tiny_gguf
+from tests.proxy_helpers import Served, serve, slot_busy
+
+SLOW = 'slow-llama'
+# One slot, a long context and small batches: generation lasts seconds, and llama-server gets a chance to notice a
+# cancellation after every 64-token batch (it needs two or three) of a long prompt.
+PARAMS = {SLOW: {'ctx_size': 16384, 'parallel': 1, 'batch_size': 64, 'ubatch_size': 64}}
+LONG_PROMPT = ' '.join(f'w{i}' for i in range(3000))  # ~9k tokens: a few seconds of prompt processing here
+
+
+@pytest.fixture(scope='module')
+def slow_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp('slow-models')
+    write_tiny_gguf(folder / f'{SLOW}.gguf', name=SLOW, seed=5, ctx=16384, n_embd=128, n_ff=256)
+    return folder
+
+
+@pytest.fixture
+async def served(system_factory: Any, slow_models: Path) -> Any:
+    system = await system_factory(models_dirs=[slow_models], scan_well_known_dirs=False, models=PARAMS)
+    async with serve(system) as s:
+        yield s
+
+
+async def idle_within(s: Served, limit_s: float) -> float:
+    """Seconds until llama-server shows no slot processing; fails past `limit_s`."""
+    url = s.upstream_url(SLOW)
+    async with httpx.AsyncClient(timeout=5) as poll:
+        await poll.get(f'{url}/health')  # connect first, so the measurement is the slot's, not the poller's
+        t0 = time.perf_counter()
+        while await slot_busy(url, poll):
+            assert time.perf_counter() - t0 < limit_s, f'slot still processing after {limit_s}s'
+            await asyncio.sleep(0.005)  # each /slots poll is a task in llama-server's queue: do not flood it
+        return time.perf_counter() - t0
+
+
+async def last_row(s: Served) -> dict[str, Any]:
+    async def row() -> dict[str, Any] | None:
+        async with s.client() as c:
+            rows = (await c.get('/api/requests', params={'limit': 1})).json()['requests']
+        return rows[0] if rows else None
+
+    return await wait_for(row)
+
+
+async def test_client_closing_mid_stream_frees_the_slot(served: Served) -> None:
+    body = {'model': SLOW, 'prompt': 'hi', 'n_predict': 12000, 'ignore_eos': True, 'stream': True}
+    async with served.client() as c, c.stream('POST', '/completion', json=body) as r:
+        assert r.status_code == 200
+        tokens = 0
+        async for line in r.aiter_lines():
+            tokens += line.startswith('data: ') and '"prompt_progress"' not in line
+            if tokens >= 5:
+                break
+        assert await slot_busy(served.upstream_url(SLOW))
+    # Leaving the block closes the connection mid-stream.
+    await idle_within(served, 0.1)
+    row = await last_row(served)
+    assert row['status'] == 499 and row['error'] == 'client disconnected' and row['ttft_s'] is not None
+
+
+async def test_client_closing_during_prompt_processing_frees_the_slot(served: Served) -> None:
+    # A non-streaming client: the proxy still streams from llama-server, so the disconnect reaches it.
+    async with served.client() as c:
+        call = asyncio.create_task(
+            c.post('/v1/completions', json={'model': SLOW, 'prompt': LONG_PROMPT, 'max_tokens': 4})
+        )
+        await wait_for(lambda: served.system.scheduler.describe(SLOW)['status'] == 'ready', 30)
+        await wait_for(lambda: slot_busy(served.upstream_url(SLOW)), 10, interval=0.005)
+        await asyncio.sleep(0.3)  # well inside prompt processing, which takes seconds
+        assert await slot_busy(served.upstream_url(SLOW))
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    await idle_within(served, 0.1)
+    row = await last_row(served)
+    assert row['status'] == 499 and row['ttft_s'] is None  # no token was produced
+
+
+async def test_upstream_dying_mid_stream_ends_with_error_event(served: Served) -> None:
+    body = {
+        'model': SLOW,
+        'messages': [{'role': 'user', 'content': 'hi'}],
+        'max_tokens': 12000,
+        'stream': True,
+        'ignore_eos': True,
+    }
+    lines: list[str] = []
+    async with served.client() as c, c.stream('POST', '/v1/chat/completions', json=body) as r:
+        assert r.status_code == 200
+        killed = False
+        async for line in r.aiter_lines():
+            lines.append(line)
+            if not killed and '"content":"' in line:
+                pid = next(u.pid for u in served.system.scheduler.running() if u.model_id == SLOW)
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+    events = [ln for ln in lines if ln]
+    assert events[-2] == 'event: error' and events[-1].startswith('data: {"error"')
+    assert 'data: [DONE]' not in lines
+    row = await last_row(served)
+    assert row['status'] == 502 and 'connection lost' in row['error']
+
+
+async def test_operator_cancels_an_inflight_request(served: Served) -> None:
+    body = {'model': SLOW, 'prompt': 'hi', 'n_predict': 12000, 'ignore_eos': True, 'stream': True}
+    async with served.client() as c, served.client() as admin, c.stream('POST', '/completion', json=body) as r:
+        assert r.status_code == 200
+        inflight = (await admin.get('/api/requests/inflight')).json()['requests']
+        assert [(q['model'], q['route']) for q in inflight] == [(SLOW, '/completion')]
+        resp = await admin.post(f'/api/requests/{inflight[0]["id"]}/cancel')
+        assert resp.status_code == 200
+        lines = [line async for line in r.aiter_lines() if line]
+        assert lines[-2] == 'event: error' and '"cancelled"' in lines[-1]
+        await idle_within(served, 0.1)
+        assert (await admin.post(f'/api/requests/{inflight[0]["id"]}/cancel')).status_code == 404
+    row = await last_row(served)
+    assert row['status'] == 499 and 'cancelled' in row['error']

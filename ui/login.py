@@ -1,0 +1,40 @@
+"""Asks for an API key once per browser when `api_keys` is set; the browser keeps a digest, never the key."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nicegui import app, ui
+
+from core.auth import digest_matches, key_digest, key_matches
+
+if TYPE_CHECKING:
+    from core.system import System
+
+STORAGE_KEY = 'api_key_digest'
+
+
+def authorised(system: System) -> bool:
+    keys = system.config.settings.api_keys
+    return not keys or digest_matches(app.storage.user.get(STORAGE_KEY), keys)
+
+
+def register(system: System) -> None:
+    @ui.page('/login')
+    def login(next: str = '/') -> None:
+        target = next if next.startswith('/') and not next.startswith('//') else '/'
+
+        def submit() -> None:
+            if key_matches(key.value, system.config.settings.api_keys):
+                app.storage.user[STORAGE_KEY] = key_digest(key.value)
+                ui.navigate.to(target)
+            else:
+                key.value = ''
+                ui.notify('That key is not one of the configured api_keys', type='negative')
+
+        with ui.card().classes('absolute-center w-96 gap-4'):
+            ui.label('Llama Async Proxy').classes('text-xl font-semibold')
+            ui.label('This server asks for an API key (the api_keys setting).').classes('text-gray-600')
+            key = ui.input('API key', password=True, password_toggle_button=True).classes('w-full').mark('api-key')
+            key.on('keydown.enter', submit)
+            ui.button('Sign in', on_click=submit).classes('w-full').mark('sign-in')
