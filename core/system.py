@@ -39,6 +39,7 @@ class System:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.data_dir / 'lap.sqlite3')
         self.binary = BinaryResolver(config, self.data_dir)
+        self.binary.resolve()  # once, before any page renders its status
         self.library = ModelLibrary(config, self.store, self.bus)
         self.scheduler = Scheduler(config, self.library, self.binary, self.logs, self.bus, self.data_dir)
         self.proxy = Proxy(config, self.scheduler, self.library, self.store, self.bus)

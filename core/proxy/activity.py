@@ -96,6 +96,7 @@ class Activity:
         self.errors_total = 0
         self._flusher: asyncio.Task[None] | None = None
         self._schema_ready = False
+        self._ensure_schema()  # pages may ask for recent requests before the app has finished starting
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:

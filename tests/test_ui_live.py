@@ -1,0 +1,62 @@
+"""Dashboard and Monitoring pages show measured values that move with the shared sampler and the proxy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from nicegui import app
+from nicegui.testing import User
+
+from tests.conftest import wait_for
+
+
+@pytest.fixture
+def models_env(monkeypatch: pytest.MonkeyPatch, models_dir: Path, tiny_model: Path) -> Path:
+    monkeypatch.setenv('LAP_MODELS_DIRS', str(models_dir))
+    monkeypatch.setenv('LAP_METRICS_INTERVAL', '0.2')
+    return tiny_model
+
+
+async def test_dashboard_kpis_and_recent_requests(models_env: Path, user: User) -> None:
+    await user.open('/')
+    system = app.state.system
+    await wait_for(lambda: system.library.get('tiny-llama') and system.metrics.latest, deadline_s=20)
+    await user.should_see(marker='kpi-cpu')
+    await user.should_see(' %', retries=20)  # CPU and RAM filled in from a real sample
+    up = await system.scheduler.load('tiny-llama')
+    # A request through the proxy's own ASGI path shows up in the recent-requests table.
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url='http://127.0.0.1') as client:
+        r = await client.post(
+            '/v1/chat/completions',
+            json={'model': 'tiny-llama', 'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 8},
+            timeout=60,
+        )
+    assert r.status_code == 200, r.text
+    assert up.port
+    await wait_for(lambda: system.proxy.activity.recent(limit=1), deadline_s=10)
+    table = user.find(marker='recent-requests').elements.pop()
+    await wait_for(lambda: any(r['route'] == '/v1/chat/completions' and r['status'] == 200 for r in table.rows))
+    await user.should_see('1 / 1', retries=30)  # one of one models loaded, from the sampler
+
+
+async def test_monitoring_page_draws_from_history_and_extends(models_env: Path, user: User) -> None:
+    await user.open('/monitoring')
+    system = app.state.system
+    await wait_for(lambda: system.metrics.samples_taken >= 2, deadline_s=20)
+    await user.open('/monitoring')
+    await user.should_see('no NVIDIA GPU detected', retries=20)
+    plots = [e for e in user.find(ui_plotly()).elements]
+    assert len(plots) == 6
+    cpu = plots[0]
+    names = [t['name'] for t in cpu.figure['data']]
+    assert names[:2] == ['CPU %', 'RAM %']
+    assert len(cpu.figure['data'][0]['x']) >= 1  # seeded from the sampler's history
+
+
+def ui_plotly() -> type:
+    from nicegui import ui
+
+    return ui.plotly
