@@ -58,7 +58,7 @@ async def chat_stream(handler: ASGIApp, body: dict[str, Any]) -> AsyncIterator[C
     async def send(message: Any) -> None:
         await messages.put(message)
 
-    task = asyncio.create_task(handler(scope, receive, send))
+    task: asyncio.Future[None] = asyncio.ensure_future(handler(scope, receive, send))
     turn = ChatTurn()
     parser = SSEObjects()
     status = 200
