@@ -65,8 +65,9 @@ async def chat_stream(handler: ASGIApp, body: dict[str, Any]) -> AsyncIterator[C
     raw = b''
     try:
         while True:
-            getter = asyncio.ensure_future(messages.get())
-            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            getter: asyncio.Future[Any] = asyncio.ensure_future(messages.get())
+            waiting: set[asyncio.Future[Any]] = {getter, task}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if getter not in done:
                 getter.cancel()
                 if messages.empty():
