@@ -72,7 +72,11 @@ async def direct(system: System, model: Path, client: httpx.AsyncClient) -> tupl
         done = time.perf_counter()
     finally:
         proc.terminate()
-        await proc.wait()
+        try:
+            await asyncio.wait_for(proc.wait(), 2)
+        except TimeoutError:  # it can miss a SIGTERM sent right after start-up
+            proc.kill()
+            await proc.wait()
     return (healthy - t0) * 1000, (done - t0) * 1000
 
 

@@ -27,6 +27,13 @@ def sse_payloads(data: bytes) -> list[dict[str, Any]]:
     return out
 
 
+def usage_payloads(data: bytes) -> list[dict[str, Any]]:
+    """Like `sse_payloads`, but decodes only the events that can carry `timings`/`usage` (a fast stream's tail
+    holds many token chunks; decoding them all cost a fifth of the proxy's CPU on 32 concurrent streams)."""
+    lines = [line for line in data.split(b'\n') if b'"usage"' in line or b'"timings"' in line]
+    return sse_payloads(b'\n'.join(lines)) if lines else []
+
+
 def usage_stats(objs: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Prompt/cached/completion tokens and tokens/s from the last `timings` and `usage` seen (OpenAI, Anthropic
     and llama-server native shapes)."""

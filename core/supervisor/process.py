@@ -39,6 +39,7 @@ MAX_LINE = 64 * 1024  # a longer line is logged in pieces instead of growing the
 HEALTH_POLL_S = 0.02  # while starting: llama-server is healthy ~20 ms after spawn on small models
 LIVENESS_FAILURES = 3  # consecutive failed liveness checks before a ready server counts as hung
 BIND_RETRIES = 5
+TERM_RESEND_S = 1.0
 
 # Load progress from llama-server's log: (marker, progress). It prints no percentage, only these stages.
 _PROGRESS_MARKERS = (
@@ -357,18 +358,24 @@ class ServerProcess:
 
     async def _terminate(self, stop_timeout: float) -> None:
         """SIGTERM the group, SIGKILL after `stop_timeout`, always reap."""
-        proc, self._proc = self._proc, None
+        proc = self._proc  # cleared only once reaped: a stop() that cancels a terminate half-way finishes it
         if proc is None:
             return
         if proc.returncode is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), stop_timeout)
-            except TimeoutError:
-                log.warning('%s: no exit %g s after SIGTERM; killing', self.model_id, stop_timeout)
-                _signal_group(proc.pid, signal.SIGKILL)
-                await proc.wait()
+            # llama-server can miss a SIGTERM that lands during its start-up; a second one is honoured.
+            first = min(TERM_RESEND_S, stop_timeout / 2)
+            for sig, wait in ((signal.SIGTERM, first), (signal.SIGTERM, stop_timeout - first), (signal.SIGKILL, None)):
+                if sig == signal.SIGKILL:
+                    log.warning('%s: no exit %g s after SIGTERM; killing', self.model_id, stop_timeout)
+                _signal_group(proc.pid, sig)
+                try:
+                    await asyncio.wait_for(proc.wait(), wait)
+                    break
+                except TimeoutError:
+                    continue
         await self._drain_readers()
+        if self._proc is proc:
+            self._proc = None
         if self.registry is not None:
             await asyncio.to_thread(self.registry.remove, proc.pid)
 

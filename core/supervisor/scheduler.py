@@ -143,8 +143,10 @@ class Scheduler:
     async def lease(
         self, model: str, on_progress: Callable[[dict[str, Any]], Any] | None = None
     ) -> AsyncIterator[Upstream]:
-        """Ready the model and count the caller in flight, so evictions wait for it. `on_progress(state_event)`
-        is called with each state/progress change while it waits."""
+        """Ready the model and count the caller in flight, so evictions wait for it.
+
+        While it waits, `on_progress(data)` (sync or async) gets each `models`/`state` event's data: model, state,
+        pid, port, progress (0..1 while starting), error, log_tail."""
         entry = self._entry(model)
         proc = self._proc(entry.id)
         proc.waiters += 1
@@ -298,7 +300,10 @@ class Scheduler:
                 expires = proc.last_used + ttl
                 if expires <= now:
                     log.info('%s idle for %g s (ttl); unloading', proc.model_id, ttl)
-                    await proc.stop(self.settings.stop_timeout)
+                    try:
+                        await proc.stop(self.settings.stop_timeout)
+                    except Exception:
+                        log.exception('ttl unload of %s failed', proc.model_id)
                 else:
                     next_at = expires if next_at is None else min(next_at, expires)
             await self._wait_change(None if next_at is None else next_at - time.monotonic())

@@ -1,0 +1,663 @@
+"""Proxy overhead: the same requests sent straight to an upstream, through the app's proxy, and through nginx (when
+installed), interleaved in one run. Writes `## Proxy overhead` in docs/BENCHMARKS.md.
+
+    .venv/bin/python bench/proxy_overhead.py [--rounds 5] [--no-nginx] [--no-profile] [--no-write]
+
+The app runs through its real CLI (`main.py`, NiceGUI and all) in a subprocess. `llama_server_path` points at
+`bench/scripted_upstream.py`, which serves a model named `scripted-*` itself (a fast aiohttp upstream answering
+from memory, so the proxy's own cost dominates) and execs the real llama-server for the tiny generated model
+(`-np 4 -t 1`). Both are started by the supervisor like any model; the direct target is the port it gave them.
+nginx is a plain reverse proxy (proxy_buffering off, upstream keepalive) on a free loopback port.
+
+The load client is aiohttp (one session, keep-alive) on uvloop in this process. Each round runs every target once,
+in rotating order, so machine noise hits all of them alike; figures are medians over rounds (latency percentiles
+over all samples). On a 2-core box the client, the upstream and the proxy share the CPUs, so a throughput ratio
+says how much CPU the proxy takes away. Last, py-spy samples the app while c=32 streams run through it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.llama_binary import BinaryResolver  # noqa: E402
+from core.settings import Settings  # noqa: E402
+from tests.gguf_factory import write_tiny_gguf  # noqa: E402
+
+SECTION = '## Proxy overhead'
+SCRIPTED, REAL = 'scripted-fast', 'tiny-llama'
+SLOTS = 4  # llama-server -np for the real model; its tokens/s is measured at this concurrency
+TARGET_P50_MS, TARGET_TTFB_MS, TARGET_TPS_PCT = 0.5, 1.0, 90.0
+PROMPT = [{'role': 'user', 'content': 'Say something.'}]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return int(s.getsockname()[1])
+
+
+# ---- the processes ----------------------------------------------------------------------------------------------
+@dataclass
+class Target:
+    name: str  # direct / proxy / nginx
+    base: str  # URL prefix of the OpenAI API, without /v1
+    pids: list[int]  # processes whose CPU the target adds (none for direct); nginx counts its workers too
+
+
+def wait_http(url: str, deadline_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f'{proc.args} exited with {proc.returncode} before {url} answered')
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f'{url} did not answer within {deadline_s}s')
+
+
+def start_app(tmp: Path) -> tuple[subprocess.Popen[bytes], str, dict[str, int]]:
+    """The app via its CLI with both models loaded; returns the process, its URL and each model's port."""
+    resolver = BinaryResolver(SimpleNamespace(settings=Settings(scan_well_known_dirs=False)), tmp / 'bin-data')
+    real = resolver.resolve()
+    if real is None:
+        raise SystemExit(f'llama-server not found: {resolver.how_to_install()}')
+    models = tmp / 'models'
+    models.mkdir()
+    write_tiny_gguf(models / f'{SCRIPTED}.gguf', name=SCRIPTED, seed=3)
+    write_tiny_gguf(models / f'{REAL}.gguf', name=REAL, seed=1)
+    wrapper = tmp / 'llama-server'
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {ROOT / "bench" / "scripted_upstream.py"} "$@"\n')
+    wrapper.chmod(0o755)
+    config = {
+        'models_dirs': [str(models)],
+        'scan_well_known_dirs': False,
+        'llama_server_path': str(wrapper),
+        'max_loaded_models': 0,
+        'concurrency_limit': 1024,  # the default (10) would answer 429 to the c=32 runs
+        'models': {REAL: {'parallel': SLOTS, 'threads': 1, 'ctx_size': 512 * SLOTS}},
+    }
+    (tmp / 'config.json').write_text(json.dumps(config))
+    port = free_port()
+    env = real.child_env()  # LD_LIBRARY_PATH etc. for the real binary, inherited through the app
+    env = {k: v for k, v in env.items() if not k.startswith('LAP_')}
+    env.update({'BENCH_REAL_LLAMA_SERVER': str(real.path), 'LAP_DATA_DIR': str(tmp / 'data')})
+    argv = [sys.executable, str(ROOT / 'main.py'), '--no-browser', '--port', str(port)]
+    argv += ['--config', str(tmp / 'config.json'), '--log-level', 'warning']
+    proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / 'app.log', 'wb'))
+    base = f'http://127.0.0.1:{port}'
+    wait_http(f'{base}/api/health', 90, proc)
+    ports = {}
+    for model in (SCRIPTED, REAL):
+        r = httpx.post(f'{base}/api/models/{model}/load', timeout=120)
+        r.raise_for_status()
+        ports[model] = int(r.json()['port'])
+    return proc, base, ports
+
+
+NGINX_CONF = """worker_processes 1;
+daemon off;
+{user}pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    {upstreams}
+}}
+"""
+NGINX_SERVER = """upstream up_{name} {{ server 127.0.0.1:{port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{listen};
+        location / {{
+            proxy_pass http://up_{name};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 3600s;
+        }}
+    }}
+"""
+
+
+def start_nginx(tmp: Path, upstream_ports: dict[str, int]) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    listen = {name: free_port() for name in upstream_ports}
+    servers = ''.join(
+        NGINX_SERVER.format(name=name.replace('-', '_'), port=port, listen=listen[name])
+        for name, port in upstream_ports.items()
+    )
+    user = 'user root;\n' if os.geteuid() == 0 else ''  # workers need the temp dirs under this private tmp
+    conf = tmp / 'nginx.conf'
+    conf.write_text(NGINX_CONF.format(tmp=tmp, user=user, upstreams=servers))
+    proc = subprocess.Popen(['nginx', '-c', str(conf), '-p', str(tmp)], stderr=open(tmp / 'nginx.out', 'wb'))
+    for port in listen.values():
+        wait_http(f'http://127.0.0.1:{port}/health', 20, proc)
+    return proc, listen
+
+
+def proc_cpu_s(pids: list[int], children: bool = False) -> float:
+    """CPU seconds used so far by `pids` (and their children: nginx's workers; never the app's llama-servers)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            for q in (p, *(p.children() if children else ())):
+                t = q.cpu_times()
+                total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+# ---- the load -------------------------------------------------------------------------------------------------
+@dataclass
+class Samples:
+    values: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    cpu_s: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+    units: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))  # requests or chunks
+
+
+def chat_body(model: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+    return {'model': model, 'messages': PROMPT, 'max_tokens': max_tokens, 'stream': stream, 'temperature': 0}
+
+
+async def request_once(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> float:
+    t0 = time.perf_counter()
+    async with session.post(url, json=body) as r:
+        await r.read()
+        if r.status != 200:
+            raise RuntimeError(f'HTTP {r.status}')
+    return time.perf_counter() - t0
+
+
+async def stream_once(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[float, int]:
+    """(seconds to the first body bytes, SSE data events with content) of one streamed chat completion."""
+    t0 = time.perf_counter()
+    ttfb = None
+    parts = []
+    async with session.post(url, json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f'HTTP {r.status}')
+        async for chunk in r.content.iter_any():
+            if ttfb is None:
+                ttfb = time.perf_counter() - t0
+            parts.append(chunk)
+    data = b''.join(parts)
+    if b'data: [DONE]' not in data:
+        raise RuntimeError('stream ended without [DONE]')
+    if ttfb is None:
+        raise RuntimeError('empty stream')
+    return ttfb, data.count(b'"content":"')
+
+
+async def run_workers(n: int, total: int, job: Callable[[], Awaitable[Any]], errors: collections.Counter[str]) -> list:
+    """`total` jobs on `n` concurrent workers; results of those that succeeded."""
+    left = iter(range(total))
+    out: list[Any] = []
+
+    async def worker() -> None:
+        for _ in left:
+            try:
+                out.append(await job())
+            except Exception as e:
+                detail = f' {e}' if isinstance(e, RuntimeError) else f' ({e.strerror})' if isinstance(e, OSError) else ''
+                errors[type(e).__name__ + detail] += 1
+
+    await asyncio.gather(*(worker() for _ in range(n)))
+    return out
+
+
+class Bench:
+    def __init__(self, session: aiohttp.ClientSession, scripted: list[Target], real: list[Target], rounds: int):
+        self.session, self.scripted, self.real, self.rounds = session, scripted, real, rounds
+        self.results: dict[tuple[str, str], Samples] = collections.defaultdict(Samples)
+
+    async def measure(self, test: str, target: Target, run: Callable[[Target, Samples], Awaitable[None]]) -> None:
+        s = self.results[(test, target.name)]
+        kids = target.name == 'nginx'
+        cpu0 = proc_cpu_s(target.pids, kids)
+        await run(target, s)
+        s.cpu_s[test] += proc_cpu_s(target.pids, kids) - cpu0
+
+    async def interleaved(self, test: str, targets: list[Target], run: Callable[[Target, Samples], Awaitable[None]]):
+        for i in range(self.rounds):
+            order = targets[i % len(targets) :] + targets[: i % len(targets)]
+            for t in order:
+                await self.measure(test, t, run)
+
+    # each test: what one round does against one target
+    def latency(self, kind: str, n: int) -> Callable[[Target, Samples], Awaitable[None]]:
+        async def run(t: Target, s: Samples) -> None:
+            if kind == 'embeddings':
+                url, body = f'{t.base}/v1/embeddings', {'model': SCRIPTED, 'input': 'hello'}
+            else:
+                url, body = f'{t.base}/v1/chat/completions', chat_body(SCRIPTED, 1, False)
+            lat = await run_workers(1, n, lambda: request_once(self.session, url, body), s.errors)
+            s.values['latency'] += lat
+            s.units['latency'] += len(lat)
+
+        return run
+
+    def ttfb_c1(self, n: int, chunks: int) -> Callable[[Target, Samples], Awaitable[None]]:
+        async def run(t: Target, s: Samples) -> None:
+            url, body = f'{t.base}/v1/chat/completions', chat_body(SCRIPTED, chunks, True)
+            res = await run_workers(1, n, lambda: stream_once(self.session, url, body), s.errors)
+            s.values['ttfb'] += [r[0] for r in res]
+            s.units['ttfb'] += len(res)
+
+        return run
+
+    def throughput(self, kind: str, n: int, conc: int) -> Callable[[Target, Samples], Awaitable[None]]:
+        async def run(t: Target, s: Samples) -> None:
+            if kind == 'embeddings':
+                url, body = f'{t.base}/v1/embeddings', {'model': SCRIPTED, 'input': 'hello'}
+            else:
+                url, body = f'{t.base}/v1/chat/completions', chat_body(SCRIPTED, 1, False)
+            t0 = time.perf_counter()
+            done = await run_workers(conc, n, lambda: request_once(self.session, url, body), s.errors)
+            s.values['rps'].append(len(done) / (time.perf_counter() - t0))
+            s.units['rps'] += len(done)
+
+        return run
+
+    def streams(self, model: str, conc: int, per_worker: int, chunks: int) -> Callable[[Target, Samples], Awaitable[None]]:
+        async def run(t: Target, s: Samples) -> None:
+            url, body = f'{t.base}/v1/chat/completions', chat_body(model, chunks, True)
+            t0 = time.perf_counter()
+            res = await run_workers(conc, conc * per_worker, lambda: stream_once(self.session, url, body), s.errors)
+            wall = time.perf_counter() - t0
+            s.values['ttfb'] += [r[0] for r in res]
+            s.values['chunks_per_s'].append(sum(r[1] for r in res) / wall)
+            s.units['chunks'] += sum(r[1] for r in res)
+
+        return run
+
+
+# ---- profile ----------------------------------------------------------------------------------------------------
+def py_spy() -> str | None:
+    found = shutil.which('py-spy') or str(Path(sys.executable).parent / 'py-spy')
+    return found if Path(found).exists() else None
+
+
+async def profile(
+    bench: Bench, app_pid: int, tmp: Path, seconds: float, chunks: int, load: str, conc: int
+) -> dict[str, Any] | None:
+    """py-spy on the app while `conc` concurrent `load` requests (streams, chat or embeddings) run nonstop."""
+    exe = py_spy()
+    if exe is None:
+        return None
+    out = tmp / 'proxy.speedscope.json'
+    argv = [exe, 'record', '--pid', str(app_pid), '--duration', str(int(seconds)), '--rate', '250']
+    argv += ['--format', 'speedscope', '-o', str(out), '--native' if os.environ.get('BENCH_NATIVE') else '--nonblocking']
+    spy = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    proxy = next(t for t in bench.scripted if t.name == 'proxy')
+    errors: collections.Counter[str] = collections.Counter()
+    cpu0, t0 = proc_cpu_s([app_pid]), time.perf_counter()
+
+    async def drive() -> None:
+        if load == 'streams':
+            url, body = f'{proxy.base}/v1/chat/completions', chat_body(SCRIPTED, chunks, True)
+        elif load == 'chat':
+            url, body = f'{proxy.base}/v1/chat/completions', chat_body(SCRIPTED, 1, False)
+        else:
+            url, body = f'{proxy.base}/v1/embeddings', {'model': SCRIPTED, 'input': 'hello'}
+        once = stream_once if load == 'streams' else request_once
+        while spy.returncode is None:
+            await run_workers(conc, conc, lambda: once(bench.session, url, body), errors)
+
+    driver = asyncio.create_task(drive())
+    _, err = await spy.communicate()
+    await driver
+    cpu_pct = 100 * (proc_cpu_s([app_pid]) - cpu0) / (time.perf_counter() - t0)
+    if spy.returncode != 0 or not out.exists():
+        print(f'py-spy failed ({spy.returncode}): {err.decode(errors="replace")[-500:]}', file=sys.stderr)
+        return None
+    shutil.copy(out, Path(tempfile.gettempdir()) / 'proxy_overhead.speedscope.json')
+    return {**summarise_speedscope(json.loads(out.read_text())), 'app_cpu_pct': cpu_pct}
+
+
+def _rel(file: str) -> str:
+    """Path shown for a frame's file: inside site-packages, the stdlib or this repo."""
+    m = re.search(r'site-packages/(.*)', file) or re.search(r'lib/python3\.\d+/(.*)', file)
+    if m:
+        return m.group(1)
+    return file.split(str(ROOT) + '/', 1)[1] if file.startswith(str(ROOT) + '/') else file
+
+
+def _frame_label(frame: dict[str, Any]) -> str:
+    return f'{frame["name"]} ({_rel(frame.get("file") or "")}:{frame.get("line", "?")})'
+
+
+def _area(frame: dict[str, Any]) -> str:
+    """The package (or this repo's folder) a frame's code belongs to."""
+    file = frame.get('file') or ''
+    rel = _rel(file)
+    if 'site-packages/' in file:
+        return rel.split('/', 1)[0]
+    if re.search(r'lib/python3\.\d+/', file):
+        return 'stdlib ' + rel.split('/', 1)[0].removesuffix('.py')
+    if rel != file:
+        return rel.rsplit('/', 1)[0] + '/' if '/' in rel else rel
+    return file or frame['name']
+
+
+def summarise_speedscope(doc: dict[str, Any], top: int = 12) -> dict[str, Any]:
+    """Self and inclusive sample shares of the top frames, and self share by package, over all threads."""
+    frames = doc['shared']['frames']
+    self_n: collections.Counter[int] = collections.Counter()  # py-spy weights samples in seconds
+    incl_n: collections.Counter[int] = collections.Counter()
+    area_n: collections.Counter[str] = collections.Counter()
+    total, count = 0.0, 0
+    for prof in doc['profiles']:
+        weights = prof.get('weights') or [1] * len(prof['samples'])
+        for stack, w in zip(prof['samples'], weights, strict=True):
+            if not stack:
+                continue
+            total += w
+            count += 1
+            self_n[stack[-1]] += w
+            area_n[_area(frames[stack[-1]])] += w
+            for idx in set(stack):
+                incl_n[idx] += w
+
+    def pct(n: float) -> float:
+        return 100 * n / total if total else 0.0
+
+    mine = [i for i, f in enumerate(frames) if str(ROOT / 'core') in (f.get('file') or '')]
+    return {
+        'samples': count,
+        'self': [(_frame_label(frames[i]), pct(n)) for i, n in self_n.most_common(top)],
+        'areas': [(a, pct(n)) for a, n in area_n.most_common(8)],
+        'core_inclusive': sorted(((_frame_label(frames[i]), pct(incl_n[i])) for i in mine), key=lambda x: -x[1])[:8],
+    }
+
+
+# ---- report -----------------------------------------------------------------------------------------------------
+def pctl(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float('nan')
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float('nan')
+
+
+def render(bench: Bench, args: argparse.Namespace, targets: list[str], prof: dict[str, Any] | None, meta: str) -> str:
+    R = bench.results
+    others = [t for t in targets if t != 'direct']
+
+    def errs(test: str) -> str:
+        return '; '.join(f'{t}: {sum(R[(test, t)].errors.values())}' for t in targets)
+
+    def cpu_per(test: str, t: str, unit: str, scale: float = 1e6) -> str:
+        s = R[(test, t)]
+        n = s.units[unit]
+        return f'{scale * s.cpu_s[test] / n:.0f}' if n and t != 'direct' else '-'
+
+    lines = [
+        SECTION,
+        '',
+        f'Command: `.venv/bin/python bench/proxy_overhead.py --rounds {args.rounds}` ({meta}).',
+        'Direct = the upstream\'s own port; proxy = this app (`main.py`, NiceGUI included) on `/v1`; nginx = a plain',
+        'reverse proxy (proxy_buffering off, upstream keepalive 64, 1 worker). Targets interleaved, order rotating',
+        f'per round, {args.rounds} rounds; load client: aiohttp on uvloop, one keep-alive session, same process for all.',
+        'Scripted upstream (`bench/scripted_upstream.py`, aiohttp, answers from memory) for the first tables; the real',
+        f'llama-server (`-np {SLOTS} -t 1`, tiny generated model) for the last. "CPU" = the proxy process\'s own CPU',
+        '(nginx: master + worker) per request or per chunk, from psutil over the same runs.',
+        '',
+        f'**Latency at c=1** ({args.c1} sequential requests per target per round; added = proxy - direct)',
+        '',
+        '| request | target | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU us/req |',
+        '|---|---|---|---|---|---|---|',
+    ]
+    for test, label in (('lat_chat', 'chat, non-stream'), ('lat_emb', 'embeddings'), ('ttfb_c1', 'stream TTFB')):
+        key = 'ttfb' if test == 'ttfb_c1' else 'latency'
+        unit = key
+        d = R[(test, 'direct')].values[key]
+        for t in targets:
+            v = R[(test, t)].values[key]
+            add50 = f'{1000 * (pctl(v, 0.5) - pctl(d, 0.5)):+.3f}' if t != 'direct' else ''
+            add99 = f'{1000 * (pctl(v, 0.99) - pctl(d, 0.99)):+.3f}' if t != 'direct' else ''
+            row = f'| {label} | {t} | {1000 * pctl(v, 0.5):.3f} | {1000 * pctl(v, 0.99):.3f} | {add50} | {add99} |'
+            lines.append(row + f' {cpu_per(test, t, unit)} |')
+    lines += [
+        '',
+        f'**Throughput at c=32** ({args.c32} requests per target per round; median of rounds)',
+        '',
+        '| request | target | req/s | % of direct | CPU us/req | errors |',
+        '|---|---|---|---|---|---|',
+    ]
+    for test, label in (('rps_chat', 'chat, non-stream'), ('rps_emb', 'embeddings')):
+        d = med(R[(test, 'direct')].values['rps'])
+        for t in targets:
+            v = med(R[(test, t)].values['rps'])
+            e = sum(R[(test, t)].errors.values())
+            lines.append(f'| {label} | {t} | {v:.0f} | {100 * v / d:.0f} % | {cpu_per(test, t, "rps")} | {e} |')
+    lines += [
+        '',
+        f'**32 concurrent streams** ({args.stream_chunks} chunks each, {args.stream_waves} waves per target per round)',
+        '',
+        '| target | TTFB p50 ms | TTFB p99 ms | added TTFB p50 ms | chunks/s | % of direct | CPU us/chunk | errors |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
+    d = R[('streams', 'direct')]
+    for t in targets:
+        s = R[('streams', t)]
+        add = f'{1000 * (pctl(s.values["ttfb"], 0.5) - pctl(d.values["ttfb"], 0.5)):+.3f}' if t != 'direct' else ''
+        cps, dcps = med(s.values['chunks_per_s']), med(d.values['chunks_per_s'])
+        lines.append(
+            f'| {t} | {1000 * pctl(s.values["ttfb"], 0.5):.3f} | {1000 * pctl(s.values["ttfb"], 0.99):.3f} | {add} '
+            f'| {cps:.0f} | {100 * cps / dcps:.0f} % | {cpu_per("streams", t, "chunks")} '
+            f'| {sum(s.errors.values())} |'
+        )
+    lines += [
+        '',
+        f'**Real llama-server** (`-np {SLOTS}`; streams of {args.real_tokens} tokens; tokens/s = content chunks/s)',
+        '',
+        '| concurrency | target | tokens/s | % of direct | TTFB p50 ms | errors |',
+        '|---|---|---|---|---|---|',
+    ]
+    for test, conc in (('real_slots', SLOTS), ('real_32', 32)):
+        d = med(R[(test, 'direct')].values['chunks_per_s'])
+        for t in targets:
+            s = R[(test, t)]
+            v = med(s.values['chunks_per_s'])
+            err = ', '.join(f'{k} x{n}' for k, n in s.errors.most_common(3)) or '0'
+            lines.append(
+                f'| {conc} | {t} | {v:.0f} | {100 * v / d:.0f} % | {1000 * pctl(s.values["ttfb"], 0.5):.2f} | {err} |'
+            )
+    add50 = 1000 * (
+        pctl(R[('lat_chat', 'proxy')].values['latency'], 0.5) - pctl(R[('lat_chat', 'direct')].values['latency'], 0.5)
+    )
+    add50e = 1000 * (
+        pctl(R[('lat_emb', 'proxy')].values['latency'], 0.5) - pctl(R[('lat_emb', 'direct')].values['latency'], 0.5)
+    )
+    ttfb_add = 1000 * (
+        pctl(R[('streams', 'proxy')].values['ttfb'], 0.5) - pctl(R[('streams', 'direct')].values['ttfb'], 0.5)
+    )
+    ttfb1_add = 1000 * (
+        pctl(R[('ttfb_c1', 'proxy')].values['ttfb'], 0.5) - pctl(R[('ttfb_c1', 'direct')].values['ttfb'], 0.5)
+    )
+    tps = 100 * med(R[('real_slots', 'proxy')].values['chunks_per_s']) / med(
+        R[('real_slots', 'direct')].values['chunks_per_s']
+    )
+
+    def verdict(ok: bool) -> str:
+        return 'met' if ok else 'MISSED'
+
+    lines += [
+        '',
+        '| target | result | verdict |',
+        '|---|---|---|',
+        f'| <= {TARGET_P50_MS} ms p50 added at c=1 | chat {add50:+.3f} ms, embeddings {add50e:+.3f} ms '
+        f'| {verdict(max(add50, add50e) <= TARGET_P50_MS)} |',
+        f'| TTFB added <= {TARGET_TTFB_MS} ms | c=1 {ttfb1_add:+.3f} ms, c=32 {ttfb_add:+.3f} ms '
+        f'| {verdict(ttfb1_add <= TARGET_TTFB_MS)} (c=1); {verdict(ttfb_add <= TARGET_TTFB_MS)} (c=32) |',
+        f'| >= {TARGET_TPS_PCT:.0f} % of direct tokens/s at c={SLOTS} (real llama-server) | {tps:.0f} % '
+        f'| {verdict(tps >= TARGET_TPS_PCT)} |',
+        '',
+        f'Errors: c=32 chat {errs("rps_chat")}; streams {errs("streams")}. Others in the tables.',
+    ]
+    if 'nginx' not in targets:
+        lines.append('nginx was not installed (or --no-nginx): no nginx column.')
+    if prof:
+        lines += [
+            '',
+            f'**Profile** (py-spy {args.profile_seconds:.0f} s at 250 Hz, `--nonblocking`, on the app while '
+            f'{args.profile_c} streams of {args.stream_chunks} chunks ran through `/v1` nonstop; app CPU {prof["app_cpu_pct"]:.0f} % of one '
+            f'core; {prof["samples"]} non-idle samples, all threads). Speedscope file: '
+            '`/tmp/proxy_overhead.speedscope.json`.',
+            '',
+            '| self time by package | % of samples |',
+            '|---|---|',
+            *(f'| {a} | {p:.1f} % |' for a, p in prof['areas']),
+            '',
+            '| top frames (self) | % |',
+            '|---|---|',
+            *(f'| `{f}` | {p:.1f} % |' for f, p in prof['self']),
+            '',
+            '| core/ frames (inclusive) | % |',
+            '|---|---|',
+            *(f'| `{f}` | {p:.1f} % |' for f, p in prof['core_inclusive']),
+        ]
+    return '\n'.join(lines) + '\n'
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this benchmark's section (up to the next `## `) or append it; other sections stay as they are."""
+    old = path.read_text() if path.exists() else '# Benchmarks\n'
+    pattern = re.compile(rf'^{re.escape(SECTION)}\n.*?(?=^## |\Z)', re.S | re.M)
+    new = pattern.sub(lambda _: section + '\n', old) if pattern.search(old) else old.rstrip('\n') + '\n\n' + section
+    path.write_text(new.rstrip('\n') + '\n')
+
+
+# ---- main -------------------------------------------------------------------------------------------------------
+async def run(args: argparse.Namespace, tmp: Path) -> None:
+    t_start = time.perf_counter()
+    app, base, ports = await asyncio.to_thread(start_app, tmp)
+    nginx = None
+    try:
+        use_nginx = not args.no_nginx and shutil.which('nginx') is not None
+        if use_nginx:
+            nginx, listen = await asyncio.to_thread(start_nginx, tmp, ports)
+
+        def targets_for(model: str) -> list[Target]:
+            out = [Target('direct', f'http://127.0.0.1:{ports[model]}', []), Target('proxy', base, [app.pid])]
+            if nginx is not None:
+                out.append(Target('nginx', f'http://127.0.0.1:{listen[model]}', [nginx.pid]))
+            return out
+
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+            bench = Bench(session, targets_for(SCRIPTED), targets_for(REAL), args.rounds)
+            warm = Bench(session, bench.scripted, bench.real, 1)  # connections, caches, the upstream's JIT-free paths
+            await warm.interleaved('w', bench.scripted, warm.throughput('chat', 200, 32))
+            await warm.interleaved('w', bench.scripted, warm.streams(SCRIPTED, 32, 1, args.stream_chunks))
+            await warm.interleaved('w', bench.real, warm.streams(REAL, SLOTS, 1, args.real_tokens))
+            steps: list[tuple[str, list[Target], Callable[[Target, Samples], Awaitable[None]]]] = [
+                ('lat_chat', bench.scripted, bench.latency('chat', args.c1)),
+                ('lat_emb', bench.scripted, bench.latency('embeddings', args.c1)),
+                ('ttfb_c1', bench.scripted, bench.ttfb_c1(args.c1 // 2, args.stream_chunks)),
+                ('rps_chat', bench.scripted, bench.throughput('chat', args.c32, 32)),
+                ('rps_emb', bench.scripted, bench.throughput('embeddings', args.c32, 32)),
+                ('streams', bench.scripted, bench.streams(SCRIPTED, 32, args.stream_waves, args.stream_chunks)),
+                ('real_slots', bench.real, bench.streams(REAL, SLOTS, 6, args.real_tokens)),
+                ('real_32', bench.real, bench.streams(REAL, 32, 1, args.real_tokens)),
+            ]
+            for name, targets, step in [] if args.only_profile else steps:
+                t0 = time.perf_counter()
+                await bench.interleaved(name, targets, step)
+                print(f'{name}: {time.perf_counter() - t0:.1f} s', file=sys.stderr)
+            prof = None
+            if not args.no_profile:
+                prof = await profile(
+                    bench, app.pid, tmp, args.profile_seconds, args.stream_chunks, args.profile_load, args.profile_c
+                )
+        cpu = platform.processor() or platform.machine()
+        meta = (
+            f'{cpu}, {psutil.cpu_count()} cores shared by client, upstream and proxy, Python '
+            f'{platform.python_version()}; whole run {time.perf_counter() - t_start:.0f} s'
+        )
+        names = [t.name for t in bench.scripted]
+        if args.only_profile:
+            print(json.dumps(prof, indent=1))
+            return
+        text = render(bench, args, names, prof, meta)
+        print(text)
+        if not args.no_write:
+            write_section(ROOT / 'docs' / 'BENCHMARKS.md', text)
+    finally:
+        if nginx is not None:
+            nginx.send_signal(signal.SIGTERM)
+            nginx.wait(10)
+        app.send_signal(signal.SIGINT)
+        try:
+            await asyncio.to_thread(app.wait, 30)
+        except subprocess.TimeoutExpired:
+            app.kill()
+            app.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('--rounds', type=int, default=5)
+    ap.add_argument('--c1', type=int, default=400, help='sequential requests per target per round')
+    ap.add_argument('--c32', type=int, default=1500, help='requests at c=32 per target per round')
+    ap.add_argument('--stream-chunks', type=int, default=256, help='chunks per scripted stream')
+    ap.add_argument('--stream-waves', type=int, default=3, help='waves of 32 streams per target per round')
+    ap.add_argument('--real-tokens', type=int, default=64, help='tokens per real llama-server stream')
+    ap.add_argument('--profile-seconds', type=float, default=8)
+    ap.add_argument('--profile-load', choices=['streams', 'chat', 'embeddings'], default='streams')
+    ap.add_argument('--profile-c', type=int, default=32, help='concurrency while profiling')
+    ap.add_argument('--only-profile', action='store_true', help='skip the measurements (for looking into a profile)')
+    ap.add_argument('--no-nginx', action='store_true')
+    ap.add_argument('--no-profile', action='store_true')
+    ap.add_argument('--no-write', action='store_true', help='print only; leave docs/BENCHMARKS.md alone')
+    args = ap.parse_args()
+    try:
+        import uvloop
+
+        loop_factory: Any = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with tempfile.TemporaryDirectory() as tmp, asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(run(args, Path(tmp)))
+
+
+if __name__ == '__main__':
+    main()
