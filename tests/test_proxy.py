@@ -69,6 +69,7 @@ async def _chat_completions_embeddings(served: Served, client: openai.AsyncOpenA
     )
     assert served.system.scheduler.describe(A)['status'] == 'ready'  # started on demand
     assert chat.object == 'chat.completion'
+    assert chat.model == A  # named by the id the client used, not llama-server's file path
     assert chat.choices[0].message.role == 'assistant' and chat.choices[0].message.content
     assert chat.choices[0].finish_reason == 'length'
     assert chat.usage is not None and chat.usage.completion_tokens == 6 and chat.usage.prompt_tokens > 0

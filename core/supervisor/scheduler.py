@@ -217,6 +217,8 @@ class Scheduler:
             raise StartFailed(f'llama-server not found: {self.binary.how_to_install()}', model=entry.id)
         help_text = await asyncio.to_thread(self.binary.help_text)
         mmproj = params.mmproj or getattr(entry, 'mmproj', None)
+        if params.alias is None:  # replies name the model by the id the client asked for, not its file path
+            params = params.model_copy(update={'alias': entry.id})
         spec = LaunchSpec(Path(binary.path), Path(entry.path), Path(mmproj) if mmproj else None, params)
         try:
             validate_params(params, help_text)
