@@ -68,7 +68,11 @@ def serve(port: int, model: str) -> None:
         return json.dumps(
             {
                 'choices': [
-                    {'finish_reason': 'length', 'index': 0, 'message': {'role': 'assistant', 'content': ''.join(words[:n])}}
+                    {
+                        'finish_reason': 'length',
+                        'index': 0,
+                        'message': {'role': 'assistant', 'content': ''.join(words[:n])},
+                    }
                 ],
                 'created': CREATED,
                 'model': model,

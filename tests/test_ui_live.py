@@ -39,7 +39,8 @@ async def test_dashboard_kpis_and_recent_requests(models_env: Path, user: User) 
     await wait_for(lambda: system.proxy.activity.recent(limit=1), deadline_s=10)
     table = user.find(marker='recent-requests').elements.pop()
     await wait_for(lambda: any(r['route'] == '/v1/chat/completions' and r['status'] == 200 for r in table.rows))
-    await user.should_see('1 / 1', retries=30)  # one of one models loaded, from the sampler
+    loaded = user.find(marker='kpi-loaded').elements.pop()
+    await wait_for(lambda: loaded.text.startswith('1 / '))  # one model loaded, as the sampler saw it
 
 
 async def test_monitoring_page_draws_from_history_and_extends(models_env: Path, user: User) -> None:
@@ -48,9 +49,8 @@ async def test_monitoring_page_draws_from_history_and_extends(models_env: Path, 
     await wait_for(lambda: system.metrics.samples_taken >= 2, deadline_s=20)
     await user.open('/monitoring')
     await user.should_see('no NVIDIA GPU detected', retries=20)
-    plots = [e for e in user.find(ui_plotly()).elements]
-    assert len(plots) == 6
-    cpu = plots[0]
+    assert len(user.find(ui_plotly()).elements) == 6
+    cpu = user.find(marker='chart-system').elements.pop()
     names = [t['name'] for t in cpu.figure['data']]
     assert names[:2] == ['CPU %', 'RAM %']
     assert len(cpu.figure['data'][0]['x']) >= 1  # seeded from the sampler's history

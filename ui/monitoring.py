@@ -39,7 +39,9 @@ def register(system: System) -> None:
             ).classes('text-gray-600')
             gpu_note = ui.label().classes('text-sm text-gray-600').mark('gpu-status')
             with ui.grid(columns=2).classes('w-full gap-4'):
-                cpu = LiveChart('CPU and memory', '%', lambda k: SYSTEM_SERIES.get(k, k), y_range=(0, 100))
+                cpu = LiveChart(
+                    'CPU and memory', '%', lambda k: SYSTEM_SERIES.get(k, k), y_range=(0, 100), marker='chart-system'
+                )
                 gen = LiveChart('Generation tokens/s', 'tokens/s', _model_label)
                 prompt = LiveChart('Prompt tokens/s', 'tokens/s', _model_label)
                 rss = LiveChart('llama-server memory (RSS)', 'MiB', _model_label)

@@ -30,7 +30,7 @@ from core.proxy.activity import Activity, RequestRecord
 from core.proxy.asgi import SSE_HEADERS, ClientGone, Reply, read_body, wait_disconnect
 from core.proxy.errors import ProxyError, bad_gateway, bad_request, not_found, unavailable
 from core.proxy.routes import DROP_REQUEST_HEADERS, DROP_RESPONSE_HEADERS, ROOT_PATHS, ROUTES, RouteSpec
-from core.proxy.sse import Assembler, SSEObjects, sse_payloads, usage_payloads, usage_stats
+from core.proxy.sse import Assembler, SSEObjects, usage_payloads, usage_stats
 from core.supervisor.errors import ModelNotFound, NoCapacity, StartFailed
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,7 @@ class Proxy:
             n += 1
             await reply.body(chunk)
         if is_sse:
-            self._record_usage(rec, sse_payloads(b''.join(tail)))
+            self._record_usage(rec, usage_payloads(b''.join(tail)))
         elif n <= TAIL_CHUNKS and resp.status < 400:
             with contextlib.suppress(ValueError, UnicodeDecodeError):
                 obj = json.loads(b''.join(tail))

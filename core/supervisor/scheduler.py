@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from core.model_params import ModelParams, effective_params
-from core.supervisor.argv import ArgvError, LaunchSpec, validate_params
+from core.supervisor.argv import ArgvError, LaunchSpec, accepted_flags, validate_params
 from core.supervisor.errors import ModelNotFound, NoCapacity, StartFailed
 from core.supervisor.pidfile import PidRegistry
 from core.supervisor.process import Launch, ServerProcess, Timings, Upstream
@@ -217,7 +217,8 @@ class Scheduler:
             raise StartFailed(f'llama-server not found: {self.binary.how_to_install()}', model=entry.id)
         help_text = await asyncio.to_thread(self.binary.help_text)
         mmproj = params.mmproj or getattr(entry, 'mmproj', None)
-        if params.alias is None:  # replies name the model by the id the client asked for, not its file path
+        if params.alias is None and accepted_flags(help_text) & {'--alias', '-a'}:
+            # Replies then name the model by the id the client asked for, not by its file path.
             params = params.model_copy(update={'alias': entry.id})
         spec = LaunchSpec(Path(binary.path), Path(entry.path), Path(mmproj) if mmproj else None, params)
         try:

@@ -19,7 +19,12 @@ class LiveChart:
     """Traces are added on first sight of a series key; `label(key)` names them in the legend."""
 
     def __init__(
-        self, title: str, y_title: str, label: Callable[[str], str] = str, y_range: Sequence[float] | None = None
+        self,
+        title: str,
+        y_title: str,
+        label: Callable[[str], str] = str,
+        y_range: Sequence[float] | None = None,
+        marker: str | None = None,
     ):
         self.label = label
         self.keys: list[str] = []
@@ -34,6 +39,8 @@ class LiveChart:
         if y_range is not None:
             layout['yaxis']['range'] = list(y_range)
         self.plot = ui.plotly({'data': [], 'layout': layout, 'config': {'displaylogo': False}}).classes('w-full')
+        if marker:
+            self.plot.mark(marker)
 
     def seed(self, series: dict[str, list[list[float]]]) -> None:
         """Initial history (from the metrics service), drawn once with the page."""
