@@ -49,7 +49,7 @@ async def test_monitoring_page_draws_from_history_and_extends(models_env: Path, 
     await wait_for(lambda: system.metrics.samples_taken >= 2, deadline_s=20)
     await user.open('/monitoring')
     await user.should_see('no NVIDIA GPU detected', retries=20)
-    assert len(user.find(ui_plotly()).elements) == 6
+    assert len(user.find(ui_plotly()).elements) == 5  # the GPU chart is hidden when there is no GPU
     cpu = user.find(marker='chart-system').elements.pop()
     names = [t['name'] for t in cpu.figure['data']]
     assert names[:2] == ['CPU %', 'RAM %']

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
 NAV = (
     ('Dashboard', '/', 'dashboard'),
-    ('Models', '/models', 'deployed_code'),
-    ('Monitoring', '/monitoring', 'monitoring'),
+    ('Models', '/models', 'storage'),
+    ('Monitoring', '/monitoring', 'show_chart'),
     ('Logs', '/logs', 'article'),
     ('Settings', '/settings', 'settings'),
     ('Chat', '/chat', 'chat'),

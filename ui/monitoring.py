@@ -47,6 +47,8 @@ def register(system: System) -> None:
                 rss = LiveChart('llama-server memory (RSS)', 'MiB', _model_label)
                 proxy = LiveChart('Proxy', 'value', lambda k: k.removeprefix('proxy.'))
                 gpu = LiveChart('GPU utilization and memory', '%', lambda k: k.removeprefix('gpu.'), y_range=(0, 100))
+            # Without a GPU its chart would only be an empty frame: the status line above says why.
+            gpu.plot.bind_visibility_from(gpu_note, 'text', backward=lambda t: t.startswith('GPUs:'))
             history = await asyncio.to_thread(system.metrics.history.query, '5m')
             series = history['series']
             cpu.seed({k: v for k, v in series.items() if k in SYSTEM_SERIES})
