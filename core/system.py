@@ -58,6 +58,9 @@ class System:
             self._log_handler = self.logs.handler()
             logging.getLogger().addHandler(self._log_handler)
         logging.getLogger().setLevel(self.config.settings.log_level.upper())
+        # One line per health poll and metrics scrape would bury everything else.
+        for noisy in ('httpx', 'httpcore', 'watchfiles'):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
     async def start(self) -> None:
         self.bus.attach_loop(asyncio.get_running_loop())
