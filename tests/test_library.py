@@ -270,3 +270,27 @@ async def test_well_known_caches(make_library: MakeLibrary, tmp_path: Path, monk
 
     off = await make_library([], scan_well_known_dirs=False, store_path=tmp_path / 'other.sqlite3')
     assert off.models() == []
+
+
+async def test_large_cold_scan_in_worker_processes_matches_in_process(
+    make_library: MakeLibrary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    import core.library.library as library_module
+
+    many = tmp_path / 'many'
+    many.mkdir()
+    n = library_module.PROCESS_SCAN_MIN_FILES + 6
+    for i in range(n):
+        write_tiny_gguf(many / f'm{i:03d}.gguf', name=f'm{i}', seed=i, quant='q8_0' if i % 2 else 'f16')
+    (many / 'broken.gguf').write_bytes(b'GGUF' + b'\x03\x00\x00\x00' + b'\xff' * 8)
+    pooled = await make_library([many], store_path=tmp_path / 'pooled.sqlite3')
+    assert 'process pool scan failed' not in caplog.text  # the forked workers did the reading
+    monkeypatch.setattr(library_module, 'PROCESS_SCAN_MIN_FILES', 10**9)
+    inline = await make_library([many], store_path=tmp_path / 'inline.sqlite3')
+    assert pooled.last_scan.files_read == inline.last_scan.files_read == n + 1
+    by_id = {e.id: e for e in inline.models()}
+    assert len(by_id) == n + 1
+    for e in pooled.models():
+        assert (e.error, e.meta, e.capabilities) == (by_id[e.id].error, by_id[e.id].meta, by_id[e.id].capabilities)
+    assert pooled.get('m007').meta.file_type == 'Q8_0' and pooled.get('m008').meta.file_type == 'F16'
+    assert 'invalid GGUF' in (pooled.get('broken').error or '')

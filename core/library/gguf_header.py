@@ -16,7 +16,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
@@ -57,8 +57,7 @@ class ArrayInfo:
         return {'array': self.item_type, 'length': self.length}
 
 
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):  # a tuple: a header has hundreds and creating them is most of the tensor loop
     name: str
     shape: tuple[int, ...]  # GGUF order (ne0 first)
     ggml_type: int
@@ -312,13 +311,14 @@ def _verified_run(buf: Any, pos: int, n: int, window: int) -> tuple[int, int]:
     if count < 2:
         return 0, pos
     words = np.frombuffer(buf, '<u4', count=count, offset=base)
-    j = np.flatnonzero(words == 0)
-    j = j[j >= 1]
-    prev = words[j - 1]
+    j = np.flatnonzero(words[1:] == 0)  # zero words after the first: word j + 1 is zero, word j precedes it
+    prev = words[j]
     t = (prev < 0x1000000).astype(np.uint32)  # zero bytes at the top of the previous word
     t += prev < 0x10000
     t += prev < 0x100
-    cand = 4 * j - 1 - t  # offset from base of the length byte
+    cand = j * 4
+    cand += 3
+    cand -= t  # offset from base of the length byte
     lengths = (prev >> ((3 - t) * 8)) & 0xFF
     first = int(np.searchsorted(cand, pos - base))
     if first == len(cand) or cand[first] != pos - base:

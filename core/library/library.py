@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import re
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 _SLUG_BAD = re.compile(r'[^a-z0-9._-]+')
 _GENERIC_STEMS = re.compile(r'^(model|ggml-model.*|unnamed|consolidated.*)$')
 READ_WORKERS = max(1, min(4, os.cpu_count() or 1))
+# Header parsing is CPU-bound Python/numpy (~3 ms for a 150k-token vocabulary), so threads gain little under the
+# GIL. A large cold scan is shared among forked worker processes instead: they only parse and return values (no
+# logging, no imports, no shared locks), which keeps fork safe in the threaded app.
+PROCESS_SCAN_MIN_FILES = 64
 
 
 @dataclass(slots=True)
@@ -174,11 +179,7 @@ class ModelLibrary:
             else:
                 out[f.path] = current[key] = hit
         if misses:
-            if len(misses) > 4 and READ_WORKERS > 1:
-                with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix='gguf-read') as pool:
-                    results = list(pool.map(_read_one, misses))
-            else:
-                results = [_read_one(f) for f in misses]
+            results = _read_many(misses)
             rows = []
             for f, got in zip(misses, results, strict=True):
                 out[f.path] = current[(str(f.real), f.size, f.mtime_ns)] = got
@@ -242,7 +243,27 @@ class ModelLibrary:
 # ---- building entries (pure functions over the scan) -------------------------------------------------------
 
 
+def _read_many(files: list[FoundFile]) -> list[CachedFile]:
+    workers = min(READ_WORKERS, os.cpu_count() or 1)
+    if len(files) >= PROCESS_SCAN_MIN_FILES and workers > 1 and 'fork' in multiprocessing.get_all_start_methods():
+        try:
+            ctx = multiprocessing.get_context('fork')
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                results = list(pool.map(_read_one, files, chunksize=16))
+            for f, r in zip(files, results, strict=True):
+                if r.error and r.error.startswith('cannot read: internal'):
+                    log.error('reading %s failed: %s', f.path, r.error)
+            return results
+        except Exception:  # a broken pool must not cost the scan: read in this process instead
+            log.exception('process pool scan failed; reading in threads')
+    if len(files) > 4 and READ_WORKERS > 1:
+        with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix='gguf-read') as pool:
+            return list(pool.map(_read_one, files))
+    return [_read_one(f) for f in files]
+
+
 def _read_one(f: FoundFile) -> CachedFile:
+    """Never raises and never logs (it may run in a forked worker): errors come back as text."""
     try:
         return CachedFile(FileInfo.from_header(read_header(f.path)), None)
     except GGUFError as e:
@@ -250,8 +271,7 @@ def _read_one(f: FoundFile) -> CachedFile:
     except OSError as e:
         return CachedFile(None, f'cannot read: {e.strerror or e}')
     except Exception as e:  # a reader bug must cost one file, not the scan
-        log.exception('reading %s failed', f.path)
-        return CachedFile(None, f'cannot read: {type(e).__name__}: {e}')
+        return CachedFile(None, f'cannot read: internal error {type(e).__name__}: {e}')
 
 
 def _is_projector(f: FoundFile, c: CachedFile) -> bool:
