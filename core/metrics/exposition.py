@@ -142,6 +142,7 @@ class Exposition:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self.ttft = Histogram(
             'lap_proxy_time_to_first_token_seconds',
             'Time to the first streamed token',
@@ -151,11 +152,20 @@ class Exposition:
         )
 
     def observe(self, r: FinishedRequest) -> None:
-        self.requests.labels(r.model, r.route, r.status).inc()
+        # Label lookups cost more than the updates; this runs once per proxied request, so keep the children.
+        key = (r.model, r.route, r.status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(*key),
+                self.latency.labels(*key),
+                self.ttft.labels(r.model, r.route),
+            )
+        children[0].inc()
         if r.duration_s is not None:
-            self.latency.labels(r.model, r.route, r.status).observe(r.duration_s)
+            children[1].observe(r.duration_s)
         if r.ttft_s is not None:
-            self.ttft.labels(r.model, r.route).observe(r.ttft_s)
+            children[2].observe(r.ttft_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -59,7 +59,7 @@ async def wait_disconnect(receive: Receive) -> None:
 class Reply:
     """Tracks what was sent, so an error after the headers can still be told to the client the right way."""
 
-    __slots__ = ('_send', 'sent_bytes', 'sse', 'started', 'status')
+    __slots__ = ('_send', 'ended', 'sent_bytes', 'sse', 'started', 'status')
 
     def __init__(self, send: Send) -> None:
         self._send = send
@@ -67,6 +67,7 @@ class Reply:
         self.status: int | None = None
         self.sse = False
         self.sent_bytes = 0
+        self.ended = False  # the last body message was sent: a disconnect now is just the connection closing
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]], sse: bool = False) -> None:
         self.started, self.status, self.sse = True, status, sse
@@ -74,6 +75,7 @@ class Reply:
 
     async def body(self, data: bytes, more: bool = True) -> None:
         self.sent_bytes += len(data)
+        self.ended = not more
         await self._call({'type': 'http.response.body', 'body': data, 'more_body': more})
 
     async def _call(self, message: dict[str, Any]) -> None:

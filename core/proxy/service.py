@@ -188,35 +188,41 @@ class Proxy:
                 client_stream = bool(data.get('stream')) if data is not None else False
                 rec.stream = client_stream
                 if data is not None:
-                    body = self._upstream_body(data, spec, entry.id, client_stream)
+                    body = self._upstream_body(body, data, spec, entry.id, client_stream)
             except ProxyError as e:
                 rec.status, rec.error = e.status, e.message
                 await reply.error(e)
                 return
             self.activity.announce(rec)
-            work = asyncio.create_task(
-                self._forward(reply, rec, entry.id, scope, upstream_path, body, spec, client_stream)
-            )
-            rec.task = work
+            # Served in this task; a client disconnect (seen on receive()) or an operator cancel cancels it.
+            me = asyncio.current_task()
+            assert me is not None
+            rec.task = me
+            serving = True
+
+            def gone(_: asyncio.Future[None]) -> None:
+                # uvicorn also wakes receive() once the response is complete: that is no disconnect to act on.
+                if serving and not reply.ended and not _.cancelled():
+                    rec.cancelled_by = rec.cancelled_by or 'client'
+                    me.cancel()
+
             watch = asyncio.create_task(wait_disconnect(receive))
+            watch.add_done_callback(gone)
             try:
-                await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not work.done():
-                    work.cancel()
-                    if watch.done():
-                        rec.cancelled_by = 'client'
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.wait({work})
-                watch.cancel()
-            if work.cancelled():
+                await self._forward(reply, rec, entry.id, scope, upstream_path, body, spec, client_stream)
+            except asyncio.CancelledError:
+                if rec.cancelled_by is None:
+                    raise  # the server itself is shutting down
+                me.uncancel()
                 await self._cancelled(reply, rec)
-            elif work.exception() is not None:
-                exc = work.exception()
+            except Exception as exc:
                 log.error('proxying %s for %s failed', upstream_path, entry.id, exc_info=exc)
                 rec.status, rec.error = 500, f'internal error: {exc}'
                 with contextlib.suppress(ClientGone):
                     await reply.error(ProxyError(500, rec.error, 'internal_error', 'internal_error'))
+            finally:
+                serving = False
+                watch.cancel()
         except ClientGone:
             rec.status, rec.error = CLIENT_CLOSED, 'client disconnected'
         finally:
@@ -257,10 +263,15 @@ class Proxy:
     def _unknown_model(self, name: str) -> ProxyError:
         return not_found(f'model {name!r} not found; available: {self._ids()}')
 
-    def _upstream_body(self, data: dict[str, Any], spec: RouteSpec, model_id: str, client_stream: bool) -> bytes:
+    def _upstream_body(
+        self, body: bytes, data: dict[str, Any], spec: RouteSpec, model_id: str, client_stream: bool
+    ) -> bytes:
+        original = data
         if spec.generates:
             params = request_params.for_model(self.config.settings, model_id)
             data = request_params.apply(data, params, spec.max_tokens_field)
+        if spec.assemble is None and data is original:
+            return body  # nothing to change: forward the client's bytes as they are
         if spec.assemble is not None:
             data = dict(data)
             if not client_stream:
