@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from core import gpu
@@ -45,6 +46,7 @@ class MetricsService:
         self.history = History(store, config.settings.metrics_interval)
         self.alerts = Alerts(config, bus)
         self.requests = RequestStats()
+        self._finished: deque[tuple[dict[str, Any], float]] = deque(maxlen=100_000)  # bounded between samples
         self.exposition = Exposition(lambda: self.latest, lambda: len(self.alerts.active))
         self.latest: dict[str, Any] | None = None
         self.samples_taken = 0
@@ -139,7 +141,7 @@ class MetricsService:
                 'system': host['system'],
                 'gpu': gpu_status,
                 'models': models,
-                'proxy': self.requests.summary(self._in_flight(models)),
+                'proxy': self._proxy_summary(models),
             }
             sample['sample_ms'] = round((time.perf_counter() - t0) * 1000, 2)
             sample['sample_cpu_ms'] = round((time.process_time() - cpu0) * 1000, 2)  # whole process, this task's share
@@ -172,11 +174,20 @@ class MetricsService:
         return total
 
     def _on_request(self, event: Event) -> None:
-        if 'status' not in event.data:  # only finished requests carry a status
-            return
-        req = from_event(event.data, event.ts)
-        self.requests.add(req)
-        self.exposition.observe(req)
+        # Runs on the proxy's hot path, once per request: only queue it; `_drain` counts it when figures are read.
+        if 'status' in event.data:  # only finished requests carry a status
+            self._finished.append((event.data, event.ts))
+
+    def _drain(self) -> None:
+        while self._finished:
+            data, ts = self._finished.popleft()
+            req = from_event(data, ts)
+            self.requests.add(req)
+            self.exposition.observe(req)
+
+    def _proxy_summary(self, models: dict[str, Any]) -> dict[str, Any]:
+        self._drain()
+        return self.requests.summary(self._in_flight(models))
 
     # ---- reading -------------------------------------------------------------------------------------------
     async def current(self) -> dict[str, Any]:
@@ -189,6 +200,7 @@ class MetricsService:
         return result
 
     def prometheus_text(self) -> bytes:
+        self._drain()
         return self.exposition.render()
 
     def models_snapshot(self) -> list[dict[str, Any]]:

@@ -67,7 +67,11 @@ class Proxy:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
             timeout = aiohttp.ClientTimeout(total=None, sock_read=None, connect=30)
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=('User-Agent',)
+                connector=connector,
+                timeout=timeout,
+                auto_decompress=False,
+                skip_auto_headers=('User-Agent',),
+                cookie_jar=aiohttp.DummyCookieJar(),  # a relay keeps no cookies; skips the jar on every request
             )
         return self._session
 
