@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -25,11 +24,12 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.settings import SettingsManager  # noqa: E402
-from core.supervisor.argv import LaunchSpec  # noqa: E402
-from core.supervisor.process import free_port  # noqa: E402
-from core.system import System  # noqa: E402
-from tests.gguf_factory import write_tiny_gguf  # noqa: E402
+from bench.report import write_section
+from core.settings import SettingsManager
+from core.supervisor.argv import LaunchSpec
+from core.supervisor.process import free_port
+from core.system import System
+from tests.gguf_factory import write_tiny_gguf
 
 SECTION = '## Cold start'
 TARGET_MS = 100.0
@@ -139,15 +139,7 @@ Overhead is {'within' if med(overhead) <= TARGET_MS else 'OVER'} the target. Mos
 poll interval (the direct path polls every 2 ms) plus one pid-registry write (fsync) per spawn.
 """
     print(text)
-    write_section(ROOT / 'docs' / 'BENCHMARKS.md', text)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section (up to the next `## `) or append it; other sections stay as they are."""
-    old = path.read_text() if path.exists() else '# Benchmarks\n'
-    pattern = re.compile(rf'^{re.escape(SECTION)}\n.*?(?=^## |\Z)', re.S | re.M)
-    new = pattern.sub(lambda _: section + '\n', old) if pattern.search(old) else old.rstrip('\n') + '\n\n' + section
-    path.write_text(new.rstrip('\n') + '\n')
+    write_section(SECTION, text)
 
 
 if __name__ == '__main__':

@@ -44,9 +44,10 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.llama_binary import BinaryResolver  # noqa: E402
-from core.settings import Settings  # noqa: E402
-from tests.gguf_factory import write_tiny_gguf  # noqa: E402
+from bench.report import write_section
+from core.llama_binary import BinaryResolver
+from core.settings import Settings
+from tests.gguf_factory import write_tiny_gguf
 
 SECTION = '## Proxy overhead'
 SCRIPTED, REAL = 'scripted-fast', 'tiny-llama'
@@ -597,14 +598,6 @@ def render(bench: Bench, args: argparse.Namespace, targets: list[str], prof: dic
     return '\n'.join(lines) + '\n'
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section (up to the next `## `) or append it; other sections stay as they are."""
-    old = path.read_text() if path.exists() else '# Benchmarks\n'
-    pattern = re.compile(rf'^{re.escape(SECTION)}\n.*?(?=^## |\Z)', re.S | re.M)
-    new = pattern.sub(lambda _: section + '\n', old) if pattern.search(old) else old.rstrip('\n') + '\n\n' + section
-    path.write_text(new.rstrip('\n') + '\n')
-
-
 # ---- main -------------------------------------------------------------------------------------------------------
 async def run(args: argparse.Namespace, tmp: Path) -> None:
     t_start = time.perf_counter()
@@ -659,7 +652,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
         text = render(bench, args, names, prof, meta)
         print(text)
         if not args.no_write:
-            write_section(ROOT / 'docs' / 'BENCHMARKS.md', text)
+            write_section(SECTION, text)
     finally:
         if nginx is not None:
             nginx.send_signal(signal.SIGTERM)

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import gc
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -22,14 +21,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.llama_binary import BinaryResolver  # noqa: E402
-from core.metrics.history import History, flatten  # noqa: E402
-from core.settings import SettingsManager  # noqa: E402
-from core.store import Store  # noqa: E402
-from core.system import System  # noqa: E402
-from tests.conftest import start_llama_server, stop_process  # noqa: E402
-from tests.gguf_factory import write_tiny_gguf  # noqa: E402
-from tests.metrics_helpers import stand_in_running  # noqa: E402
+from bench.report import write_section
+from core.llama_binary import BinaryResolver
+from core.metrics.history import History, flatten
+from core.settings import SettingsManager
+from core.store import Store
+from core.system import System
+from tests.conftest import start_llama_server, stop_process
+from tests.gguf_factory import write_tiny_gguf
+from tests.metrics_helpers import stand_in_running
 
 SECTION = '## Metrics sampler'
 
@@ -143,7 +143,7 @@ async def main() -> None:
     ]
     text = '\n'.join(lines)
     print(text)
-    write_section(ROOT / 'docs' / 'BENCHMARKS.md', text)
+    write_section(SECTION, text)
 
 
 class _Cfg:
@@ -157,14 +157,6 @@ def _cpu_count() -> int:
     import os
 
     return os.cpu_count() or 0
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section (up to the next `## `) or append it; other sections stay as they are."""
-    old = path.read_text() if path.exists() else '# Benchmarks\n'
-    pattern = re.compile(rf'^{re.escape(SECTION)}\n.*?(?=^## |\Z)', re.S | re.M)
-    new = pattern.sub(lambda _: section + '\n', old) if pattern.search(old) else old.rstrip('\n') + '\n\n' + section
-    path.write_text(new.rstrip('\n') + '\n')
 
 
 if __name__ == '__main__':

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import os
 import platform
-import re
 import shutil
 import statistics
 import sys
@@ -26,14 +25,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import gguf  # noqa: E402
+import gguf
 
-from core.events import EventBus  # noqa: E402
-from core.library import ModelLibrary  # noqa: E402
-from core.library.gguf_header import read_header  # noqa: E402
-from core.settings import SettingsManager  # noqa: E402
-from core.store import Store  # noqa: E402
-from tests.gguf_factory import write_header_heavy_gguf  # noqa: E402
+from bench.report import write_section
+from core.events import EventBus
+from core.library import ModelLibrary
+from core.library.gguf_header import read_header
+from core.settings import SettingsManager
+from core.store import Store
+from tests.gguf_factory import write_header_heavy_gguf
 
 SECTION = '## Model library scan'
 
@@ -158,14 +158,6 @@ def render(r: dict[str, object], argv: list[str]) -> str:
     )
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section (up to the next `## `) or append it; other sections stay as they are."""
-    old = path.read_text() if path.exists() else '# Benchmarks\n'
-    pattern = re.compile(rf'^{re.escape(SECTION)}\n.*?(?=^## |\Z)', re.S | re.M)
-    new = pattern.sub(lambda _: section + '\n\n', old) if pattern.search(old) else old.rstrip('\n') + '\n\n' + section
-    path.write_text(new.rstrip('\n') + '\n')
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--files', type=int, default=500)
@@ -178,7 +170,7 @@ def main() -> None:
     text = render(result, argv)
     print(text)
     if not a.no_write:
-        write_section(ROOT / 'docs' / 'BENCHMARKS.md', text)
+        write_section(SECTION, text)
 
 
 if __name__ == '__main__':

@@ -4,58 +4,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import uvicorn
-from fastapi import FastAPI
+from tests.serving import serve
 
-from tests.conftest import free_port
-
-
-@dataclass
-class Served:
-    system: Any
-    base_url: str
-    server: uvicorn.Server
-
-
-def build_app(system: Any) -> FastAPI:
-    from core.api import health, logs, monitoring
-
-    app = FastAPI()
-    app.state.system = system
-    for module in (health, monitoring, logs):
-        app.include_router(module.router)
-    system.frontdoor.install(app)
-    return app
-
-
-@contextlib.asynccontextmanager
-async def serve(system: Any) -> AsyncIterator[Served]:
-    port = free_port()
-    config = uvicorn.Config(
-        build_app(system),
-        host='127.0.0.1',
-        port=port,
-        log_level='warning',
-        lifespan='off',
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        yield Served(system, f'http://127.0.0.1:{port}', server)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+__all__ = ['StandIn', 'serve', 'stand_in_running']
 
 
 @dataclass(frozen=True)

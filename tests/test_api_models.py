@@ -105,6 +105,6 @@ async def test_openapi_schema_names_the_models(client: httpx.AsyncClient):
     app.include_router(models_api.router)
     schema = app.openapi()
     names = set(schema['components']['schemas'])
-    assert {'ModelsOut', 'ModelOut', 'ModelDetailOut', 'FitOut', 'ScanOut', 'ModelMetaOut'} <= names
+    assert {'ModelsOut', 'ModelOut', 'ModelDetailOut', 'FitEstimate', 'ScanOut', 'ModelMetaOut'} <= names
     fit_props = schema['components']['schemas']['FitOut']['properties']
     assert {'label', 'kv_bytes', 'weights_gpu_bytes', 'vram_free_bytes'} <= set(fit_props)

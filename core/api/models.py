@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from core.api import get_system
 from core.library import ModelEntry, ScanReport
-from core.library.fit import free_memory
+from core.library.fit import FitEstimate, free_memory
 from core.library.meta import kv_for_display
 from core.system import System
 
@@ -45,26 +45,6 @@ class ModelMetaOut(BaseModel):
     tensor_bytes: int = 0
 
 
-class FitOut(BaseModel):
-    label: str = Field(description="'fits', 'tight', 'does not fit' or 'unknown'")
-    ctx_size: int
-    n_gpu_layers: int
-    parallel: int
-    cache_type_k: str
-    cache_type_v: str
-    weights_bytes: int
-    weights_gpu_bytes: int
-    weights_cpu_bytes: int
-    kv_bytes: int
-    kv_gpu_bytes: int
-    compute_bytes: int
-    ram_needed_bytes: int
-    vram_needed_bytes: int
-    ram_free_bytes: int | None
-    vram_free_bytes: int | None
-    notes: list[str]
-
-
 class ModelOut(BaseModel):
     id: str
     aliases: list[str]
@@ -75,7 +55,7 @@ class ModelOut(BaseModel):
     mtime: float
     meta: ModelMetaOut
     capabilities: list[str]
-    fit: FitOut | None = Field(None, description='Memory estimate with the configured launch parameters')
+    fit: FitEstimate | None = Field(None, description='Memory estimate with the configured launch parameters')
     error: str | None = Field(None, description='Why the file cannot be used (corrupt, missing split part, ...)')
     status: str = Field('stopped', description='From the supervisor: stopped, starting, ready, failed, ...')
     pid: int | None = None
