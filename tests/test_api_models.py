@@ -106,5 +106,5 @@ async def test_openapi_schema_names_the_models(client: httpx.AsyncClient):
     schema = app.openapi()
     names = set(schema['components']['schemas'])
     assert {'ModelsOut', 'ModelOut', 'ModelDetailOut', 'FitEstimate', 'ScanOut', 'ModelMetaOut'} <= names
-    fit_props = schema['components']['schemas']['FitOut']['properties']
+    fit_props = schema['components']['schemas']['FitEstimate']['properties']
     assert {'label', 'kv_bytes', 'weights_gpu_bytes', 'vram_free_bytes'} <= set(fit_props)
