@@ -93,6 +93,13 @@ def tiny_model_b(models_dir: Path) -> Path:
     return write_tiny_gguf(models_dir / 'tiny-llama-b.gguf', name='tiny-llama-b', seed=2)
 
 
+@pytest.fixture
+def models_env(monkeypatch: pytest.MonkeyPatch, models_dir: Path, tiny_model: Path) -> Path:
+    """For page tests: the app that NiceGUI's `user` fixture starts scans the tiny models (request it first)."""
+    monkeypatch.setenv('LAP_MODELS_DIRS', str(models_dir))
+    return tiny_model
+
+
 @dataclass
 class RunningServer:
     proc: subprocess.Popen

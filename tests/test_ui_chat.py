@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from nicegui import app, ui
 from nicegui.testing import User
 
 from tests.conftest import wait_for
-
-
-@pytest.fixture
-def models_env(monkeypatch: pytest.MonkeyPatch, models_dir: Path, tiny_model: Path) -> Path:
-    monkeypatch.setenv('LAP_MODELS_DIRS', str(models_dir))
-    return tiny_model
 
 
 async def test_chat_streams_a_reply_and_records_it(models_env: Path, user: User) -> None:

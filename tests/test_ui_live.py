@@ -13,13 +13,12 @@ from tests.conftest import wait_for
 
 
 @pytest.fixture
-def models_env(monkeypatch: pytest.MonkeyPatch, models_dir: Path, tiny_model: Path) -> Path:
-    monkeypatch.setenv('LAP_MODELS_DIRS', str(models_dir))
+def fast_sampler(monkeypatch: pytest.MonkeyPatch, models_env: Path) -> Path:
     monkeypatch.setenv('LAP_METRICS_INTERVAL', '0.2')
-    return tiny_model
+    return models_env
 
 
-async def test_dashboard_kpis_and_recent_requests(models_env: Path, user: User) -> None:
+async def test_dashboard_kpis_and_recent_requests(fast_sampler: Path, user: User) -> None:
     await user.open('/')
     system = app.state.system
     await wait_for(lambda: system.library.get('tiny-llama') and system.metrics.latest, deadline_s=20)
@@ -43,7 +42,7 @@ async def test_dashboard_kpis_and_recent_requests(models_env: Path, user: User) 
     await wait_for(lambda: loaded.text.startswith('1 / '))  # one model loaded, as the sampler saw it
 
 
-async def test_monitoring_page_draws_from_history_and_extends(models_env: Path, user: User) -> None:
+async def test_monitoring_page_draws_from_history_and_extends(fast_sampler: Path, user: User) -> None:
     await user.open('/monitoring')
     system = app.state.system
     await wait_for(lambda: system.metrics.samples_taken >= 2, deadline_s=20)

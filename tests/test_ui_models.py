@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from nicegui import app
 from nicegui.testing import User
 
 from tests.conftest import wait_for
-
-
-@pytest.fixture
-def models_env(monkeypatch: pytest.MonkeyPatch, models_dir: Path, tiny_model: Path) -> Path:
-    monkeypatch.setenv('LAP_MODELS_DIRS', str(models_dir))
-    return tiny_model
 
 
 async def test_models_page_lists_loads_and_unloads(models_env: Path, user: User) -> None:
