@@ -62,3 +62,21 @@ async def test_logs_page_streams_new_lines(user: User) -> None:
     await user.open('/logs')
     logging.getLogger('test').warning('a line for the logs page')
     await user.should_see('a line for the logs page', retries=20)
+
+
+async def test_logs_page_filters_by_level_and_text(user: User) -> None:
+    from nicegui import app
+
+    await user.open('/logs')
+    logs = app.state.system.logs
+    view = user.find(marker='log-view').elements.pop()
+    user.find(marker='log-level').elements.pop().set_value('error')
+    logs.add('llama-server', 'quiet warning line', 'warning', model='m1')
+    logs.add('llama-server', 'loud error line', 'error', model='m1')
+    await user.should_see('loud error line', retries=20)
+    await user.should_not_see('quiet warning line')
+    user.find(marker='log-level').elements.pop().set_value('debug')
+    user.find(marker='log-search').type('quiet')
+    await user.should_see('quiet warning line', retries=20)  # reloaded from the ring buffer with the new filters
+    await user.should_not_see('loud error line')
+    assert view is user.find(marker='log-view').elements.pop()
