@@ -250,6 +250,17 @@ async def test_ttl_unloads_idle_model(harness: Any, tiny_model: Path) -> None:
     assert not alive(up.pid)
 
 
+async def test_stop_is_prompt_with_a_ttl_model_loaded(harness: Any, tiny_model: Path) -> None:
+    # The TTL loop waits with a timeout while stop() cancels it and the unload sets the event it waits on: with
+    # asyncio.wait_for that cancel could be swallowed (3.11) and stop() would wait on the loop for good.
+    h = await harness({'tiny': tiny_model}, models={'tiny': {'ttl': 300}})
+    s = h.scheduler
+    up = await s.ensure_ready('tiny')
+    await asyncio.wait_for(s.stop(), 15)
+    assert s.describe('tiny')['status'] == 'stopped'
+    assert not alive(up.pid)
+
+
 async def test_memory_budget_evicts_lru_and_respects_pins(
     harness: Any, tiny_model: Path, tiny_model_b: Path, tmp_path: Path
 ) -> None:

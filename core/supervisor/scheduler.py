@@ -23,6 +23,7 @@ from core.supervisor.pidfile import PidRegistry
 from core.supervisor.process import Launch, ServerProcess, Timings, Upstream
 
 log = logging.getLogger(__name__)
+TTL_RECHECK_S = 60.0
 
 MIB = 1024 * 1024
 REGISTRY_FILE = 'llama-servers.json'
@@ -47,6 +48,8 @@ class Scheduler:
         self._starts: dict[str, asyncio.Task[None]] = {}
         self._admit = asyncio.Lock()
         self._changed = asyncio.Event()
+        # The TTL loop waits on this, not on `_changed`: that is set twice per request by `lease`.
+        self._states_changed = asyncio.Event()
         self._listeners: dict[str, set[Callable[[dict[str, Any]], Any]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ttl_task: asyncio.Task[None] | None = None
@@ -293,12 +296,15 @@ class Scheduler:
 
     # ---- TTL -----------------------------------------------------------------------------------------------
     async def _ttl_loop(self) -> None:
-        while True:
+        while not self._stopping:
             now = time.monotonic()
             next_at: float | None = None
             for proc in list(self._procs.values()):
                 ttl = proc.launch_info.params.ttl if proc.launch_info else None
-                if not ttl or proc.state != 'ready' or proc.busy:
+                if not ttl or proc.state != 'ready':
+                    continue
+                if proc.busy:  # look again once it may have gone idle (a request only ever postpones expiry)
+                    next_at = now + ttl if next_at is None else min(next_at, now + ttl)
                     continue
                 expires = proc.last_used + ttl
                 if expires <= now:
@@ -309,7 +315,9 @@ class Scheduler:
                         log.exception('ttl unload of %s failed', proc.model_id)
                 else:
                     next_at = expires if next_at is None else min(next_at, expires)
-            await self._wait_change(None if next_at is None else next_at - time.monotonic())
+            # At most a minute: a ttl set in the settings meanwhile is then noticed without a state change.
+            timeout = TTL_RECHECK_S if next_at is None else min(TTL_RECHECK_S, max(0.0, next_at - time.monotonic()))
+            await _wait_event(self._states_changed, timeout)
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _entry(self, model: str) -> Any:
@@ -334,21 +342,30 @@ class Scheduler:
                     self._spawn_task(result)
             except Exception:
                 log.exception('progress listener failed')
-        self._notify()
+        self._notify(states=True)
 
-    def _notify(self) -> None:
-        """Wake everything waiting for a change of load, in-flight counts or states."""
+    def _notify(self, states: bool = False) -> None:
+        """Wake everything waiting for a change of load, in-flight counts or (with `states`) process states."""
         self._changed.set()
         self._changed = asyncio.Event()
+        if states:
+            self._states_changed.set()
+            self._states_changed = asyncio.Event()
 
     async def _wait_change(self, timeout: float | None) -> None:
-        event = self._changed
         if timeout is not None and timeout <= 0:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        await _wait_event(self._changed, timeout)
 
     def _spawn_task(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+async def _wait_event(event: asyncio.Event, timeout: float | None) -> None:
+    """Wait for `event` or `timeout`. Not `asyncio.wait_for`: on 3.11 it swallows a cancel that arrives together
+    with the event being set, which left `stop()` waiting on a loop that never saw its cancellation."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
