@@ -138,8 +138,9 @@ class Activity:
         self.total += 1
         self.errors_total += error
         self._recent.append((time.time(), rec.duration_s, error))
-        self._pending.append(tuple(getattr(rec, c) for c in COLUMNS))
-        self.bus.publish('requests', 'finished', rec.as_dict())
+        row = rec.as_dict()
+        self._pending.append(tuple(row.values()))  # as_dict() follows COLUMNS
+        self.bus.publish('requests', 'finished', row)
 
     def inflight(self) -> list[dict[str, Any]]:
         now = time.perf_counter()
@@ -217,4 +218,12 @@ class Activity:
 
 
 def _started(rec: RequestRecord) -> dict[str, Any]:
-    return {k: v for k, v in rec.as_dict().items() if k in ('id', 'ts', 'client', 'model', 'route', 'method', 'stream')}
+    return {
+        'id': rec.id,
+        'ts': rec.ts,
+        'client': rec.client,
+        'model': rec.model,
+        'route': rec.route,
+        'method': rec.method,
+        'stream': rec.stream,
+    }

@@ -30,7 +30,7 @@ from core.proxy.activity import Activity, RequestRecord
 from core.proxy.asgi import SSE_HEADERS, ClientGone, Reply, read_body, wait_disconnect
 from core.proxy.errors import ProxyError, bad_gateway, bad_request, not_found, unavailable
 from core.proxy.routes import DROP_REQUEST_HEADERS, DROP_RESPONSE_HEADERS, ROOT_PATHS, ROUTES, RouteSpec
-from core.proxy.sse import Assembler, SSEObjects, usage_payloads, usage_stats
+from core.proxy.sse import Assembler, SSEObjects, json_usage, usage_payloads, usage_stats
 from core.supervisor.errors import ModelNotFound, NoCapacity, StartFailed
 
 log = logging.getLogger(__name__)
@@ -384,10 +384,7 @@ class Proxy:
         if is_sse:
             self._record_usage(rec, usage_payloads(b''.join(tail)))
         elif n <= TAIL_CHUNKS and resp.status < 400:
-            with contextlib.suppress(ValueError, UnicodeDecodeError):
-                obj = json.loads(b''.join(tail))
-                if isinstance(obj, dict):
-                    self._record_usage(rec, [obj])
+            self._record_usage(rec, json_usage(b''.join(tail)))
         if resp.status >= 400:
             rec.error = _error_message(b''.join(tail)) if n <= TAIL_CHUNKS else f'upstream status {resp.status}'
         await reply.end()

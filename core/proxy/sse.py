@@ -34,6 +34,34 @@ def usage_payloads(data: bytes) -> list[dict[str, Any]]:
     return sse_payloads(b'\n'.join(lines)) if lines else []
 
 
+_USAGE_KEYS = ('usage', 'timings')
+_DECODER = json.JSONDecoder()
+
+
+def json_usage(body: bytes) -> list[dict[str, Any]]:
+    """The `usage` / `timings` objects of a JSON response, decoded on their own: an embeddings reply is mostly
+    vectors, and decoding all of it to read a few counters would cost more than relaying it."""
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        return []
+    found: dict[str, Any] = {}
+    for key in _USAGE_KEYS:
+        at = text.rfind(f'"{key}"')
+        if at < 0:
+            continue
+        start = text.find('{', at, at + len(key) + 16)  # `"usage": {`
+        if start < 0:
+            continue
+        try:
+            value, _ = _DECODER.raw_decode(text, start)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            found[key] = value
+    return [found] if found else []
+
+
 def usage_stats(objs: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Prompt/cached/completion tokens and tokens/s from the last `timings` and `usage` seen (OpenAI, Anthropic
     and llama-server native shapes)."""
