@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         fastapi_docs=True,
         show_welcome_message=False,
         uvicorn_logging_level='warning',
+        # The app is the endpoint clients talk to, not something behind a reverse proxy: X-Forwarded-For from a
+        # local process is not believed (the request log shows the real peer), and no middleware parses an IP
+        # address on every request.
+        proxy_headers=False,
     )
 
 

@@ -453,6 +453,24 @@ def med(values: list[float]) -> float:
     return statistics.median(values) if values else float('nan')
 
 
+def quick_summary(bench: Bench, steps: list[str], targets: list[str]) -> str:
+    """One line per step and target: p50 (and added p50) of its main figure, and the target's CPU per unit."""
+    out = []
+    for test in steps:
+        for t in targets:
+            s = bench.results[(test, t)]
+            key = next(iter(s.values), None)
+            if key is None:
+                continue
+            v = s.values[key]
+            d = bench.results[(test, 'direct')].values[key]
+            added = f' added {1000 * (pctl(v, 0.5) - pctl(d, 0.5)):+.3f} ms' if t != 'direct' and key != 'rps' else ''
+            cpu = f' CPU {1e6 * s.cpu_s[test] / s.units[key]:.0f} us' if s.units[key] and t != 'direct' else ''
+            fig = f'{med(v):.0f}/s' if key in ('rps', 'chunks_per_s') else f'p50 {1000 * pctl(v, 0.5):.3f} ms'
+            out.append(f'{test:10} {t:6} {fig}{added}{cpu} errors {sum(s.errors.values())}')
+    return '\n'.join(out)
+
+
 def render(bench: Bench, args: argparse.Namespace, targets: list[str], prof: dict[str, Any] | None, meta: str) -> str:
     R = bench.results
 
@@ -631,6 +649,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
                 ('real_slots', bench.real, bench.streams(REAL, SLOTS, 6, args.real_tokens)),
                 ('real_32', bench.real, bench.streams(REAL, 32, 1, args.real_tokens)),
             ]
+            if args.only:
+                steps = [st for st in steps if st[0] in args.only.split(',')]
             for name, targets, step in [] if args.only_profile else steps:
                 t0 = time.perf_counter()
                 await bench.interleaved(name, targets, step)
@@ -648,6 +668,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
         names = [t.name for t in bench.scripted]
         if args.only_profile:
             print(json.dumps(prof, indent=1))
+            return
+        if args.only:
+            print(quick_summary(bench, [st[0] for st in steps], names))
             return
         text = render(bench, args, names, prof, meta)
         print(text)
@@ -677,6 +700,9 @@ def main() -> None:
     ap.add_argument('--profile-load', choices=['streams', 'chat', 'embeddings'], default='streams')
     ap.add_argument('--profile-c', type=int, default=32, help='concurrency while profiling')
     ap.add_argument('--only-profile', action='store_true', help='skip the measurements (for looking into a profile)')
+    ap.add_argument(
+        '--only', help='comma-separated steps (lat_chat,lat_emb,ttfb_c1,rps_chat,...): a short summary, no write'
+    )
     ap.add_argument('--no-nginx', action='store_true')
     ap.add_argument('--no-profile', action='store_true')
     ap.add_argument('--no-write', action='store_true', help='print only; leave docs/BENCHMARKS.md alone')

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from core.frontdoor import Receive, Scope, Send
+from core.proxy import jsonio
 from core.proxy.errors import ProxyError
 
 JSON = b'application/json'
@@ -85,7 +85,7 @@ class Reply:
             raise ClientGone from e
 
     async def json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(obj).encode()
+        data = jsonio.dumps(obj)
         hdrs = [(b'content-type', JSON), (b'content-length', str(len(data)).encode())]
         hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         await self.start(status, hdrs)

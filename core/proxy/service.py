@@ -1,7 +1,8 @@
 """The proxy: route by `model`, start it on demand, relay the answer as it arrives, record the request.
 
-Served as raw ASGI handlers on the front door (before NiceGUI's middleware). One long-lived aiohttp session with
-keep-alive talks to every llama-server; there is no read timeout, since prompt processing can take minutes. The
+Served as raw ASGI handlers on the front door (before NiceGUI's middleware). One pool of keep-alive connections
+(`upstream.UpstreamClient`, httptools-based) talks to every llama-server; there is no read timeout, since prompt
+processing can take minutes. The
 client's `receive()` is watched from the moment the body is read, so a disconnect cancels the work also while the
 model loads or the prompt is processed; the upstream connection is then closed, which is how llama-server learns
 to stop. For that to be noticed between prompt batches the proxy asks for `return_progress` on the streaming
@@ -12,25 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import socket
-import struct
 import time
 from collections import deque
 from typing import Any
 from urllib.parse import unquote
 
-import aiohttp
-
 from core import request_params
 from core.auth import AuthGuard
 from core.frontdoor import Receive, Scope, Send
+from core.proxy import jsonio
 from core.proxy.activity import Activity, RequestRecord
 from core.proxy.asgi import SSE_HEADERS, ClientGone, Reply, read_body, wait_disconnect
 from core.proxy.errors import ProxyError, bad_gateway, bad_request, not_found, unavailable
 from core.proxy.routes import DROP_REQUEST_HEADERS, DROP_RESPONSE_HEADERS, ROOT_PATHS, ROUTES, RouteSpec
 from core.proxy.sse import Assembler, SSEObjects, json_usage, usage_payloads, usage_stats
+from core.proxy.upstream import Lost, Response, UpstreamClient, UpstreamError
 from core.supervisor.errors import ModelNotFound, NoCapacity, StartFailed
 
 log = logging.getLogger(__name__)
@@ -38,7 +36,11 @@ log = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; recorded, never sent
 TAIL_CHUNKS = 8  # last chunks kept to read `timings`/`usage` from once the stream ends
 MAX_LISTED_IDS = 50
+ASSEMBLE_WAKE_BYTES = 64 * 1024  # assembling reads the stream in pieces this big (or at its end)
+WATCH_AFTER_S = 0.002  # a disconnect is noticed this much later at most (the issue allows 100 ms)
 _SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
+_DROP_RESPONSE = frozenset(name.encode() for name in DROP_RESPONSE_HEADERS)
+_DROP_REQUEST = frozenset(name.encode() for name in DROP_REQUEST_HEADERS)
 
 
 class Proxy:
@@ -46,7 +48,7 @@ class Proxy:
         self.config, self.scheduler, self.library, self.store, self.bus = config, scheduler, library, store, bus
         self.activity = Activity(store, bus, lambda: self.config.settings.requests_keep)
         self.auth = AuthGuard(config)
-        self._session: aiohttp.ClientSession | None = None
+        self._upstream: UpstreamClient | None = None
         self._per_model: dict[str, int] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -58,22 +60,14 @@ class Proxy:
         for rec in list(self.activity._inflight.values()):
             self.activity.cancel(rec.id, by='shutdown')
         await self.activity.stop()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._upstream is not None:
+            await self._upstream.close()
+            self._upstream = None
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
-            timeout = aiohttp.ClientTimeout(total=None, sock_read=None, connect=30)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=timeout,
-                auto_decompress=False,
-                skip_auto_headers=('User-Agent',),
-                cookie_jar=aiohttp.DummyCookieJar(),  # a relay keeps no cookies; skips the jar on every request
-            )
-        return self._session
+    def _client(self) -> UpstreamClient:
+        if self._upstream is None or self._upstream.closed:
+            self._upstream = UpstreamClient()
+        return self._upstream
 
     def register_routes(self, frontdoor: Any) -> None:
         """Register /v1/*, /upstream/* and the root llama-server paths, and the auth / Host guard."""
@@ -210,8 +204,15 @@ class Proxy:
                     rec.cancelled_by = rec.cancelled_by or 'client'
                     me.cancel()
 
-            watch = asyncio.create_task(wait_disconnect(receive))
-            watch.add_done_callback(gone)
+            watch: asyncio.Task[None] | None = None
+
+            def start_watch() -> None:
+                nonlocal watch
+                watch = asyncio.create_task(wait_disconnect(receive))
+                watch.add_done_callback(gone)
+
+            # Most requests are answered within a few ms: watching only from then on saves a task per request.
+            timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, start_watch)
             try:
                 await self._forward(reply, rec, entry.id, scope, upstream_path, body, spec, client_stream)
             except asyncio.CancelledError:
@@ -226,7 +227,9 @@ class Proxy:
                     await reply.error(ProxyError(500, rec.error, 'internal_error', 'internal_error'))
             finally:
                 serving = False
-                watch.cancel()
+                timer.cancel()
+                if watch is not None:
+                    watch.cancel()
         except ClientGone:
             rec.status, rec.error = CLIENT_CLOSED, 'client disconnected'
         finally:
@@ -283,7 +286,7 @@ class Proxy:
                 if spec.assemble in ('chat', 'text'):
                     data['stream_options'] = {'include_usage': True}
             data.setdefault('return_progress', True)
-        return json.dumps(data).encode()
+        return jsonio.dumps(data)
 
     async def _forward(
         self,
@@ -306,7 +309,7 @@ class Proxy:
                 async with self.scheduler.lease(model_id, on_progress=loading and loading.on_progress) as up:
                     if loading is not None:
                         await loading.close()
-                    await self._relay(reply, rec, up.base_url, scope, path, body, spec, client_stream)
+                    await self._relay(reply, rec, up, scope, path, body, spec, client_stream)
             except ModelNotFound as e:
                 raise not_found(e.message) from e
             except (StartFailed, NoCapacity) as e:
@@ -324,7 +327,7 @@ class Proxy:
         self,
         reply: Reply,
         rec: RequestRecord,
-        base_url: str,
+        up: Any,
         scope: Scope,
         path: str,
         body: bytes,
@@ -332,24 +335,17 @@ class Proxy:
         client_stream: bool,
     ) -> None:
         qs = scope.get('query_string') or b''
-        url = base_url + path + ('?' + qs.decode('latin-1') if qs else '')
-        headers = _request_headers(scope, body)
-        for attempt in (1, 2):
-            try:
-                resp = await self._client().request(
-                    scope['method'], url, data=body or None, headers=headers, allow_redirects=False
-                )
-                break
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
-                # A pooled keep-alive connection the server closed meanwhile; it never saw the request.
-                if attempt == 2:
-                    raise bad_gateway(f'{rec.model}: cannot reach llama-server: {e!r}') from e
-            except aiohttp.ClientError as e:
-                raise bad_gateway(f'{rec.model}: cannot reach llama-server: {e!r}') from e
+        target = path + ('?' + qs.decode('latin-1') if qs else '')
+        try:
+            resp = await self._client().request(
+                scope['method'], up.host, up.port, target, _request_headers(scope, body), body
+            )
+        except UpstreamError as e:
+            raise bad_gateway(f'{rec.model}: cannot reach llama-server: {e}') from e
         complete = False
         try:
             rec.status = resp.status
-            is_sse = resp.headers.get('Content-Type', '').startswith('text/event-stream')
+            is_sse = resp.content_type.startswith(b'text/event-stream')
             if reply.started and resp.status >= 400:  # loading progress already opened a 200 stream
                 raise _upstream_error(resp.status, await resp.read())
             if spec.assemble is not None and not client_stream and is_sse:
@@ -357,16 +353,16 @@ class Proxy:
             else:
                 await self._stream(reply, rec, resp, is_sse)
             complete = True
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.IncompleteReadError) as e:
-            raise bad_gateway(f'{rec.model}: llama-server connection lost mid-response ({e.__class__.__name__})') from e
+        except Lost as e:
+            raise bad_gateway(f'{rec.model}: llama-server connection lost mid-response ({e})') from e
         finally:
             if complete:
                 resp.release()
             else:
-                _abort(resp)
+                resp.abort()
 
-    async def _stream(self, reply: Reply, rec: RequestRecord, resp: aiohttp.ClientResponse, is_sse: bool) -> None:
-        headers = _response_headers(resp)
+    async def _stream(self, reply: Reply, rec: RequestRecord, resp: Response, is_sse: bool) -> None:
+        headers = [h for h in resp.headers if h[0] not in _DROP_RESPONSE]
         if is_sse:
             headers = [h for h in headers if h[0] not in _SSE_HEADER_NAMES] + SSE_HEADERS
         if not reply.started:
@@ -374,7 +370,7 @@ class Proxy:
         tail: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
         n = 0
         waiting_first = True
-        async for chunk in resp.content.iter_any():
+        while chunk := await resp.chunk():
             if waiting_first and b'"prompt_progress"' not in chunk:
                 rec.mark_first_token()
                 waiting_first = False
@@ -389,16 +385,18 @@ class Proxy:
             rec.error = _error_message(b''.join(tail)) if n <= TAIL_CHUNKS else f'upstream status {resp.status}'
         await reply.end()
 
-    async def _assemble(self, reply: Reply, rec: RequestRecord, resp: aiohttp.ClientResponse, kind: str) -> None:
+    async def _assemble(self, reply: Reply, rec: RequestRecord, resp: Response, kind: str) -> None:
         assembler = Assembler(kind)
         parser = SSEObjects()
-        async for chunk in resp.content.iter_any():
+        resp.wake_at = ASSEMBLE_WAKE_BYTES
+        resp.first_data_skip = b'"prompt_progress"'
+        while chunk := await resp.chunk():
             for obj in parser.feed(chunk):
                 assembler.add(obj)
-                if assembler.objs and rec.ttft_s is None:
-                    rec.mark_first_token()
         for obj in parser.close():
             assembler.add(obj)
+        if resp.first_data_at is not None:
+            rec.mark_first_token(resp.first_data_at)
         if assembler.error is not None:
             err = assembler.error['error']
             raise ProxyError(
@@ -448,7 +446,7 @@ class _LoadingState:
                 'model': self.model_id,
                 'choices': [{'index': 0, 'delta': {'role': 'assistant', 'reasoning_content': text}}],
             }
-            await self.reply.body(b'data: ' + json.dumps(chunk).encode() + b'\n\n')
+            await self.reply.body(b'data: ' + jsonio.dumps(chunk) + b'\n\n')
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -463,20 +461,9 @@ class _LoadingState:
             log.debug('loading-state stream failed', exc_info=True)
 
 
-def _abort(resp: aiohttp.ClientResponse) -> None:
-    """Drop the upstream connection with a reset, not a FIN: llama-server's next write (a token, or a progress
-    chunk after each prompt batch) then fails at once and it cancels the task, freeing the slot."""
-    conn = resp.connection
-    sock = conn.transport.get_extra_info('socket') if conn is not None and conn.transport is not None else None
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
-    resp.close()
-
-
 def _parse_json(body: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(body)
+        data = jsonio.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f'request body is not valid JSON: {e}', 'invalid_json') from None
     if not isinstance(data, dict):
@@ -484,24 +471,16 @@ def _parse_json(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _request_headers(scope: Scope, body: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in scope.get('headers') or ():
-        key = name.decode('latin-1').lower()
-        if key not in DROP_REQUEST_HEADERS:
-            out[key] = value.decode('latin-1')
-    if body and 'content-type' not in out:
-        out['content-type'] = 'application/json'
+def _request_headers(scope: Scope, body: bytes) -> list[tuple[bytes, bytes]]:
+    out = [(name, value) for name, value in scope.get('headers') or () if name not in _DROP_REQUEST]
+    if body and not any(name == b'content-type' for name, _ in out):
+        out.append((b'content-type', b'application/json'))
     return out
-
-
-def _response_headers(resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
-    return [(k.lower(), v) for k, v in resp.raw_headers if k.decode('latin-1').lower() not in DROP_RESPONSE_HEADERS]
 
 
 def _error_message(body: bytes) -> str:
     try:
-        err = json.loads(body).get('error')
+        err = jsonio.loads(body).get('error')
         if isinstance(err, dict) and err.get('message'):
             return str(err['message'])
     except (ValueError, AttributeError, UnicodeDecodeError):

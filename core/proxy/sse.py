@@ -8,6 +8,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from core.proxy import jsonio
+
 
 def sse_payloads(data: bytes) -> list[dict[str, Any]]:
     """The JSON objects on the `data:` lines of an SSE text (unparseable lines and `[DONE]` skipped)."""
@@ -19,7 +21,7 @@ def sse_payloads(data: bytes) -> list[dict[str, Any]]:
         if not payload.startswith(b'{'):
             continue
         try:
-            obj = json.loads(payload)
+            obj = jsonio.loads(payload)
         except ValueError:
             continue
         if isinstance(obj, dict):

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,25 @@ class _LaunchInfo:
     def __init__(self, params: ModelParams, need_mb: float | None) -> None:
         self.params = params
         self.need_mb = need_mb
+
+
+class Lease:
+    """One caller's hold on a ready model (see `Scheduler.lease`); a class, not a generator, as it is per request."""
+
+    __slots__ = ('_on_progress', '_proc', '_scheduler', 'model')
+
+    def __init__(self, scheduler: Scheduler, model: str, on_progress: Callable[[dict[str, Any]], Any] | None) -> None:
+        self._scheduler, self.model, self._on_progress = scheduler, model, on_progress
+        self._proc: ServerProcess | None = None
+
+    async def __aenter__(self) -> Upstream:
+        self._proc = await self._scheduler._acquire(self.model, self._on_progress)
+        return self._proc.upstream()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._scheduler._release(self._proc)
+            self._proc = None
 
 
 class Scheduler:
@@ -142,33 +161,39 @@ class Scheduler:
             await asyncio.shield(task)
         raise NoCapacity(f'{entry.id} was evicted repeatedly while starting; too many models are being requested')
 
-    @contextlib.asynccontextmanager
-    async def lease(
-        self, model: str, on_progress: Callable[[dict[str, Any]], Any] | None = None
-    ) -> AsyncIterator[Upstream]:
-        """Ready the model and count the caller in flight, so evictions wait for it.
+    def lease(self, model: str, on_progress: Callable[[dict[str, Any]], Any] | None = None) -> Lease:
+        """`async with scheduler.lease(model) as upstream`: ready the model and count the caller in flight, so
+        evictions wait for it.
 
         While it waits, `on_progress(data)` (sync or async) gets each `models`/`state` event's data: model, state,
         pid, port, progress (0..1 while starting), error, log_tail."""
+        return Lease(self, model, on_progress)
+
+    async def _acquire(self, model: str, on_progress: Callable[[dict[str, Any]], Any] | None) -> ServerProcess:
         entry = self._entry(model)
         proc = self._proc(entry.id)
+        if proc.state == 'ready':  # the common case: no waiting, so nothing to register
+            proc.inflight += 1
+            proc.last_used = time.monotonic()
+            self._notify()
+            return proc
         proc.waiters += 1
         if on_progress is not None:
             self._listeners.setdefault(entry.id, set()).add(on_progress)
         try:
-            upstream = await self.ensure_ready(entry.id)
+            await self.ensure_ready(entry.id)
             proc.inflight += 1  # no await since ensure_ready returned: the server is ready now
         finally:
             proc.waiters -= 1
             if on_progress is not None:
                 self._listeners.get(entry.id, set()).discard(on_progress)
             self._notify()
-        try:
-            yield upstream
-        finally:
-            proc.inflight -= 1
-            proc.last_used = time.monotonic()
-            self._notify()
+        return proc
+
+    def _release(self, proc: ServerProcess) -> None:
+        proc.inflight -= 1
+        proc.last_used = time.monotonic()
+        self._notify()
 
     async def load(self, model: str) -> Upstream:
         """Explicit load (API, preload): like ensure_ready, but also retries a model that had `failed`."""

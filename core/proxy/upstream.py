@@ -1,0 +1,371 @@
+"""A lean keep-alive HTTP/1.1 client for the proxy's data path: httptools' parser on asyncio transports.
+
+Why not aiohttp here: at concurrency 1 the proxy's added latency is its CPU per request, and aiohttp's client
+(URL objects, multidicts, request/response classes, a timer per request) was about a third of it. This client
+does only what relaying to llama-server needs: one pooled connection per request, the request head written
+from the ASGI header list as bytes, the response parsed by llhttp (the parser uvicorn uses), body bytes handed
+on as they arrive with backpressure. No redirects, cookies, proxies or decompression; no read timeout, since
+prompt processing can take minutes. Control-plane calls (health polls, scrapes) keep using httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Iterable
+
+import httptools
+
+CONNECT_TIMEOUT_S = 30.0
+IDLE_KEEP_S = 60.0  # a pooled connection unused this long is closed rather than reused
+HIGH_WATER = 1 << 20  # bytes read ahead of the relay before the upstream socket is paused
+MAX_IDLE_PER_HOST = 64
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached, or the connection broke or spoke bad HTTP."""
+
+
+class Unreachable(UpstreamError):
+    """No response at all: connect failed, or the connection closed before any byte of the response."""
+
+
+class Lost(UpstreamError):
+    """The connection broke (or the response was malformed) after the response had begun."""
+
+
+def request_head(
+    method: str, target: str, host: str, headers: Iterable[tuple[bytes, bytes]], body_len: int | None
+) -> bytes:
+    """The request line and headers. `headers` are ASGI (lower-case name, value) pairs already filtered."""
+    parts = [f'{method} {target} HTTP/1.1\r\nhost: {host}\r\n'.encode('latin-1')]
+    parts.extend(b'%s: %s\r\n' % (name, value) for name, value in headers)
+    if body_len is not None:
+        parts.append(b'content-length: %d\r\n' % body_len)
+    parts.append(b'\r\n')
+    return b''.join(parts)
+
+
+class Response:
+    """One upstream response. Read the body with `chunk()` until it returns b''; then `release()`, or `abort()`."""
+
+    __slots__ = (
+        '_buffered',
+        '_chunks',
+        '_conn',
+        '_done',
+        '_error',
+        '_headers_done',
+        '_waiter',
+        'content_type',
+        'first_data_at',
+        'first_data_skip',
+        'headers',
+        'keep_alive',
+        'status',
+        'wake_at',
+    )
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []  # names lower-cased
+        self.content_type = b''
+        self.keep_alive = False
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._headers_done = False
+        self._done = False  # the whole message was parsed
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        # A reader that wants only the whole body (it assembles a reply) sets this to be woken less often: when
+        # this many bytes wait, or at the end. Each wake is a task step; a short stream is several network reads.
+        self.wake_at = 0
+        # perf_counter() of the first body chunk that does not contain `first_data_skip` (when that is set).
+        self.first_data_at: float | None = None
+        self.first_data_skip: bytes | None = None
+
+    # ---- fed by the connection -----------------------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if not self._done and self._error is None:
+            self._error = error
+            self._wake()
+
+    # ---- read by the relay ---------------------------------------------------------------------------------
+    async def _wait(self) -> None:
+        self._waiter = self._conn.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def _headers(self) -> None:
+        while not self._headers_done:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def chunk(self) -> bytes:
+        """The body bytes that arrived since the last call (waiting for some), or b'' at the end."""
+        while not self._chunks:
+            if self._done:
+                return b''
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        data = self._chunks[0] if len(self._chunks) == 1 else b''.join(self._chunks)
+        self._chunks.clear()
+        if self._buffered > HIGH_WATER:
+            self._conn.resume()
+        self._buffered = 0
+        return data
+
+    async def read(self) -> bytes:
+        parts = []
+        while data := await self.chunk():
+            parts.append(data)
+        return b''.join(parts)
+
+    @property
+    def complete(self) -> bool:
+        return self._done
+
+    def release(self) -> None:
+        """Done with it: the connection goes back to the pool when the message ended cleanly, else it is closed."""
+        self._conn.finish(reuse=self._done and self.keep_alive and not self._chunks)
+
+    def abort(self) -> None:
+        """Drop the connection with a reset, not a FIN: llama-server's next write (a token, or a progress chunk
+        after each prompt batch) then fails at once and it cancels the task, freeing the slot."""
+        self._conn.abort()
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, pool: UpstreamClient, key: tuple[str, int], loop: asyncio.AbstractEventLoop) -> None:
+        self.pool, self.key, self.loop = pool, key, loop
+        self.transport: asyncio.Transport | None = None
+        self.response: Response | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.paused = False
+        self.received = False  # any byte of the current response arrived
+        self.idle_since = 0.0
+        self.head_only = False  # a HEAD request: the response has headers only
+
+    # ---- asyncio.Protocol ----------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        resp = self.response
+        if resp is None:  # nothing was asked: a server talking out of turn is not reused
+            self.abort()
+            return
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            resp._fail(Lost(f'malformed response from upstream: {e}'))
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        resp = self.response
+        if resp is None or resp._done:
+            return
+        if resp._headers_done and not resp.keep_alive and not self._framed(resp):
+            resp._done = True  # a body delimited by the close itself (no length, not chunked)
+            resp._wake()
+        elif self.received:
+            resp._fail(Lost(f'upstream closed the connection mid-response ({exc or "EOF"})'))
+        else:
+            resp._fail(Unreachable(f'upstream closed the connection before answering ({exc or "EOF"})'))
+
+    def pause_writing(self) -> None:  # large request bodies: the transport buffers them; nothing to throttle
+        pass
+
+    # ---- httptools callbacks -------------------------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.response is not None
+        name = name.lower()
+        self.response.headers.append((name, value))
+        if name == b'content-type':
+            self.response.content_type = value
+
+    def on_headers_complete(self) -> None:
+        resp = self.response
+        assert resp is not None
+        resp.status = self.parser.get_status_code()
+        resp.keep_alive = self.parser.should_keep_alive()
+        resp._headers_done = True
+        if self.head_only:
+            resp._done = True
+            resp.keep_alive = False  # llhttp cannot be told this response has no body: never reuse
+        resp._wake()
+
+    def on_body(self, body: bytes) -> None:
+        resp = self.response
+        assert resp is not None
+        resp._chunks.append(body)
+        resp._buffered += len(body)
+        if resp.first_data_skip is not None and resp.first_data_at is None and resp.first_data_skip not in body:
+            resp.first_data_at = time.perf_counter()
+        if resp._buffered > HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        if resp._buffered >= resp.wake_at:
+            resp._wake()
+
+    def on_message_complete(self) -> None:
+        resp = self.response
+        assert resp is not None
+        resp._done = True
+        resp._wake()
+
+    # ---- used by the pool and the response -----------------------------------------------------------------
+    @staticmethod
+    def _framed(resp: Response) -> bool:
+        return any(name in (b'content-length', b'transfer-encoding') for name, _ in resp.headers)
+
+    def send(self, head: bytes, body: bytes, head_only: bool) -> Response:
+        assert self.transport is not None
+        self.response = resp = Response(self)
+        self.received = False
+        self.head_only = head_only
+        if body and len(body) < 65536:
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+            if body:
+                self.transport.write(body)
+        return resp
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def finish(self, reuse: bool) -> None:
+        self.response = None
+        if reuse and not self.closed and self.transport is not None and not self.transport.is_closing():
+            self.resume()
+            self.parser = httptools.HttpResponseParser(self)
+            self.idle_since = time.monotonic()
+            self.pool._park(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        sock = transport.get_extra_info('socket')
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+        transport.abort()
+
+
+class UpstreamClient:
+    """A pool of keep-alive connections per (host, port); one request at a time on each."""
+
+    def __init__(self, connect_timeout: float = CONNECT_TIMEOUT_S, idle_keep: float = IDLE_KEEP_S) -> None:
+        self.connect_timeout = connect_timeout
+        self.idle_keep = idle_keep
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self.closed = False
+
+    async def request(
+        self,
+        method: str,
+        host: str,
+        port: int,
+        target: str,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+        body: bytes = b'',
+    ) -> Response:
+        """Send one request and wait for the response's status and headers.
+
+        A pooled connection the server closed meanwhile (llama-server drops idle keep-alive connections) never saw
+        the request: that one is retried once on a fresh connection. Raises Unreachable or Lost."""
+        key = (host, port)
+        sized = bool(body) or method not in ('GET', 'HEAD', 'DELETE', 'OPTIONS')
+        head = request_head(method, target, f'{host}:{port}', headers, len(body) if sized else None)
+        for attempt in (1, 2):
+            conn = self._take(key)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(key)
+            resp = conn.send(head, body, method == 'HEAD')
+            try:
+                await resp._headers()
+            except Unreachable:
+                conn.abort()
+                if reused and attempt == 1:
+                    continue
+                raise
+            except BaseException:
+                conn.abort()
+                raise
+            return resp
+        raise AssertionError('unreachable')  # pragma: no cover
+
+    async def _connect(self, key: tuple[str, int]) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(lambda: _Connection(self, key, loop), key[0], key[1])
+        except TimeoutError:
+            raise Unreachable(f'connecting to {key[0]}:{key[1]} timed out after {self.connect_timeout:g} s') from None
+        except OSError as e:
+            raise Unreachable(f'cannot connect to {key[0]}:{key[1]}: {e.strerror or e}') from None
+        return conn
+
+    def _take(self, key: tuple[str, int]) -> _Connection | None:
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        stale = time.monotonic() - self.idle_keep
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to have been closed by the server
+            if not conn.closed and conn.idle_since >= stale:
+                return conn
+            conn.close()
+        return None
+
+    def _park(self, conn: _Connection) -> None:
+        idle = self._idle.setdefault(conn.key, [])
+        if self.closed or len(idle) >= MAX_IDLE_PER_HOST:
+            conn.close()
+        else:
+            idle.append(conn)
+
+    def _forget(self, conn: _Connection) -> None:
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def idle_count(self, host: str, port: int) -> int:
+        return len(self._idle.get((host, port), ()))
+
+    async def close(self) -> None:
+        """Close the pooled connections; connections in use close when their responses are released."""
+        self.closed = True
+        for idle in list(self._idle.values()):
+            for conn in list(idle):
+                conn.close()
+        self._idle.clear()
+        await asyncio.sleep(0)  # let the transports run their close callbacks
