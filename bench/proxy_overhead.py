@@ -700,9 +700,7 @@ def main() -> None:
     ap.add_argument('--profile-load', choices=['streams', 'chat', 'embeddings'], default='streams')
     ap.add_argument('--profile-c', type=int, default=32, help='concurrency while profiling')
     ap.add_argument('--only-profile', action='store_true', help='skip the measurements (for looking into a profile)')
-    ap.add_argument(
-        '--only', help='comma-separated steps (lat_chat,lat_emb,ttfb_c1,rps_chat,...): a short summary, no write'
-    )
+    ap.add_argument('--only', help='steps, comma-separated (lat_chat,lat_emb,...): print a summary only')
     ap.add_argument('--no-nginx', action='store_true')
     ap.add_argument('--no-profile', action='store_true')
     ap.add_argument('--no-write', action='store_true', help='print only; leave docs/BENCHMARKS.md alone')
