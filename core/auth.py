@@ -8,6 +8,7 @@ An IP literal in Host can never come from rebinding, so it always passes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -74,6 +75,7 @@ def host_name(value: str) -> str:
     return value.rstrip('.')
 
 
+@functools.lru_cache(maxsize=256)  # checked on every request; a client sends the same Host each time
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)

@@ -240,3 +240,24 @@ async def test_busy_slot_and_kv_use_while_generating(system_factory, llama_serve
             busy = (await system.metrics.sample_once())['models']['tiny-llama']['llama']
     assert busy['requests_processing'] == 1 and busy['slots_busy'] == 1
     assert busy['ctx_used_tokens'] > 0 and 0 < busy['kv_used_pct'] < 100
+
+
+def test_request_figures_cover_the_last_minute_only() -> None:
+    from core.metrics.requests import FinishedRequest, RequestStats
+
+    t0 = 1_000_000.0
+    stats = RequestStats(latencies_kept=100, started=t0)
+
+    def req(ts: float, duration: float, error: bool = False) -> FinishedRequest:
+        return FinishedRequest(ts, 'm', '/v1/embeddings', '500' if error else '200', duration, None, error)
+
+    for i in range(500):  # 500 quick requests 70 s ago, one of them failed
+        stats.add(req(t0 + i / 1000, 0.001, error=i == 0))
+    for i in range(300):  # 300 slower ones over the last 30 s
+        stats.add(req(t0 + 40 + i / 10, 0.25))
+    s = stats.summary(in_flight=2, now=t0 + 70.5)
+    assert s['requests_last_minute'] == 300 and s['errors_last_minute'] == 0
+    assert s['requests_per_s'] == pytest.approx(5.0)
+    assert s['p50_latency_ms'] == pytest.approx(250)
+    assert s['requests_total'] == 800 and s['errors_total'] == 1 and s['in_flight'] == 2
+    assert stats.summary(None, now=t0 + 200)['requests_last_minute'] == 0

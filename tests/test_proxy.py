@@ -237,3 +237,13 @@ async def test_events_and_stats(served: Served) -> None:
     stats = served.system.proxy.stats()
     assert stats['requests_total'] == 1 and stats['in_flight'] == 0 and stats['p50_latency_s'] > 0
     assert json.dumps(stats)
+
+
+def test_time_to_first_token_skips_progress_events_only() -> None:
+    # A network read may hold progress events and the first token together; that read is the first token.
+    from core.proxy.service import _has_output
+
+    progress = b'data: {"prompt_progress":{"total":90,"cache":0,"processed":64,"time_ms":3.1}}\n\n'
+    token = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}],"object":"chat.completion.chunk"}\n\n'
+    assert not _has_output(progress) and not _has_output(progress * 3)
+    assert _has_output(token) and _has_output(progress * 2 + token)

@@ -371,25 +371,32 @@ class Proxy:
         n = 0
         waiting_first = True
         while chunk := await resp.chunk():
-            if waiting_first and b'"prompt_progress"' not in chunk:
+            if waiting_first and (not is_sse or _has_output(chunk)):
                 rec.mark_first_token()
                 waiting_first = False
             tail.append(chunk)
             n += 1
+            if resp.drained:  # the last piece: it ends the reply too, one send fewer
+                self._record_end(rec, resp, tail, n, is_sse)
+                await reply.body(chunk, more=False)
+                return
             await reply.body(chunk)
+        self._record_end(rec, resp, tail, n, is_sse)
+        await reply.end()
+
+    def _record_end(self, rec: RequestRecord, resp: Response, tail: deque[bytes], n: int, is_sse: bool) -> None:
         if is_sse:
             self._record_usage(rec, usage_payloads(b''.join(tail)))
         elif n <= TAIL_CHUNKS and resp.status < 400:
             self._record_usage(rec, json_usage(b''.join(tail)))
         if resp.status >= 400:
             rec.error = _error_message(b''.join(tail)) if n <= TAIL_CHUNKS else f'upstream status {resp.status}'
-        await reply.end()
 
     async def _assemble(self, reply: Reply, rec: RequestRecord, resp: Response, kind: str) -> None:
         assembler = Assembler(kind)
         parser = SSEObjects()
         resp.wake_at = ASSEMBLE_WAKE_BYTES
-        resp.first_data_skip = b'"prompt_progress"'
+        resp.first_data_test = _has_output
         while chunk := await resp.chunk():
             for obj in parser.feed(chunk):
                 assembler.add(obj)
@@ -404,7 +411,7 @@ class Proxy:
                 str(err.get('message') or 'llama-server error'),
                 str(err.get('type') or 'upstream_error'),
             )
-        self._record_usage(rec, assembler.objs)
+        self._record_usage(rec, assembler.usage_objs)
         await reply.json(200, assembler.result())
 
     @staticmethod
@@ -459,6 +466,11 @@ class _LoadingState:
             raise
         except Exception:
             log.debug('loading-state stream failed', exc_info=True)
+
+
+def _has_output(sse: bytes) -> bool:
+    """Whether these SSE bytes hold an event other than llama-server's prompt-processing progress."""
+    return sse.count(b'data:') > sse.count(b'"prompt_progress"')
 
 
 def _parse_json(body: bytes) -> dict[str, Any]:

@@ -134,6 +134,7 @@ class Assembler:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.objs: list[dict[str, Any]] = []  # progress-free chunks, in order
+        self.usage_objs: list[dict[str, Any]] = []  # those carrying `usage` or `timings`, for `usage_stats`
         self.last: dict[str, Any] = {}
         self.choices: dict[int, dict[str, Any]] = {}
         self.content: list[str] = []
@@ -146,6 +147,8 @@ class Assembler:
         if 'prompt_progress' in obj and not self._has_output(obj):
             return
         self.objs.append(obj)
+        if 'usage' in obj or 'timings' in obj:
+            self.usage_objs.append(obj)
         self.last = {**self.last, **{k: v for k, v in obj.items() if k not in ('choices', 'content')}}
         if self.kind == 'native':
             if isinstance(obj.get('content'), str):

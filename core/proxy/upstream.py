@@ -15,7 +15,7 @@ import contextlib
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import httptools
 
@@ -62,7 +62,7 @@ class Response:
         '_waiter',
         'content_type',
         'first_data_at',
-        'first_data_skip',
+        'first_data_test',
         'headers',
         'keep_alive',
         'status',
@@ -84,9 +84,9 @@ class Response:
         # A reader that wants only the whole body (it assembles a reply) sets this to be woken less often: when
         # this many bytes wait, or at the end. Each wake is a task step; a short stream is several network reads.
         self.wake_at = 0
-        # perf_counter() of the first body chunk that does not contain `first_data_skip` (when that is set).
+        # perf_counter() of the first body piece for which `first_data_test` (when set) is true.
         self.first_data_at: float | None = None
-        self.first_data_skip: bytes | None = None
+        self.first_data_test: Callable[[bytes], bool] | None = None
 
     # ---- fed by the connection -----------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -137,6 +137,11 @@ class Response:
     @property
     def complete(self) -> bool:
         return self._done
+
+    @property
+    def drained(self) -> bool:
+        """The message is complete and every byte of it was read: the next `chunk()` returns b''."""
+        return self._done and not self._chunks and self._error is None
 
     def release(self) -> None:
         """Done with it: the connection goes back to the pool when the message ended cleanly, else it is closed."""
@@ -217,7 +222,7 @@ class _Connection(asyncio.Protocol):
         assert resp is not None
         resp._chunks.append(body)
         resp._buffered += len(body)
-        if resp.first_data_skip is not None and resp.first_data_at is None and resp.first_data_skip not in body:
+        if resp.first_data_at is None and resp.first_data_test is not None and resp.first_data_test(body):
             resp.first_data_at = time.perf_counter()
         if resp._buffered > HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
