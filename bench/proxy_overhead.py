@@ -671,6 +671,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
             return
         if args.only:
             print(quick_summary(bench, [st[0] for st in steps], names))
+            failed = httpx.get(f'{base}/api/requests', params={'status': 'error', 'limit': 5}).json()['requests']
+            for row in failed:
+                print(f'proxy error: {row["status"]} {row["route"]} {row["error"]}')
             return
         text = render(bench, args, names, prof, meta)
         print(text)

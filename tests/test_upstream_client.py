@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from core.proxy.upstream import HIGH_WATER, Lost, Unreachable, UpstreamClient
+from core.proxy.upstream import HIGH_WATER, RETRY_PAUSES_S, Lost, Unreachable, UpstreamClient
 from tests.conftest import free_port, wait_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -131,14 +131,28 @@ async def test_a_kept_alive_connection_the_server_dropped_is_retried_on_a_new_on
         assert answers == [b'{"conn": 1}', b'{"conn": 2}', b'{"conn": 3}']
 
 
-async def test_a_fresh_connection_closed_before_answering_is_an_error_not_a_retry(client: UpstreamClient) -> None:
+async def test_a_busy_server_dropping_new_connections_unanswered_is_tried_again(client: UpstreamClient) -> None:
+    # llama-server closes connections it has no HTTP thread for, without reading them.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n >= 3:
+            await s.read_request(reader)
+            writer.write(ok(b'{"conn": %d}' % n))
+            await writer.drain()
+
+    async with scripted(handler) as s:
+        resp = await client.request('POST', '127.0.0.1', s.port, '/v1/chat/completions', body=b'{}')
+        assert await resp.read() == b'{"conn": 3}'
+        resp.release()
+
+
+async def test_a_server_that_never_answers_is_unreachable_after_a_few_tries(client: UpstreamClient) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await s.read_request(reader)
 
     async with scripted(handler) as s:
         with pytest.raises(Unreachable, match='before answering'):
             await client.request('POST', '127.0.0.1', s.port, '/v1/chat/completions', body=b'{}')
-        assert s.connections == 1  # a POST is never sent twice unless it provably was not received
+        assert s.connections == 1 + len(RETRY_PAUSES_S)
 
 
 async def test_refused_connection_is_unreachable(client: UpstreamClient) -> None:

@@ -23,6 +23,7 @@ CONNECT_TIMEOUT_S = 30.0
 IDLE_KEEP_S = 60.0  # a pooled connection unused this long is closed rather than reused
 HIGH_WATER = 1 << 20  # bytes read ahead of the relay before the upstream socket is paused
 MAX_IDLE_PER_HOST = 64
+RETRY_PAUSES_S = (0.005, 0.02, 0.1)  # before each new try of a request a fresh connection dropped unanswered
 
 
 class UpstreamError(Exception):
@@ -302,14 +303,17 @@ class UpstreamClient:
         headers: Iterable[tuple[bytes, bytes]] = (),
         body: bytes = b'',
     ) -> Response:
-        """Send one request and wait for the response's status and headers.
+        """Send one request and wait for the response's status and headers. Raises Unreachable or Lost.
 
-        A pooled connection the server closed meanwhile (llama-server drops idle keep-alive connections) never saw
-        the request: that one is retried once on a fresh connection. Raises Unreachable or Lost."""
+        A connection closed before a single byte of the response came never had the request taken: a pooled one
+        the server closed meanwhile (idle keep-alive timeout) is replaced at once; a fresh one (llama-server
+        closes new connections while all its HTTP threads are busy) is tried again after a short pause, up to
+        `len(RETRY_PAUSES_S)` times. A refused connect is not retried: nothing listens."""
         key = (host, port)
         sized = bool(body) or method not in ('GET', 'HEAD', 'DELETE', 'OPTIONS')
         head = request_head(method, target, f'{host}:{port}', headers, len(body) if sized else None)
-        for attempt in (1, 2):
+        pauses = iter(RETRY_PAUSES_S)
+        while True:
             conn = self._take(key)
             reused = conn is not None
             if conn is None:
@@ -319,14 +323,17 @@ class UpstreamClient:
                 await resp._headers()
             except Unreachable:
                 conn.abort()
-                if reused and attempt == 1:
-                    continue
-                raise
+                if reused:
+                    continue  # bounded: each turn takes one connection out of the pool
+                pause = next(pauses, None)
+                if pause is None:
+                    raise
+                await asyncio.sleep(pause)
+                continue
             except BaseException:
                 conn.abort()
                 raise
             return resp
-        raise AssertionError('unreachable')  # pragma: no cover
 
     async def _connect(self, key: tuple[str, int]) -> _Connection:
         loop = asyncio.get_running_loop()
