@@ -121,6 +121,8 @@ async def test_two_models_in_turn_and_native_routes(served: Served) -> None:
         assert r.status_code == 200 and all('is_processing' in s for s in r.json())
         r = await c.get(f'/upstream/{B}/props')
         assert r.status_code == 200 and 'default_generation_settings' in r.json()
+        r = await c.get(f'/upstream/{B}/no such page/ü')  # passed on, still percent-encoded: llama-server's 404
+        assert r.status_code == 404
 
 
 async def test_anthropic_messages(served: Served) -> None:

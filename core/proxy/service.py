@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from core import request_params
 from core.auth import AuthGuard
@@ -146,7 +146,8 @@ class Proxy:
         for i in range(len(parts), 0, -1):  # ids may contain '/': the longest prefix naming a model wins
             name = '/'.join(parts[:i])
             if self.library.get(name) is not None:
-                sub = '/' + '/'.join(parts[i:])
+                # The path as llama-server must see it: percent-encoded again, as it arrived.
+                sub = quote('/' + '/'.join(parts[i:]), safe="/:@!$&'()*+,;=~")
                 await self._serve(scope, receive, send, RouteSpec(), sub, model_in_path=name)
                 return
         await Reply(send).error(self._unknown_model(parts[0] if parts else ''))
