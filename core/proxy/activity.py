@@ -73,10 +73,9 @@ class RequestRecord:
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in COLUMNS}
 
-    def mark_first_token(self, at: float | None = None) -> None:
-        """`at`: when it came (perf_counter), if not now."""
+    def mark_first_token(self) -> None:
         if self.ttft_s is None:
-            self.ttft_s = round((time.perf_counter() if at is None else at) - self.t0, 4)
+            self.ttft_s = round(time.perf_counter() - self.t0, 4)
 
 
 COLUMNS = tuple(f.name for f in fields(RequestRecord) if f.name not in ('t0', 'task', 'cancelled_by'))

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; recorded, never sent
 TAIL_CHUNKS = 8  # last chunks kept to read `timings`/`usage` from once the stream ends
 MAX_LISTED_IDS = 50
-ASSEMBLE_WAKE_BYTES = 64 * 1024  # assembling reads the stream in pieces this big (or at its end)
 WATCH_AFTER_S = 0.002  # a disconnect is noticed this much later at most (the issue allows 100 ms)
 _SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
 _DROP_RESPONSE = frozenset(name.encode() for name in DROP_RESPONSE_HEADERS)
@@ -396,15 +395,17 @@ class Proxy:
     async def _assemble(self, reply: Reply, rec: RequestRecord, resp: Response, kind: str) -> None:
         assembler = Assembler(kind)
         parser = SSEObjects()
-        resp.wake_at = ASSEMBLE_WAKE_BYTES
-        resp.first_data_test = _has_output
-        while chunk := await resp.chunk():
-            for obj in parser.feed(chunk):
+
+        def feed(data: bytes) -> None:  # called as each piece arrives, from the upstream connection's callback
+            for obj in parser.feed(data):
                 assembler.add(obj)
+            if assembler.objs and rec.ttft_s is None:
+                rec.mark_first_token()
+
+        resp.sink = feed
+        await resp.read()  # only waits for the end: the pieces went to `feed`
         for obj in parser.close():
             assembler.add(obj)
-        if resp.first_data_at is not None:
-            rec.mark_first_token(resp.first_data_at)
         if assembler.error is not None:
             err = assembler.error['error']
             raise ProxyError(

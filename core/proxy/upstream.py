@@ -62,12 +62,10 @@ class Response:
         '_headers_done',
         '_waiter',
         'content_type',
-        'first_data_at',
-        'first_data_test',
         'headers',
         'keep_alive',
+        'sink',
         'status',
-        'wake_at',
     )
 
     def __init__(self, conn: _Connection) -> None:
@@ -82,12 +80,10 @@ class Response:
         self._done = False  # the whole message was parsed
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        # A reader that wants only the whole body (it assembles a reply) sets this to be woken less often: when
-        # this many bytes wait, or at the end. Each wake is a task step; a short stream is several network reads.
-        self.wake_at = 0
-        # perf_counter() of the first body piece for which `first_data_test` (when set) is true.
-        self.first_data_at: float | None = None
-        self.first_data_test: Callable[[bytes], bool] | None = None
+        # A reader that consumes the body as it comes (it assembles a reply from a stream) sets this: each piece
+        # is handed to it from the protocol callback, so no task wakes per network read, and the work overlaps
+        # the wait for the next piece. `chunk()` then only waits for the end. It must not block.
+        self.sink: Callable[[bytes], None] | None = None
 
     # ---- fed by the connection -----------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -221,15 +217,18 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         resp = self.response
         assert resp is not None
+        if resp.sink is not None:
+            try:
+                resp.sink(body)
+            except Exception as e:
+                resp._fail(Lost(f'unreadable response from upstream: {e!r}'))
+            return
         resp._chunks.append(body)
         resp._buffered += len(body)
-        if resp.first_data_at is None and resp.first_data_test is not None and resp.first_data_test(body):
-            resp.first_data_at = time.perf_counter()
         if resp._buffered > HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
-        if resp._buffered >= resp.wake_at:
-            resp._wake()
+        resp._wake()
 
     def on_message_complete(self) -> None:
         resp = self.response
