@@ -50,6 +50,7 @@ from core.settings import Settings
 from tests.gguf_factory import write_tiny_gguf
 
 SECTION = '## Proxy overhead'
+C1_STEPS = ('lat_chat', 'lat_emb', 'ttfb_c1')
 SCRIPTED, REAL = 'scripted-fast', 'tiny-llama'
 SLOTS = 4  # llama-server -np for the real model; its tokens/s is measured at this concurrency
 TARGET_P50_MS, TARGET_TTFB_MS, TARGET_TPS_PCT = 0.5, 1.0, 90.0
@@ -261,8 +262,10 @@ class Bench:
         await run(target, s)
         s.cpu_s[test] += proc_cpu_s(target.pids, kids) - cpu0
 
-    async def interleaved(self, test: str, targets: list[Target], run: Callable[[Target, Samples], Awaitable[None]]):
-        for i in range(self.rounds):
+    async def interleaved(
+        self, test: str, targets: list[Target], run: Callable[[Target, Samples], Awaitable[None]], rounds: int = 0
+    ):
+        for i in range(rounds or self.rounds):
             order = targets[i % len(targets) :] + targets[: i % len(targets)]
             for t in order:
                 await self.measure(test, t, run)
@@ -277,6 +280,7 @@ class Bench:
             lat = await run_workers(1, n, lambda: request_once(self.session, url, body), s.errors)
             s.values['latency'] += lat
             s.units['latency'] += len(lat)
+            s.values['round_p50'].append(pctl(lat, 0.5))
 
         return run
 
@@ -286,6 +290,7 @@ class Bench:
             res = await run_workers(1, n, lambda: stream_once(self.session, url, body), s.errors)
             s.values['ttfb'] += [r[0] for r in res]
             s.units['ttfb'] += len(res)
+            s.values['round_p50'].append(pctl([r[0] for r in res], 0.5))
 
         return run
 
@@ -453,6 +458,12 @@ def med(values: list[float]) -> float:
     return statistics.median(values) if values else float('nan')
 
 
+def paired(R: dict[tuple[str, str], Samples], test: str, target: str) -> float:
+    """Median over rounds of (target's p50 - direct's p50 in the same round), in seconds."""
+    mine, base = R[(test, target)].values['round_p50'], R[(test, 'direct')].values['round_p50']
+    return med([a - b for a, b in zip(mine, base, strict=False)])
+
+
 def quick_summary(bench: Bench, steps: list[str], targets: list[str]) -> str:
     """One line per step and target: p50 (and added p50) of its main figure, and the target's CPU per unit."""
     out = []
@@ -464,7 +475,11 @@ def quick_summary(bench: Bench, steps: list[str], targets: list[str]) -> str:
                 continue
             v = s.values[key]
             d = bench.results[(test, 'direct')].values[key]
-            added = f' added {1000 * (pctl(v, 0.5) - pctl(d, 0.5)):+.3f} ms' if t != 'direct' and key != 'rps' else ''
+            added = ''
+            if t != 'direct' and key != 'rps':
+                added = f' added {1000 * (pctl(v, 0.5) - pctl(d, 0.5)):+.3f} ms'
+                if s.values['round_p50']:
+                    added += f' (paired {1000 * paired(bench.results, test, t):+.3f})'
             cpu = f' CPU {1e6 * s.cpu_s[test] / s.units[key]:.0f} us' if s.units[key] and t != 'direct' else ''
             fig = f'{med(v):.0f}/s' if key in ('rps', 'chunks_per_s') else f'p50 {1000 * pctl(v, 0.5):.3f} ms'
             out.append(f'{test:10} {t:6} {fig}{added}{cpu} errors {sum(s.errors.values())}')
@@ -494,7 +509,9 @@ def render(bench: Bench, args: argparse.Namespace, targets: list[str], prof: dic
         f'llama-server (`-np {SLOTS} -t 1`, tiny generated model) for the last. "CPU" = the proxy process\'s own CPU',
         '(nginx: master + worker) per request or per chunk, from psutil over the same runs.',
         '',
-        f'**Latency at c=1** ({args.c1} sequential requests per target per round; added = proxy - direct)',
+        f'**Latency at c=1** ({args.c1} sequential requests per target per round, {args.c1_rounds} rounds; added p50 ='
+        ' the median over rounds of (target p50 - direct p50) in the same round, so a slow spell of the machine hits'
+        ' both sides of each pair; p99 columns pool all rounds)',
         '',
         '| request | target | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU us/req |',
         '|---|---|---|---|---|---|---|',
@@ -505,7 +522,7 @@ def render(bench: Bench, args: argparse.Namespace, targets: list[str], prof: dic
         d = R[(test, 'direct')].values[key]
         for t in targets:
             v = R[(test, t)].values[key]
-            add50 = f'{1000 * (pctl(v, 0.5) - pctl(d, 0.5)):+.3f}' if t != 'direct' else ''
+            add50 = f'{1000 * paired(R, test, t):+.3f}' if t != 'direct' else ''
             add99 = f'{1000 * (pctl(v, 0.99) - pctl(d, 0.99)):+.3f}' if t != 'direct' else ''
             row = f'| {label} | {t} | {1000 * pctl(v, 0.5):.3f} | {1000 * pctl(v, 0.99):.3f} | {add50} | {add99} |'
             lines.append(row + f' {cpu_per(test, t, unit)} |')
@@ -555,18 +572,11 @@ def render(bench: Bench, args: argparse.Namespace, targets: list[str], prof: dic
             lines.append(
                 f'| {conc} | {t} | {v:.0f} | {100 * v / d:.0f} % | {1000 * pctl(s.values["ttfb"], 0.5):.2f} | {err} |'
             )
-    add50 = 1000 * (
-        pctl(R[('lat_chat', 'proxy')].values['latency'], 0.5) - pctl(R[('lat_chat', 'direct')].values['latency'], 0.5)
-    )
-    add50e = 1000 * (
-        pctl(R[('lat_emb', 'proxy')].values['latency'], 0.5) - pctl(R[('lat_emb', 'direct')].values['latency'], 0.5)
-    )
+    add50, add50e = 1000 * paired(R, 'lat_chat', 'proxy'), 1000 * paired(R, 'lat_emb', 'proxy')
     ttfb_add = 1000 * (
         pctl(R[('streams', 'proxy')].values['ttfb'], 0.5) - pctl(R[('streams', 'direct')].values['ttfb'], 0.5)
     )
-    ttfb1_add = 1000 * (
-        pctl(R[('ttfb_c1', 'proxy')].values['ttfb'], 0.5) - pctl(R[('ttfb_c1', 'direct')].values['ttfb'], 0.5)
-    )
+    ttfb1_add = 1000 * paired(R, 'ttfb_c1', 'proxy')
     tps = (
         100
         * med(R[('real_slots', 'proxy')].values['chunks_per_s'])
@@ -642,7 +652,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
             steps: list[tuple[str, list[Target], Callable[[Target, Samples], Awaitable[None]]]] = [
                 ('lat_chat', bench.scripted, bench.latency('chat', args.c1)),
                 ('lat_emb', bench.scripted, bench.latency('embeddings', args.c1)),
-                ('ttfb_c1', bench.scripted, bench.ttfb_c1(args.c1 // 2, args.stream_chunks)),
+                ('ttfb_c1', bench.scripted, bench.ttfb_c1(max(1, args.c1 // 2), args.stream_chunks)),
                 ('rps_chat', bench.scripted, bench.throughput('chat', args.c32, 32)),
                 ('rps_emb', bench.scripted, bench.throughput('embeddings', args.c32, 32)),
                 ('streams', bench.scripted, bench.streams(SCRIPTED, 32, args.stream_waves, args.stream_chunks)),
@@ -653,7 +663,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
                 steps = [st for st in steps if st[0] in args.only.split(',')]
             for name, targets, step in [] if args.only_profile else steps:
                 t0 = time.perf_counter()
-                await bench.interleaved(name, targets, step)
+                await bench.interleaved(name, targets, step, args.c1_rounds if name in C1_STEPS else 0)
                 print(f'{name}: {time.perf_counter() - t0:.1f} s', file=sys.stderr)
             prof = None
             if not args.no_profile:
@@ -694,7 +704,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--rounds', type=int, default=5)
-    ap.add_argument('--c1', type=int, default=400, help='sequential requests per target per round')
+    ap.add_argument('--c1', type=int, default=200, help='sequential requests per target per c=1 round')
+    ap.add_argument('--c1-rounds', type=int, default=12, help='rounds of the c=1 tests (short, so pairs are close)')
     ap.add_argument('--c32', type=int, default=1500, help='requests at c=32 per target per round')
     ap.add_argument('--stream-chunks', type=int, default=256, help='chunks per scripted stream')
     ap.add_argument('--stream-waves', type=int, default=3, help='waves of 32 streams per target per round')

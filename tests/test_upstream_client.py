@@ -280,3 +280,43 @@ async def test_abort_resets_the_connection(client: UpstreamClient) -> None:
         resp.abort()
         await wait_for(lambda: seen, 5)
         assert isinstance(seen[0], ConnectionResetError)  # a reset, not a polite FIN
+
+
+async def test_an_event_stream_read_whole_goes_to_the_sink_as_it_arrives(client: UpstreamClient) -> None:
+    go_on = asyncio.Event()
+    pieces: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await s.read_request(reader)
+        if n == 1:  # headers and the first event in one write, then the rest later
+            writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n')
+            writer.write(b'8\r\ndata: 1\n\r\n')
+            await writer.drain()
+            await go_on.wait()
+            writer.write(b'8\r\ndata: 2\n\r\n0\r\n\r\n')
+        elif n == 2:  # an error is not an event stream: returned at its headers, read as usual
+            writer.write(b'HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}')
+        else:  # dies mid-stream
+            writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n')
+            writer.write(b'8\r\ndata: 1\n\r\n')
+        await writer.drain()
+
+    async with scripted(handler) as s:
+        call = asyncio.create_task(
+            client.request('POST', '127.0.0.1', s.port, '/v1/completions', body=b'{}', sse_sink=pieces.append)
+        )
+        await wait_for(lambda: pieces, 5)
+        assert pieces == [b'data: 1\n'] and not call.done()  # fed before the stream ended
+        go_on.set()
+        resp = await call
+        assert resp.sink is not None and resp.complete and pieces == [b'data: 1\n', b'data: 2\n']
+        assert await resp.read() == b''
+        resp.release()
+
+        pieces.clear()
+        resp = await client.request('POST', '127.0.0.1', s.port, '/v1/completions', body=b'{}', sse_sink=pieces.append)
+        assert resp.status == 400 and resp.sink is None and await resp.read() == b'{}' and pieces == []
+        resp.release()
+
+        with pytest.raises(Lost, match='mid-response'):
+            await client.request('POST', '127.0.0.1', s.port, '/v1/completions', body=b'{}', sse_sink=pieces.append)

@@ -336,22 +336,30 @@ class Proxy:
     ) -> None:
         qs = scope.get('query_string') or b''
         target = path + ('?' + qs.decode('latin-1') if qs else '')
+        assembly = _Assembly(spec.assemble, rec) if spec.assemble is not None and not client_stream else None
         try:
             resp = await self._client().request(
-                scope['method'], up.host, up.port, target, _request_headers(scope, body), body
+                scope['method'],
+                up.host,
+                up.port,
+                target,
+                _request_headers(scope, body),
+                body,
+                sse_sink=assembly.feed if assembly is not None else None,
             )
+        except Lost as e:
+            raise bad_gateway(f'{rec.model}: llama-server connection lost mid-response ({e})') from e
         except UpstreamError as e:
             raise bad_gateway(f'{rec.model}: cannot reach llama-server: {e}') from e
         complete = False
         try:
             rec.status = resp.status
-            is_sse = resp.content_type.startswith(b'text/event-stream')
             if reply.started and resp.status >= 400:  # loading progress already opened a 200 stream
                 raise _upstream_error(resp.status, await resp.read())
-            if spec.assemble is not None and not client_stream and is_sse:
-                await self._assemble(reply, rec, resp, spec.assemble)
+            if assembly is not None and resp.sink is not None:  # the stream was read whole, as it came
+                await self._assembled(reply, rec, assembly)
             else:
-                await self._stream(reply, rec, resp, is_sse)
+                await self._stream(reply, rec, resp, resp.content_type.startswith(b'text/event-stream'))
             complete = True
         except Lost as e:
             raise bad_gateway(f'{rec.model}: llama-server connection lost mid-response ({e})') from e
@@ -392,20 +400,8 @@ class Proxy:
         if resp.status >= 400:
             rec.error = _error_message(b''.join(tail)) if n <= TAIL_CHUNKS else f'upstream status {resp.status}'
 
-    async def _assemble(self, reply: Reply, rec: RequestRecord, resp: Response, kind: str) -> None:
-        assembler = Assembler(kind)
-        parser = SSEObjects()
-
-        def feed(data: bytes) -> None:  # called as each piece arrives, from the upstream connection's callback
-            for obj in parser.feed(data):
-                assembler.add(obj)
-            if assembler.objs and rec.ttft_s is None:
-                rec.mark_first_token()
-
-        resp.sink = feed
-        await resp.read()  # only waits for the end: the pieces went to `feed`
-        for obj in parser.close():
-            assembler.add(obj)
+    async def _assembled(self, reply: Reply, rec: RequestRecord, assembly: _Assembly) -> None:
+        assembler = assembly.close()
         if assembler.error is not None:
             err = assembler.error['error']
             raise ProxyError(
@@ -420,6 +416,28 @@ class Proxy:
     def _record_usage(rec: RequestRecord, objs: list[dict[str, Any]]) -> None:
         for key, value in usage_stats(objs).items():
             setattr(rec, key, value)
+
+
+class _Assembly:
+    """A non-streaming reply built from llama-server's event stream, fed piece by piece as the stream arrives."""
+
+    __slots__ = ('assembler', 'parser', 'rec')
+
+    def __init__(self, kind: str, rec: RequestRecord) -> None:
+        self.assembler = Assembler(kind)
+        self.parser = SSEObjects()
+        self.rec = rec
+
+    def feed(self, data: bytes) -> None:  # called from the upstream connection's callback: must not block
+        for obj in self.parser.feed(data):
+            self.assembler.add(obj)
+        if self.assembler.objs and self.rec.ttft_s is None:
+            self.rec.mark_first_token()
+
+    def close(self) -> Assembler:
+        for obj in self.parser.close():
+            self.assembler.add(obj)
+        return self.assembler
 
 
 class _LoadingState:

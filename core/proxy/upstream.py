@@ -65,6 +65,7 @@ class Response:
         'headers',
         'keep_alive',
         'sink',
+        'sse_sink',
         'status',
     )
 
@@ -80,10 +81,11 @@ class Response:
         self._done = False  # the whole message was parsed
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        # A reader that consumes the body as it comes (it assembles a reply from a stream) sets this: each piece
-        # is handed to it from the protocol callback, so no task wakes per network read, and the work overlaps
-        # the wait for the next piece. `chunk()` then only waits for the end. It must not block.
-        self.sink: Callable[[bytes], None] | None = None
+        # `request(sse_sink=...)`: a reader that wants a 2xx event stream only as a whole (it assembles one reply
+        # from it) gets each piece in `sink` from the protocol callback, and `request()` returns once the message
+        # ended. No task wakes per network read, or for the headers; the work overlaps the wait for the rest.
+        self.sse_sink: Callable[[bytes], None] | None = None  # offered
+        self.sink: Callable[[bytes], None] | None = None  # taken: the response is a 2xx event stream
 
     # ---- fed by the connection -----------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -105,7 +107,8 @@ class Response:
             self._waiter = None
 
     async def _headers(self) -> None:
-        while not self._headers_done:
+        """Until the headers came (with a sink taken: until the whole message did)."""
+        while not self._headers_done or (self.sink is not None and not self._done):
             if self._error is not None:
                 raise self._error
             await self._wait()
@@ -212,6 +215,9 @@ class _Connection(asyncio.Protocol):
         if self.head_only:
             resp._done = True
             resp.keep_alive = False  # llhttp cannot be told this response has no body: never reuse
+        elif resp.sse_sink is not None and resp.status < 300 and resp.content_type.startswith(b'text/event-stream'):
+            resp.sink = resp.sse_sink
+            return  # the reader waits for the end
         resp._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -301,8 +307,12 @@ class UpstreamClient:
         target: str,
         headers: Iterable[tuple[bytes, bytes]] = (),
         body: bytes = b'',
+        sse_sink: Callable[[bytes], None] | None = None,
     ) -> Response:
         """Send one request and wait for the response's status and headers. Raises Unreachable or Lost.
+
+        With `sse_sink`, a 2xx `text/event-stream` body is handed to it piece by piece (see `Response`) and this
+        returns when it ended; `response.sink` is then set. Any other response is returned at its headers.
 
         A connection closed before a single byte of the response came never had the request taken: a pooled one
         the server closed meanwhile (idle keep-alive timeout) is replaced at once; a fresh one (llama-server
@@ -318,6 +328,7 @@ class UpstreamClient:
             if conn is None:
                 conn = await self._connect(key)
             resp = conn.send(head, body, method == 'HEAD')
+            resp.sse_sink = sse_sink
             try:
                 await resp._headers()
             except Unreachable:
