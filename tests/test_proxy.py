@@ -253,3 +253,13 @@ def test_time_to_first_token_skips_progress_events_only() -> None:
     token = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}],"object":"chat.completion.chunk"}\n\n'
     assert not _has_output(progress) and not _has_output(progress * 3)
     assert _has_output(token) and _has_output(progress * 2 + token)
+
+
+def test_token_counts_are_read_from_the_tail_of_a_json_reply() -> None:
+    from core.proxy.sse import json_usage, usage_stats
+
+    vectors = [{'object': 'embedding', 'index': i, 'embedding': [0.125] * 4096} for i in range(8)]
+    body = json.dumps({'object': 'list', 'data': vectors, 'usage': {'prompt_tokens': 12, 'total_tokens': 12}})
+    assert usage_stats(json_usage(body.encode())) == {'prompt_tokens': 12}
+    assert json_usage(b'{"object": "list", "data": []}') == []
+    assert json_usage(b'{"usage": {"prompt_tokens": 3, "total') == []  # cut short: nothing, and no error

@@ -42,22 +42,19 @@ _DECODER = json.JSONDecoder()
 
 def json_usage(body: bytes) -> list[dict[str, Any]]:
     """The `usage` / `timings` objects of a JSON response, decoded on their own: an embeddings reply is mostly
-    vectors, and decoding all of it to read a few counters would cost more than relaying it."""
-    try:
-        text = body.decode()
-    except UnicodeDecodeError:
-        return []
+    vectors, and decoding all of it to read a few counters would cost more than relaying it. Only the bytes from
+    each key on are decoded (llama-server writes them last)."""
     found: dict[str, Any] = {}
     for key in _USAGE_KEYS:
-        at = text.rfind(f'"{key}"')
+        at = body.rfind(b'"%s"' % key.encode())
         if at < 0:
             continue
-        start = text.find('{', at, at + len(key) + 16)  # `"usage": {`
+        start = body.find(b'{', at, at + len(key) + 16)  # `"usage": {`
         if start < 0:
             continue
         try:
-            value, _ = _DECODER.raw_decode(text, start)
-        except ValueError:
+            value, _ = _DECODER.raw_decode(body[start:].decode())
+        except ValueError:  # UnicodeDecodeError is one
             continue
         if isinstance(value, dict):
             found[key] = value
