@@ -428,23 +428,27 @@ def summarise_speedscope(doc: dict[str, Any], top: int = 12) -> dict[str, Any]:
 
 
 NOTES = """
-Reading it: the proxy costs CPU per request (~0.35-0.4 ms at c=32, ~0.6 ms at c=1, where the app also wakes
-for each request alone) against nginx's ~0.02 ms; on this box that CPU is taken from the load client and the
-upstream, hence ~25 % of direct req/s at c=32 and the c=1 p50 target missed by ~0.15-0.25 ms. The profile's
-CPU is spread over uvloop itself (`Runner.run` self time: callbacks, socket calls), uvicorn's `send` (one
-`transport.write` per relayed chunk), the aiohttp client and, in `core/`, the per-request bookkeeping (activity
-record, two events, the disconnect-watch task, lease): no single hot spot is left in `core/proxy`. Streams
-relay whatever each upstream read returns, so under load several SSE events go out in one write; the client
-then reads fewer, larger chunks, which is why proxied chunks/s can exceed direct and TTFB at c=32 (queueing in
-a saturated client) can come out negative. A bare llama-server closes kept-alive connections (direct errors:
-`Can not write request body` / disconnected), and nginx answers 502 when it reuses one for a POST; the proxy
-retries a request its pooled connection never sent, so it shows none.
+Reading it: the proxy costs CPU per request (~0.15-0.2 ms at c=32, ~0.3-0.45 ms at c=1, where the app also wakes
+for each request alone) against nginx's ~0.02-0.08 ms; on this box that CPU is taken from the load client and the
+upstream, hence ~35-45 % of direct req/s at c=32. The machine's speed drifts by up to ~1.6x within minutes (direct
+p50 and nginx's added p50 show it), so the c=1 figures are paired per round. Where one request's time goes inside
+the proxy process is in "Proxy request timeline" below (`bench/proxy_timeline.py`): uvicorn's request parsing and
+task start (~45 us), the proxy's own routing and bookkeeping (~40-50 us), one socket write each way (~25 us each),
+finishing the reply (~6-25 us) and uvicorn's two sends of it (~45 us). Streams relay whatever each upstream read
+returns, so under load several SSE events go out in one write; the client then reads fewer, larger chunks, which is
+why proxied chunks/s can exceed direct and TTFB at c=32 (queueing in a saturated client) can come out negative. A
+bare llama-server closes new connections while its HTTP threads are busy and closes each streamed response's
+connection (direct errors: `Can not write request body` / disconnected), and nginx answers 502 when a reused
+connection was closed under it; the proxy sends again a request whose connection closed before any byte of an
+answer, so it shows none.
 
-Change made from this profile (measured once, same command and machine): the end-of-stream usage read decoded
-every event of the last 8 network reads, which on a fast stream is the whole stream (json was 19 % of the
-proxy's samples). `core/proxy/sse.usage_payloads` now decodes only events mentioning `usage`/`timings`. 32
-streams of 256 chunks: 48.5k -> 84.3k chunks/s through the proxy (61 % -> 107 % of direct), 12 -> 9 us of
-proxy CPU per chunk, json 19 % -> 0.8 % of samples; real llama-server at c=4: 87 % -> 94 % of direct tokens/s.
+Changes measured with this command (interleaved, same machine): the data path's client went from aiohttp
+(~150 us of CPU per request in a loop on its own) to `core/proxy/upstream.py` (httptools on asyncio transports,
+~53 us), then orjson, the disconnect watcher started only 2 ms in (no task per short request), a non-streaming
+chat assembled from the protocol callback as the stream arrives (no task wake per read), the last relayed piece
+ending the reply (one send fewer), uvicorn's `proxy_headers` off, the lease a plain class. Added p50 at c=1: chat
++0.68-0.70 -> +0.42-0.50 ms, embeddings +0.53-0.56 -> +0.31-0.41 ms. Earlier, from a c=32 stream profile: the
+end-of-stream usage read decodes only events mentioning `usage`/`timings` (json had been 19 % of samples).
 """
 
 
