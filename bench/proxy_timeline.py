@@ -50,7 +50,7 @@ STAGES = (
     ('up_written', 'up_first', '(the upstream works; not the proxy)'),
     ('up_first', 'up_last', 'first to last upstream read (a stream comes in pieces; the proxy reads the first)'),
     ('up_last', 'reply', 'proxy: finish the reply (relay, or assemble the stream)'),
-    ('reply', 'done', 'the reply goes out: head and body, two socket writes (relayed: token counts read between)'),
+    ('reply', 'done', 'the reply goes out: head and body, two socket writes'),
 )
 
 

@@ -385,12 +385,14 @@ class Proxy:
             tail.append(chunk)
             n += 1
             if resp.drained:  # the last piece: it ends the reply too, one send fewer
-                self._record_end(rec, resp, tail, n, is_sse)
-                await reply.body(chunk, more=False)
-                return
+                break
             await reply.body(chunk)
-        self._record_end(rec, resp, tail, n, is_sse)
-        await reply.end()
+        # `chunk`: the last piece, or b'' when the stream ended after it was sent. Token counts are read once the
+        # client has its answer: not on its clock.
+        try:
+            await reply.body(chunk, more=False)
+        finally:
+            self._record_end(rec, resp, tail, n, is_sse)
 
     def _record_end(self, rec: RequestRecord, resp: Response, tail: deque[bytes], n: int, is_sse: bool) -> None:
         if is_sse:
@@ -409,8 +411,10 @@ class Proxy:
                 str(err.get('message') or 'llama-server error'),
                 str(err.get('type') or 'upstream_error'),
             )
-        self._record_usage(rec, assembler.usage_objs)
-        await reply.json(200, assembler.result())
+        try:
+            await reply.json(200, assembler.result())
+        finally:
+            self._record_usage(rec, assembler.usage_objs)
 
     @staticmethod
     def _record_usage(rec: RequestRecord, objs: list[dict[str, Any]]) -> None:
