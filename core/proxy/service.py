@@ -347,10 +347,8 @@ class Proxy:
                 body,
                 sse_sink=assembly.feed if assembly is not None else None,
             )
-        except Lost as e:
-            raise bad_gateway(f'{rec.model}: llama-server connection lost mid-response ({e})') from e
         except UpstreamError as e:
-            raise bad_gateway(f'{rec.model}: cannot reach llama-server: {e}') from e
+            raise _gateway_error(rec, e) from e
         complete = False
         try:
             rec.status = resp.status
@@ -362,7 +360,7 @@ class Proxy:
                 await self._stream(reply, rec, resp, resp.content_type.startswith(b'text/event-stream'))
             complete = True
         except Lost as e:
-            raise bad_gateway(f'{rec.model}: llama-server connection lost mid-response ({e})') from e
+            raise _gateway_error(rec, e) from e
         finally:
             if complete:
                 resp.release()
@@ -490,6 +488,12 @@ class _LoadingState:
             raise
         except Exception:
             log.debug('loading-state stream failed', exc_info=True)
+
+
+def _gateway_error(rec: RequestRecord, e: UpstreamError) -> ProxyError:
+    if isinstance(e, Lost):
+        return bad_gateway(f'{rec.model}: llama-server connection lost mid-response ({e})')
+    return bad_gateway(f'{rec.model}: cannot reach llama-server: {e}')
 
 
 def _has_output(sse: bytes) -> bool:
