@@ -99,6 +99,3 @@ class Reply:
             await self.body(b'event: error\ndata: ' + err.body() + b'\n\n', more=False)
         # Any other body cut short is left incomplete: the server then drops the connection, so the client can
         # tell it from a complete answer.
-
-    async def end(self) -> None:
-        await self.body(b'', more=False)

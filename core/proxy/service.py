@@ -2,11 +2,11 @@
 
 Served as raw ASGI handlers on the front door (before NiceGUI's middleware). One pool of keep-alive connections
 (`upstream.UpstreamClient`, httptools-based) talks to every llama-server; there is no read timeout, since prompt
-processing can take minutes. The
-client's `receive()` is watched from the moment the body is read, so a disconnect cancels the work also while the
-model loads or the prompt is processed; the upstream connection is then closed, which is how llama-server learns
-to stop. For that to be noticed between prompt batches the proxy asks for `return_progress` on the streaming
-routes (llama-server writes a small progress chunk per batch; a failed write cancels the task).
+processing can take minutes. The client's `receive()` is watched from 2 ms after the body is read (most answers
+are done by then), so a disconnect cancels the work also while the model loads or the prompt is processed; the
+upstream connection is then reset, which is how llama-server learns to stop. For that to be noticed between
+prompt batches the proxy asks for `return_progress` on the streaming routes (llama-server writes a small progress
+chunk per batch; a failed write cancels the task).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from core.proxy.routes import DROP_REQUEST_HEADERS, DROP_RESPONSE_HEADERS, ROOT_
 from core.proxy.sse import Assembler, SSEObjects, json_usage, usage_payloads, usage_stats
 from core.proxy.upstream import Lost, Response, UpstreamClient, UpstreamError
 from core.supervisor.errors import ModelNotFound, NoCapacity, StartFailed
+from core.supervisor.process import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ class Proxy:
         self,
         reply: Reply,
         rec: RequestRecord,
-        up: Any,
+        up: Upstream,
         scope: Scope,
         path: str,
         body: bytes,
@@ -433,7 +434,7 @@ class _Assembly:
     def feed(self, data: bytes) -> None:  # called from the upstream connection's callback: must not block
         for obj in self.parser.feed(data):
             self.assembler.add(obj)
-        if self.assembler.objs and self.rec.ttft_s is None:
+        if self.assembler.outputs and self.rec.ttft_s is None:
             self.rec.mark_first_token()
 
     def close(self) -> Assembler:

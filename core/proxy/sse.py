@@ -130,7 +130,7 @@ class Assembler:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.objs: list[dict[str, Any]] = []  # progress-free chunks, in order
+        self.outputs = 0  # progress-free chunks seen
         self.usage_objs: list[dict[str, Any]] = []  # those carrying `usage` or `timings`, for `usage_stats`
         self.last: dict[str, Any] = {}
         self.choices: dict[int, dict[str, Any]] = {}
@@ -143,7 +143,7 @@ class Assembler:
             return
         if 'prompt_progress' in obj and not self._has_output(obj):
             return
-        self.objs.append(obj)
+        self.outputs += 1
         if 'usage' in obj or 'timings' in obj:
             self.usage_objs.append(obj)
         self.last = {**self.last, **{k: v for k, v in obj.items() if k not in ('choices', 'content')}}
