@@ -1,7 +1,8 @@
 """A lean keep-alive HTTP/1.1 client for the proxy's data path: httptools' parser on asyncio transports.
 
 Why not aiohttp here: at concurrency 1 the proxy's added latency is its CPU per request, and aiohttp's client
-(URL objects, multidicts, request/response classes, a timer per request) was about a third of it. This client
+(URL objects, multidicts, request/response classes, a timer per request) took ~150 us of it against ~53 us for
+this one (each sending the same requests in a loop of its own, same upstream, same run). This client
 does only what relaying to llama-server needs: one pooled connection per request, the request head written
 from the ASGI header list as bytes, the response parsed by llhttp (the parser uvicorn uses), body bytes handed
 on as they arrive with backpressure. No redirects, cookies, proxies or decompression; no read timeout, since
