@@ -12,20 +12,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
 TOPICS = ('models', 'metrics', 'logs', 'requests', 'config', 'alerts')
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):  # a tuple: built for every proxied request twice, and cheaper than a frozen dataclass
     topic: str
     type: str
     data: dict[str, Any]
-    ts: float = field(default_factory=time.time)
+    ts: float
     seq: int = 0
 
     def as_dict(self) -> dict[str, Any]:

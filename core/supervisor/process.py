@@ -136,6 +136,7 @@ class ServerProcess:
         self.state = 'stopped'
         self.pid: int | None = None
         self.port: int | None = None
+        self._upstream: Upstream | None = None
         self.progress: float | None = None
         self.error: str | None = None
         self.restarts = 0
@@ -161,7 +162,10 @@ class ServerProcess:
 
     def upstream(self) -> Upstream:
         assert self.port is not None and self.pid is not None
-        return Upstream(self.model_id, HOST, self.port, f'http://{HOST}:{self.port}', self.pid)
+        up = self._upstream
+        if up is None or up.port != self.port or up.pid != self.pid:  # asked for on every request: built once
+            up = self._upstream = Upstream(self.model_id, HOST, self.port, f'http://{HOST}:{self.port}', self.pid)
+        return up
 
     def describe(self) -> dict[str, Any]:
         uptime = time.monotonic() - self.ready_since if self.state == 'ready' and self.ready_since else None

@@ -67,6 +67,7 @@ class Scheduler:
         self._starts: dict[str, asyncio.Task[None]] = {}
         self._admit = asyncio.Lock()
         self._changed = asyncio.Event()
+        self._change_waiters = 0
         # The TTL loop waits on this, not on `_changed`: that is set twice per request by `lease`.
         self._states_changed = asyncio.Event()
         self._listeners: dict[str, set[Callable[[dict[str, Any]], Any]]] = {}
@@ -371,8 +372,9 @@ class Scheduler:
 
     def _notify(self, states: bool = False) -> None:
         """Wake everything waiting for a change of load, in-flight counts or (with `states`) process states."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._change_waiters:  # called twice per request: an event nobody waits on is left as it is
+            self._changed.set()
+            self._changed = asyncio.Event()
         if states:
             self._states_changed.set()
             self._states_changed = asyncio.Event()
@@ -380,7 +382,11 @@ class Scheduler:
     async def _wait_change(self, timeout: float | None) -> None:
         if timeout is not None and timeout <= 0:
             return
-        await _wait_event(self._changed, timeout)
+        self._change_waiters += 1
+        try:
+            await _wait_event(self._changed, timeout)
+        finally:
+            self._change_waiters -= 1
 
     def _spawn_task(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
