@@ -90,6 +90,8 @@ class AuthGuard:
     def __init__(self, config: Any) -> None:
         self.config = config
         self._machine_names = self._local_names()
+        self._hosts: dict[bytes, bool] = {}  # Host header value -> allowed, for `_hosts_for` (a Settings object)
+        self._hosts_for: Any = None
 
     @staticmethod
     def _local_names() -> frozenset[str]:
@@ -112,15 +114,22 @@ class AuthGuard:
 
     def __call__(self, scope: Scope) -> ASGIApp | None:
         headers = scope.get('headers') or []
-        host = next((v.decode('latin-1') for k, v in headers if k == b'host'), '')
-        if not self.allowed_host(host_name(host)):
+        raw = next((v for k, v in headers if k == b'host'), b'')
+        settings = self.config.settings
+        if settings is not self._hosts_for or len(self._hosts) > 256:  # a new config, or a flood of names
+            self._hosts, self._hosts_for = {}, settings
+        ok = self._hosts.get(raw)
+        if ok is None:  # decided once per Host value: this runs before every request
+            ok = self._hosts[raw] = self.allowed_host(host_name(raw.decode('latin-1')))
+        if not ok:
             return _deny(
                 scope,
                 403,
-                f'Host {host!r} is not allowed (DNS rebinding protection); add it to the allowed_hosts setting',
+                f'Host {raw.decode("latin-1")!r} is not allowed (DNS rebinding protection); add it to the '
+                'allowed_hosts setting',
                 'forbidden_host',
             )
-        keys = self.config.settings.api_keys
+        keys = settings.api_keys
         if keys and needs_key(scope.get('path', '')) and not key_matches(key_from_headers(headers), keys):
             return _deny(
                 scope,

@@ -59,3 +59,21 @@ def test_key_and_host_helpers() -> None:
     assert not key_matches(None, ['a'])
     assert host_name('[::1]:8080') == '::1' and host_name('Example.COM.:80') == 'example.com'
     assert host_name('localhost') == 'localhost'
+
+
+def test_a_changed_allowlist_applies_to_the_next_request() -> None:
+    # The guard remembers its decision per Host value; a new config must not meet an old decision.
+    from types import SimpleNamespace
+
+    from core.auth import AuthGuard
+    from core.settings import Settings
+
+    config = SimpleNamespace(settings=Settings(allowed_hosts=['llm.lan']))
+    guard = AuthGuard(config)
+
+    def scope(host: bytes) -> dict[str, Any]:
+        return {'type': 'http', 'path': '/v1/models', 'headers': [(b'host', host)]}
+
+    assert guard(scope(b'llm.lan:8080')) is None and guard(scope(b'evil.example')) is not None
+    config.settings = Settings(allowed_hosts=['evil.example'])
+    assert guard(scope(b'evil.example')) is None and guard(scope(b'llm.lan:8080')) is not None
