@@ -44,7 +44,7 @@ BODIES = {
 }
 STAGES = (
     ('in', 'parsed', 'uvicorn parses the request, creates the task'),
-    ('parsed', 'handler', 'the task starts: FastAPI/Starlette call, front door, guards'),
+    ('parsed', 'handler', 'the task starts: front door, guards'),
     ('handler', 'up_write', 'proxy: body, route, params, activity, lease, request head'),
     ('up_write', 'up_written', 'the write to the upstream socket'),
     ('up_written', 'up_first', '(the upstream works; not the proxy)'),

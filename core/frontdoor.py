@@ -45,29 +45,42 @@ class FrontDoor:
                 return h
         return None
 
-    def wrap(self, inner: ASGIApp) -> ASGIApp:
-        async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope['type'] in ('http', 'websocket'):
-                for guard in self._guards:
-                    deny = guard(scope)
-                    if deny is not None:
-                        await deny(scope, receive, send)
-                        return
-                if scope['type'] == 'http':
-                    handler = self.handler_for(scope['path'])
-                    if handler is not None:
-                        await handler(scope, receive, send)
-                        return
-            await inner(scope, receive, send)
-
-        return dispatch
+    def denied(self, scope: Scope) -> ASGIApp | None:
+        """The answer of the first guard that refuses this request, or None."""
+        for guard in self._guards:
+            deny = guard(scope)
+            if deny is not None:
+                return deny
+        return None
 
     def install(self, app: Any) -> None:
-        """Wrap a Starlette/FastAPI app's middleware stack (built lazily on the first request)."""
+        """Serve the routes ahead of a Starlette/FastAPI app, and run the guards for everything else too.
+
+        Routed HTTP requests are taken at the app's own `__call__`, before FastAPI looks for OpenTelemetry
+        providers and Starlette builds its scope (~13 us a request here, `bench/proxy_timeline.py`): `__call__` is
+        looked up on the type, so the app gets a subclass that only adds that. Every other request goes through
+        the app's middleware stack, with the guards put in front of it (the stack is built lazily)."""
         build = app.build_middleware_stack
 
-        def build_wrapped() -> ASGIApp:
-            return self.wrap(build())
+        def build_guarded() -> ASGIApp:
+            inner = build()
 
-        app.build_middleware_stack = build_wrapped
+            async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+                deny = self.denied(scope) if scope['type'] in ('http', 'websocket') else None
+                await (deny or inner)(scope, receive, send)
+
+            return guarded
+
+        app.build_middleware_stack = build_guarded
         app.middleware_stack = None
+        base = type(app)
+        door = self
+
+        async def __call__(app_self: Any, scope: Scope, receive: Receive, send: Send) -> None:
+            handler = door.handler_for(scope['path']) if scope['type'] == 'http' else None
+            if handler is None:
+                await base.__call__(app_self, scope, receive, send)
+            else:
+                await (door.denied(scope) or handler)(scope, receive, send)
+
+        app.__class__ = type(base.__name__, (base,), {'__call__': __call__, '__module__': base.__module__})
