@@ -1,4 +1,4 @@
-"""The front door: a raw ASGI dispatcher that runs before the app's middleware stack.
+"""The front door: raw ASGI routes taken before the app itself (FastAPI, its middleware stack) sees the request.
 
 NiceGUI installs `BaseHTTPMiddleware`s that move every body chunk between tasks and hide client disconnects;
 `app.mount` does not escape them. The proxy's data path (`/v1/*`, `/upstream/*`, ...) and long-lived streams
