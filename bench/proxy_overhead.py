@@ -433,8 +433,8 @@ for each request alone) against nginx's ~0.02-0.08 ms; on this box that CPU is t
 upstream, hence ~35-45 % of direct req/s at c=32. The machine's speed drifts by up to ~1.6x within minutes (direct
 p50 and nginx's added p50 show it), so the c=1 figures are paired per round. Where one request's time goes inside
 the proxy process is in "Proxy request timeline" below (`bench/proxy_timeline.py`): uvicorn's request parsing and
-task start (~45 us), the proxy's own routing and bookkeeping (~40-50 us), one socket write each way (~25 us each),
-finishing the reply (~6-25 us) and uvicorn's two sends of it (~45 us). Streams relay whatever each upstream read
+task start (~30 us), the proxy's own routing and bookkeeping (~35-45 us), one socket write each way (~25 us each),
+finishing the reply (~6-15 us) and uvicorn's two sends of it (~45 us). Streams relay whatever each upstream read
 returns, so under load several SSE events go out in one write; the client then reads fewer, larger chunks, which is
 why proxied chunks/s can exceed direct and TTFB at c=32 (queueing in a saturated client) can come out negative. A
 bare llama-server closes new connections while its HTTP threads are busy and closes each streamed response's
@@ -446,9 +446,12 @@ Changes measured with this command (interleaved, same machine): the data path's 
 (~150 us of CPU per request in a loop on its own) to `core/proxy/upstream.py` (httptools on asyncio transports,
 ~53 us), then orjson, the disconnect watcher started only 2 ms in (no task per short request), a non-streaming
 chat assembled from the protocol callback as the stream arrives (no task wake per read), the last relayed piece
-ending the reply (one send fewer), uvicorn's `proxy_headers` off, the lease a plain class. Added p50 at c=1: chat
-+0.68-0.70 -> +0.42-0.50 ms, embeddings +0.53-0.56 -> +0.31-0.41 ms. Earlier, from a c=32 stream profile: the
-end-of-stream usage read decodes only events mentioning `usage`/`timings` (json had been 19 % of samples).
+ending the reply (one send fewer) with token counts read after it, routed requests taken at the app's own
+`__call__` (before FastAPI's per-request telemetry check), uvicorn's `proxy_headers` off, the lease a plain class.
+Added p50 at c=1 over this session's runs: chat +0.68-0.70 -> +0.45-0.55 ms, embeddings +0.53-0.56 -> +0.31-0.43
+ms; the upper ends come from runs where nginx's own added p50 was +0.12-0.16 ms instead of its usual ~0.08-0.1 (a
+slow spell of the machine). Earlier, from a c=32 stream profile: the end-of-stream usage read decodes only events
+mentioning `usage`/`timings` (json had been 19 % of samples).
 """
 
 
