@@ -263,3 +263,46 @@ def test_token_counts_are_read_from_the_tail_of_a_json_reply() -> None:
     assert usage_stats(json_usage(body.encode())) == {'prompt_tokens': 12}
     assert json_usage(b'{"object": "list", "data": []}') == []
     assert json_usage(b'{"usage": {"prompt_tokens": 3, "total') == []  # cut short: nothing, and no error
+
+
+@pytest.mark.parametrize('served', [{'send_loading_state': True}], indirect=True)
+async def test_loading_progress_streams_before_the_answer(served: Served) -> None:
+    # The model is stopped: with send_loading_state, a streaming chat client sees the load as reasoning deltas.
+    assert served.system.scheduler.describe(B)['status'] == 'stopped'
+    async with oai(served) as client:
+        stream = await client.chat.completions.create(
+            model=B, messages=[{'role': 'user', 'content': 'hello'}], max_tokens=4, stream=True
+        )
+        reasoning, content = [], []
+        async for chunk in stream:
+            for ch in chunk.choices:
+                delta = ch.delta.model_dump()
+                if delta.get('reasoning_content'):
+                    assert not content  # all loading news comes before the answer
+                    reasoning.append(delta['reasoning_content'])
+                if delta.get('content'):
+                    content.append(delta['content'])
+    assert reasoning and all(text.startswith(f'Loading {B}') for text in reasoning)
+    assert ''.join(content)
+    assert served.system.scheduler.describe(B)['status'] == 'ready'
+
+
+async def test_remaining_routes_reach_llama_server(served: Served) -> None:
+    msgs = [{'role': 'user', 'content': 'hello'}]
+    async with served.client() as c:
+        r = await c.post('/apply-template', json={'model': A, 'messages': msgs})
+        assert r.status_code == 200 and 'hello' in r.json()['prompt']
+        r = await c.post('/v1/responses', json={'model': A, 'input': 'hello', 'max_output_tokens': 3})
+        assert r.status_code == 200, r.text
+        assert r.json()['object'] == 'response' and r.json()['output']
+        # No reranking model and no FIM tokens in the tiny model: llama-server's own refusal comes back, in the
+        # OpenAI error shape, not the proxy's "no such endpoint".
+        for path, body in (
+            ('/v1/rerank', {'model': A, 'query': 'q', 'documents': ['a', 'b']}),
+            ('/infill', {'model': A, 'input_prefix': 'def f(', 'input_suffix': ')'}),
+        ):
+            r = await c.post(path, json=body)
+            assert 400 <= r.status_code < 600 and r.status_code != 404, (path, r.status_code, r.text)
+            assert r.json()['error']['message'] and r.json()['error'].get('code') != 'unknown_endpoint'
+    rows = await finished(served, 4)
+    assert {'/apply-template', '/v1/responses', '/v1/rerank', '/infill'} <= {row['route'] for row in rows}
