@@ -75,3 +75,18 @@ def test_non_loopback_without_key_is_refused(tmp_path: Path) -> None:
     assert out.returncode != 0
     assert 'without an API key' in out.stderr and 'LAP_API_KEYS' in out.stderr
     assert 'Traceback' not in out.stderr
+
+
+def test_the_real_app_streams_uncompressed_and_unbuffered(app_process: AppProcess) -> None:
+    # NiceGUI compresses what it serves; the proxy's streams come from the front door, before that middleware.
+    base, gzip = app_process.base_url, {'Accept-Encoding': 'gzip'}
+    page = httpx.get(f'{base}/', headers=gzip)
+    assert page.headers.get('content-encoding') == 'gzip'  # the middleware is there, and a stream would meet it
+    body = {'model': 'tiny-llama', 'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 4, 'stream': True}
+    with httpx.stream('POST', f'{base}/v1/chat/completions', json=body, headers=gzip, timeout=60) as r:
+        assert r.status_code == 200
+        assert 'content-encoding' not in r.headers
+        assert r.headers['content-type'].startswith('text/event-stream')
+        assert r.headers['cache-control'] == 'no-cache' and r.headers['x-accel-buffering'] == 'no'
+        lines = [line for line in r.iter_lines() if line.startswith('data: ')]
+    assert lines[-1] == 'data: [DONE]' and len(lines) >= 5
