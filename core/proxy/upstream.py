@@ -380,6 +380,8 @@ class UpstreamClient:
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
+            if not idle:  # a stopped server's port is not asked for again
+                del self._idle[conn.key]
 
     def idle_count(self, host: str, port: int) -> int:
         return len(self._idle.get((host, port), ()))
