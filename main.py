@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         # local process is not believed (the request log shows the real peer), and no middleware parses an IP
         # address on every request.
         proxy_headers=False,
+        server_header=False,  # one header less on every reply, and nothing said about the server software
     )
 
 
