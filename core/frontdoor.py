@@ -59,28 +59,34 @@ class FrontDoor:
         Routed HTTP requests are taken at the app's own `__call__`, before FastAPI looks for OpenTelemetry
         providers and Starlette builds its scope (~13 us a request here, `bench/proxy_timeline.py`): `__call__` is
         looked up on the type, so the app gets a subclass that only adds that. Every other request goes through
-        the app's middleware stack, with the guards put in front of it (the stack is built lazily)."""
+        the app's middleware stack, with the guards put in front of it (the stack is built lazily). Installing
+        again on the same app (NiceGUI's test plugin rebuilds the system around one app) replaces the door."""
+        app._lap_front_door = self
+        app.middleware_stack = None
+        if getattr(type(app), '_lap_front_door_class', False):
+            return
         build = app.build_middleware_stack
 
         def build_guarded() -> ASGIApp:
             inner = build()
 
             async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
-                deny = self.denied(scope) if scope['type'] in ('http', 'websocket') else None
+                door: FrontDoor = app._lap_front_door
+                deny = door.denied(scope) if scope['type'] in ('http', 'websocket') else None
                 await (deny or inner)(scope, receive, send)
 
             return guarded
 
         app.build_middleware_stack = build_guarded
-        app.middleware_stack = None
         base = type(app)
-        door = self
 
         async def __call__(app_self: Any, scope: Scope, receive: Receive, send: Send) -> None:
+            door: FrontDoor = app_self._lap_front_door
             handler = door.handler_for(scope['path']) if scope['type'] == 'http' else None
             if handler is None:
                 await base.__call__(app_self, scope, receive, send)
             else:
                 await (door.denied(scope) or handler)(scope, receive, send)
 
-        app.__class__ = type(base.__name__, (base,), {'__call__': __call__, '__module__': base.__module__})
+        namespace = {'__call__': __call__, '__module__': base.__module__, '_lap_front_door_class': True}
+        app.__class__ = type(base.__name__, (base,), namespace)
