@@ -20,3 +20,9 @@ def atomic_write_text(path: Path, text: str, encoding: str = 'utf-8') -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_private(path: Path, text: str) -> None:
+    """`atomic_write_text` for a secret: the folder 0700; the file is 0600 already (mkstemp creates it so)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write_text(path, text)

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from core import launch_policy
 from core.request_params import RequestParams
 
 CacheType = Literal['f32', 'f16', 'bf16', 'q8_0', 'q4_0', 'q4_1', 'iq4_nl', 'q5_0', 'q5_1']
@@ -52,8 +53,12 @@ class ModelParams(BaseModel):
     chat_template_file: Path | None = Field(None, description='Chat template override from a file')
     mmproj: Path | None = Field(None, description='Multimodal projector; empty = the one found next to the model')
     alias: str | None = Field(None, min_length=1, description='Model name(s) llama-server reports, comma-separated')
-    extra_args: list[str] | None = Field(None, description='More llama-server flags, checked against its --help')
-    env: dict[str, str] | None = Field(None, description='Extra environment variables for the llama-server process')
+    extra_args: list[str] | None = Field(
+        None, description='More llama-server flags (sampling, performance, cache, context), one flag or value per item'
+    )
+    env: dict[str, str] | None = Field(
+        None, description='Device selection and GGML_/OMP_/CUDA_ tuning variables for the llama-server process'
+    )
     # --- supervisor ---
     ttl: float | None = Field(None, ge=0, description='Seconds idle before the model is unloaded; 0 = never')
     pinned: bool | None = Field(None, description='Never evict this model to make room for another')
@@ -67,12 +72,18 @@ class ModelParams(BaseModel):
             raise ValueError('needs one non-negative number per GPU')
         return v
 
+    # The launch policy's static part (core/launch_policy.py), so that a config file or PUT /api/config cannot
+    # hold what the parameters API refuses; file paths are checked against the model folders at save and spawn.
+    @field_validator('extra_args')
+    @classmethod
+    def _safe_extra_args(cls, v: list[str] | None) -> list[str] | None:
+        launch_policy.check_extra_args(v or [], None)
+        return v
+
     @field_validator('env')
     @classmethod
-    def _env_names(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        for name in v or {}:
-            if not name or '=' in name or '\0' in name:
-                raise ValueError(f'invalid environment variable name {name!r}')
+    def _safe_env(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        launch_policy.check_env(v)
         return v
 
     def overlay(self, override: ModelParams | None) -> ModelParams:

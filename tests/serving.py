@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from core.api import include_all
+from core.httpguard import uvicorn_options
 from tests.conftest import free_port
 
 
@@ -27,10 +28,11 @@ class Served:
     def client(self, **kw: Any) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.base_url, timeout=60, **kw)
 
-    def upstream_url(self, model_id: str) -> str:
+    def upstream(self, model_id: str) -> Any:
+        """The model's running llama-server (`core.supervisor.Upstream`: base_url, api_key, ...)."""
         for up in self.system.scheduler.running():
             if up.model_id == model_id:
-                return up.base_url
+                return up
         raise AssertionError(f'{model_id} is not running')
 
 
@@ -41,7 +43,13 @@ async def serve(system: Any) -> AsyncIterator[Served]:
     include_all(app)
     system.frontdoor.install(app)
     config = uvicorn.Config(
-        app, host='127.0.0.1', port=free_port(), log_level='warning', lifespan='off', timeout_graceful_shutdown=2
+        app,
+        host='127.0.0.1',
+        port=free_port(),
+        log_level='warning',
+        lifespan='off',
+        timeout_graceful_shutdown=2,
+        **uvicorn_options(system.config.settings),
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

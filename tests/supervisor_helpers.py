@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import stat
 import sys
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import httpx
 from core.events import Event, EventBus
 from core.llama_binary import BinaryResolver
 from core.logs import LogService
-from core.supervisor import Scheduler
+from core.supervisor import Scheduler, Upstream
 
 FAKE_SERVER = Path(__file__).with_name('fake_llama_server.py')
 
@@ -28,6 +29,7 @@ class Entry:
     mmproj: Path | None = None
     aliases: list[str] = field(default_factory=list)
     size_bytes: int = 0
+    error: str | None = None
 
     @property
     def paths(self) -> list[Path]:
@@ -46,6 +48,9 @@ class FakeLibrary:
     def __init__(self, models: dict[str, Path], need_mb: dict[str, int] | None = None) -> None:
         self.entries = {mid: Entry(mid, path, size_bytes=path.stat().st_size) for mid, path in models.items()}
         self.need_mb = need_mb or {}
+
+    def roots(self) -> list[Path]:
+        return sorted({e.path.parent for e in self.entries.values()})
 
     def get(self, name: str) -> Entry | None:
         return self.entries.get(name) or next((e for e in self.entries.values() if name in e.aliases), None)
@@ -77,25 +82,33 @@ def make_harness(config: Any, library: Any) -> Harness:
     return Harness(scheduler, bus, logs, events)
 
 
-def fake_binary(directory: Path) -> Path:
-    """An executable that runs tests/fake_llama_server.py with this interpreter."""
+def fake_binary(directory: Path, **behaviour: str) -> Path:
+    """An executable that runs tests/fake_llama_server.py with this interpreter, with `FAKE_*` variables set in
+    the script (the launch policy passes no such variable to a child)."""
     path = directory / 'fake-llama-server'
-    path.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_SERVER} "$@"\n')
+    assigns = ''.join(f'{name}={shlex.quote(value)} ' for name, value in behaviour.items())
+    path.write_text(f'#!/bin/sh\n{assigns}exec {sys.executable} {FAKE_SERVER} "$@"\n')
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
 
 
-async def chat(base_url: str, text: str = 'hello', max_tokens: int = 8) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=60) as client:
+def direct(up: Upstream, timeout: float = 60) -> httpx.AsyncClient:
+    """A client for the model's own llama-server, with the key only the supervisor's callers have."""
+    headers = {'Authorization': f'Bearer {up.api_key}'} if up.api_key else None
+    return httpx.AsyncClient(base_url=up.base_url, headers=headers, timeout=timeout)
+
+
+async def chat(up: Upstream, text: str = 'hello', max_tokens: int = 8) -> dict[str, Any]:
+    async with direct(up) as client:
         r = await client.post(
-            f'{base_url}/v1/chat/completions',
+            '/v1/chat/completions',
             json={'messages': [{'role': 'user', 'content': text}], 'max_tokens': max_tokens},
         )
     r.raise_for_status()
     return r.json()
 
 
-async def stream_chat(base_url: str, n_predict: int, on_first: Callable[[], None] | None = None) -> list[dict]:
+async def stream_chat(up: Upstream, n_predict: int, on_first: Callable[[], None] | None = None) -> list[dict]:
     """Stream a chat completion; return every decoded SSE chunk (the last one is the `[DONE]` marker as {})."""
     chunks: list[dict] = []
     body = {
@@ -106,8 +119,8 @@ async def stream_chat(base_url: str, n_predict: int, on_first: Callable[[], None
         'stream': True,
     }
     async with (
-        httpx.AsyncClient(timeout=120) as client,
-        client.stream('POST', f'{base_url}/v1/chat/completions', json=body) as r,
+        direct(up, timeout=120) as client,
+        client.stream('POST', '/v1/chat/completions', json=body) as r,
     ):
         r.raise_for_status()
         async for line in r.aiter_lines():

@@ -25,7 +25,7 @@ from core.supervisor.argv import (
     check_extra_args,
     params_args,
 )
-from tests.supervisor_helpers import FakeLibrary, make_harness
+from tests.supervisor_helpers import FakeLibrary, direct, make_harness
 
 EVERY_FIELD = ModelParams(
     ctx_size=512,
@@ -56,7 +56,7 @@ EVERY_FIELD = ModelParams(
     mmproj=Path('/tmp/mmproj.gguf'),
     alias='tiny,tiny-alias',
     extra_args=['--temp', '0.5', '--seed=-1'],
-    env={'FOO': 'bar'},
+    env={'OMP_NUM_THREADS': '1'},
     ttl=60,
     pinned=True,
 )
@@ -101,9 +101,10 @@ def test_flag_missing_from_the_binary_is_a_clear_error() -> None:
 @pytest.mark.parametrize(
     ('extra', 'message'),
     [
-        (['--no-such-flag'], 'does not accept --no-such-flag'),
-        (['--port', '9'], '--port is set by the supervisor'),
-        (['-m', 'other.gguf'], '-m is set by the supervisor'),
+        (['--no-such-flag'], 'not among the flags that are safe'),
+        (['--port', '9'], '--port is not allowed here: set by the supervisor'),
+        (['-m', 'other.gguf'], '-m is not allowed here: set by the supervisor'),
+        (['--spec-no-such-tuning'], 'does not accept --spec-no-such-tuning'),  # allowed by name, not in this build
     ],
 )
 def test_invalid_extra_args(help_text: str, extra: list[str], message: str) -> None:
@@ -116,7 +117,14 @@ def test_valid_extra_args_with_negative_values(help_text: str) -> None:
 
 
 def test_bad_values_are_rejected_by_the_model() -> None:
-    for bad in ({'ctx_size': -1}, {'flash_attn': 'maybe'}, {'cache_type_k': 'q3'}, {'nope': 1}, {'env': {'A=B': 'x'}}):
+    for bad in (
+        {'ctx_size': -1},
+        {'flash_attn': 'maybe'},
+        {'cache_type_k': 'q3'},
+        {'nope': 1},
+        {'env': {'A=B': 'x'}},
+        {'extra_args': ['--tools', 'all']},
+    ):
         with pytest.raises(ValueError):
             ModelParams.model_validate(bad)
 
@@ -158,7 +166,7 @@ async def test_many_params_start_a_real_server(settings_factory: Callable[..., A
         up = await h.scheduler.load('tiny')
         cmdline = psutil.Process(up.pid).cmdline()
         assert cmdline[cmdline.index('--ctx-size') + 1] == '512'
-        async with httpx.AsyncClient(base_url=up.base_url, timeout=30) as c:
+        async with direct(up) as c:
             assert (await c.get('/v1/models')).json()['data'][0]['id'] == 'tiny-alias'
             emb = await c.post('/v1/embeddings', json={'input': 'hello'})
             assert emb.status_code == 200 and emb.json()['data'][0]['embedding']

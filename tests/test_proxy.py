@@ -15,6 +15,7 @@ import pytest
 from core.request_params import RequestParams, apply
 from tests.conftest import wait_for
 from tests.proxy_helpers import Served, serve
+from tests.supervisor_helpers import direct
 
 A, B = 'tiny-llama', 'tiny-llama-b'
 EMBED = {A: {'embeddings': True, 'pooling': 'mean'}}
@@ -73,9 +74,9 @@ async def _chat_completions_embeddings(served: Served, client: openai.AsyncOpenA
     assert chat.choices[0].message.role == 'assistant' and chat.choices[0].message.content
     assert chat.choices[0].finish_reason == 'length'
     assert chat.usage is not None and chat.usage.completion_tokens == 6 and chat.usage.prompt_tokens > 0
-    async with httpx.AsyncClient(timeout=30) as direct:  # assembled from the stream: the same text, every token
+    async with direct(served.upstream(A)) as own:  # assembled from the stream: the same text, every token
         body = {'messages': [{'role': 'user', 'content': 'hello'}], 'max_tokens': 6, 'temperature': 0}
-        plain = (await direct.post(f'{served.upstream_url(A)}/v1/chat/completions', json=body)).json()
+        plain = (await own.post('/v1/chat/completions', json=body)).json()
     assert chat.choices[0].message.content == plain['choices'][0]['message']['content']
 
     stream = await client.chat.completions.create(

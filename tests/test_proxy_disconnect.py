@@ -11,17 +11,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.conftest import wait_for
 from tests.gguf_factory import write_tiny_gguf
 from tests.proxy_helpers import Served, serve, slot_busy
+from tests.supervisor_helpers import direct
 
 SLOW = 'slow-llama'
 # One slot, a long context and small batches: generation lasts seconds, and llama-server gets a chance to notice a
 # cancellation after every 64-token batch (it needs two or three) of a long prompt.
 PARAMS = {SLOW: {'ctx_size': 16384, 'parallel': 1, 'batch_size': 64, 'ubatch_size': 64}}
+# Generation and prompt processing here last seconds: idle within this proves the cancel, and a loaded 2-core CI
+# box (a 115 ms run) cannot fail it. How fast a cancel lands is a benchmark's question, not this test's.
+CANCELLED_WITHIN_S = 1.0
 LONG_PROMPT = ' '.join(f'w{i}' for i in range(3000))  # ~9k tokens: a few seconds of prompt processing here
 
 
@@ -41,11 +44,11 @@ async def served(system_factory: Any, slow_models: Path) -> Any:
 
 async def idle_within(s: Served, limit_s: float) -> float:
     """Seconds until llama-server shows no slot processing; fails past `limit_s`."""
-    url = s.upstream_url(SLOW)
-    async with httpx.AsyncClient(timeout=5) as poll:
-        await poll.get(f'{url}/health')  # connect first, so the measurement is the slot's, not the poller's
+    up = s.upstream(SLOW)
+    async with direct(up, timeout=5) as poll:
+        await poll.get('/health')  # connect first, so the measurement is the slot's, not the poller's
         t0 = time.perf_counter()
-        while await slot_busy(url, poll):
+        while await slot_busy(up, poll):
             assert time.perf_counter() - t0 < limit_s, f'slot still processing after {limit_s}s'
             await asyncio.sleep(0.005)  # each /slots poll is a task in llama-server's queue: do not flood it
         return time.perf_counter() - t0
@@ -69,9 +72,9 @@ async def test_client_closing_mid_stream_frees_the_slot(served: Served) -> None:
             tokens += line.startswith('data: ') and '"prompt_progress"' not in line
             if tokens >= 5:
                 break
-        assert await slot_busy(served.upstream_url(SLOW))
+        assert await slot_busy(served.upstream(SLOW))
     # Leaving the block closes the connection mid-stream.
-    await idle_within(served, 0.1)
+    await idle_within(served, CANCELLED_WITHIN_S)
     row = await last_row(served)
     assert row['status'] == 499 and row['error'] == 'client disconnected' and row['ttft_s'] is not None
 
@@ -83,13 +86,13 @@ async def test_client_closing_during_prompt_processing_frees_the_slot(served: Se
             c.post('/v1/completions', json={'model': SLOW, 'prompt': LONG_PROMPT, 'max_tokens': 4})
         )
         await wait_for(lambda: served.system.scheduler.describe(SLOW)['status'] == 'ready', 30)
-        await wait_for(lambda: slot_busy(served.upstream_url(SLOW)), 10, interval=0.005)
+        await wait_for(lambda: slot_busy(served.upstream(SLOW)), 10, interval=0.005)
         await asyncio.sleep(0.3)  # well inside prompt processing, which takes seconds
-        assert await slot_busy(served.upstream_url(SLOW))
+        assert await slot_busy(served.upstream(SLOW))
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-    await idle_within(served, 0.1)
+    await idle_within(served, CANCELLED_WITHIN_S)
     row = await last_row(served)
     assert row['status'] == 499 and row['ttft_s'] is None  # no token was produced
 
@@ -129,7 +132,7 @@ async def test_operator_cancels_an_inflight_request(served: Served) -> None:
         assert resp.status_code == 200
         lines = [line async for line in r.aiter_lines() if line]
         assert lines[-2] == 'event: error' and '"cancelled"' in lines[-1]
-        await idle_within(served, 0.1)
+        await idle_within(served, CANCELLED_WITHIN_S)
         assert (await admin.post(f'/api/requests/{inflight[0]["id"]}/cancel')).status_code == 404
     row = await last_row(served)
     assert row['status'] == 499 and 'cancelled' in row['error']

@@ -50,7 +50,7 @@ async def test_load_chat_unload(harness: Any, tiny_model: Path) -> None:
     up = await s.load('tiny')
     assert s.describe('tiny')['status'] == 'ready'
     assert up.host == '127.0.0.1' and up.base_url == f'http://127.0.0.1:{up.port}'
-    reply = await chat(up.base_url)
+    reply = await chat(up)
     assert reply['choices'][0]['message']['content']
     cmdline = psutil.Process(up.pid).cmdline()
     assert '--metrics' in cmdline and cmdline[cmdline.index('--host') + 1] == '127.0.0.1'
@@ -73,7 +73,7 @@ async def test_swap_with_one_slot(harness: Any, tiny_model: Path, tiny_model_b: 
     b = await s.ensure_ready('b')
     assert s.describe('a')['status'] == 'stopped' and not alive(a.pid)
     assert s.describe('b')['status'] == 'ready'
-    assert (await chat(b.base_url))['choices']
+    assert (await chat(b))['choices']
     a2 = await s.ensure_ready('a')
     assert s.describe('b')['status'] == 'stopped' and not alive(b.pid)
     assert a2.pid != a.pid
@@ -105,7 +105,7 @@ async def test_kill9_of_child_restarts_it(harness: Any, tiny_model: Path) -> Non
     d = s.describe('tiny')
     assert d['restarts'] == 1
     assert 'restarting' in h.states('tiny')
-    assert (await chat(s.running()[0].base_url))['choices']
+    assert (await chat(s.running()[0]))['choices']
 
 
 async def test_bad_model_backs_off_then_fails_with_log_tail(harness: Any, tmp_path: Path) -> None:
@@ -133,9 +133,8 @@ async def test_bad_model_backs_off_then_fails_with_log_tail(harness: Any, tmp_pa
 async def test_hung_child_is_killed_after_stop_timeout(harness: Any, tiny_model: Path, tmp_path: Path) -> None:
     h = await harness(
         {'tiny': tiny_model},
-        llama_server_path=fake_binary(tmp_path),
+        llama_server_path=fake_binary(tmp_path, FAKE_IGNORE_TERM='1'),
         stop_timeout=0.5,
-        defaults={'env': {'FAKE_IGNORE_TERM': '1'}},
     )
     s = h.scheduler
     up = await s.load('tiny')
@@ -149,8 +148,7 @@ async def test_hung_child_is_killed_after_stop_timeout(harness: Any, tiny_model:
 async def test_long_output_lines_do_not_break_the_reader(harness: Any, tiny_model: Path, tmp_path: Path) -> None:
     h = await harness(
         {'tiny': tiny_model},
-        llama_server_path=fake_binary(tmp_path),
-        defaults={'env': {'FAKE_LONG_LINE': str(1_000_000)}},
+        llama_server_path=fake_binary(tmp_path, FAKE_LONG_LINE=str(1_000_000)),
     )
     await h.scheduler.load('tiny')
     lines = h.logs.query(model='tiny', source='llama-server', limit=10_000)
@@ -162,9 +160,8 @@ async def test_hung_ready_server_is_restarted(harness: Any, tiny_model: Path, tm
     hang = tmp_path / 'hang'
     h = await harness(
         {'tiny': tiny_model},
-        llama_server_path=fake_binary(tmp_path),
+        llama_server_path=fake_binary(tmp_path, FAKE_HANG_FILE=str(hang)),
         health_interval=0.1,
-        defaults={'env': {'FAKE_HANG_FILE': str(hang)}},
     )
     s = h.scheduler
     first = await s.load('tiny')
@@ -183,7 +180,7 @@ async def test_drain_long_stream_finishes_before_swap(harness: Any, tiny_model: 
 
     async def long_stream() -> list[dict]:
         async with s.lease('a') as up:
-            chunks = await stream_chat(up.base_url, 2000, first_chunk.set)
+            chunks = await stream_chat(up, 2000, first_chunk.set)
             marks['stream_done'] = time.monotonic()
             return chunks
 
@@ -216,7 +213,7 @@ async def test_ready_model_served_while_swap_drains(harness: Any, tiny_model: Pa
     await wait_for(lambda: s._admit.locked(), 10)
     # While B waits for A to drain, a new request for A is served by the running A.
     async with s.lease('a') as up:
-        assert (await chat(up.base_url))['choices']
+        assert (await chat(up))['choices']
     assert not swap.done()
     release.set()
     await holder
@@ -244,7 +241,7 @@ async def test_ttl_unloads_idle_model(harness: Any, tiny_model: Path) -> None:
     h = await harness({'tiny': tiny_model}, models={'tiny': {'ttl': 0.3}})
     s = h.scheduler
     async with s.lease('tiny') as up:
-        assert (await chat(up.base_url))['choices']
+        assert (await chat(up))['choices']
         assert s.describe('tiny')['status'] == 'ready'  # in flight: never unloaded under a request
     await wait_for(lambda: s.describe('tiny')['status'] == 'stopped', 10)
     assert not alive(up.pid)
@@ -297,8 +294,9 @@ async def test_only_pinned_loaded_gives_no_capacity(harness: Any, tiny_model: Pa
 
 
 async def test_invalid_extra_args_rejected_before_spawn(harness: Any, tiny_model: Path) -> None:
-    h = await harness({'tiny': tiny_model}, models={'tiny': {'extra_args': ['--no-such-flag', '3']}})
-    with pytest.raises(StartFailed, match='--no-such-flag'):
+    # Allowed by the launch policy (speculative-decoding tuning), but this build has no such flag.
+    h = await harness({'tiny': tiny_model}, models={'tiny': {'extra_args': ['--spec-no-such-tuning', '3']}})
+    with pytest.raises(StartFailed, match='--spec-no-such-tuning'):
         await h.scheduler.load('tiny')
     assert h.states('tiny') == []  # nothing was spawned
 

@@ -11,11 +11,15 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 
 from core.supervisor import StartFailed
+from core.supervisor.errors import ModelUnusable
 from core.supervisor.pidfile import PidRegistry
 from core.supervisor.scheduler import REGISTRY_FILE
 from tests.conftest import start_app, start_llama_server, stop_process, wait_for
+from tests.gguf_factory import write_tiny_gguf
+from tests.serving import serve
 from tests.supervisor_helpers import chat
 
 
@@ -36,7 +40,7 @@ async def test_system_lease_chat_unload(system_factory: Callable[..., Any], mode
     events = system.bus.queue(['models'])
     async with system.scheduler.lease(mid) as up:
         assert up.model_id == mid
-        assert (await chat(up.base_url))['choices'][0]['message']['content']
+        assert (await chat(up))['choices'][0]['message']['content']
         assert system.scheduler.describe(mid)['inflight'] == 1
     assert system.scheduler.describe(mid)['inflight'] == 0
     seen = []
@@ -49,15 +53,44 @@ async def test_system_lease_chat_unload(system_factory: Callable[..., Any], mode
     assert system.scheduler.describe(mid)['status'] == 'stopped'
 
 
-async def test_corrupt_model_fails_with_its_log(
+async def test_unusable_files_are_refused_by_every_load_path_and_never_spawned(
     system_factory: Callable[..., Any], tmp_path: Path, tiny_model: Path
 ) -> None:
     folder = tmp_path / 'models'
     folder.mkdir()
-    broken = folder / 'broken.gguf'
-    broken.write_bytes(tiny_model.read_bytes()[: tiny_model.stat().st_size // 2])  # header intact, data cut
+    (folder / 'broken.gguf').write_bytes(tiny_model.read_bytes()[: tiny_model.stat().st_size // 2])
+    (folder / 'not-a-model.gguf').write_bytes(b'GGML' + bytes(64))
+    system = await system_factory(models_dirs=[folder], scan_well_known_dirs=False)
+    spawned = system.bus.queue(['models'])
+    for mid in ('broken', 'not-a-model'):
+        assert system.library.get(mid).error
+        for load in (system.scheduler.load, system.scheduler.ensure_ready):
+            with pytest.raises(ModelUnusable, match=f'{mid} cannot be loaded: .*') as e:
+                await load(mid)
+            assert e.value.status == 409
+        with pytest.raises(ModelUnusable):
+            async with system.scheduler.lease(mid):
+                pass
+    assert spawned.queue.empty()  # not one state change: nothing was started
+    async with serve(system) as s, s.client() as c:
+        r = await c.post('/api/models/broken/load')
+        assert r.status_code == 409 and 'truncated' in r.json()['detail']['message']
+        r = await c.post('/v1/completions', json={'model': 'broken', 'prompt': 'x'})
+        assert r.status_code == 409 and r.json()['error']['code'] == 'model_unusable'
+        r = await c.get('/upstream/not-a-model/props')
+        assert r.status_code == 409 and 'bad magic' in r.json()['error']['message']
+
+
+async def test_a_model_llama_server_refuses_fails_with_its_log(
+    system_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    folder = tmp_path / 'models'
+    folder.mkdir()
+    # A header the library reads, with a tensor llama.cpp does not expect: only llama-server can tell.
+    broken = write_tiny_gguf(folder / 'broken.gguf', n_tensors_extra=1)
     system = await system_factory(models_dirs=[folder], scan_well_known_dirs=False, restart_backoff=0.02)
     mid = _model_id(system, broken)
+    assert system.library.get(mid).error is None
     try:
         await system.scheduler.load(mid)
         raise AssertionError('a truncated model must not become ready')

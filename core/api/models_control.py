@@ -8,20 +8,24 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from core.api import get_system
-from core.supervisor import ModelNotFound, NoCapacity, StartFailed, SupervisorError
+from core.supervisor import ModelNotFound, StartFailed, SupervisorError
 from core.system import System
 
 router = APIRouter(prefix='/api', tags=['models'])
 
-_ERRORS = {404: 'Model not found', 502: 'llama-server did not start (with its last log lines)', 503: 'No capacity'}
+_ERRORS = {
+    404: 'Model not found',
+    409: 'The file cannot be served (the library says why)',
+    502: 'llama-server did not start (with its last log lines)',
+    503: 'No capacity',
+}
 
 
 def _error(e: SupervisorError) -> JSONResponse:
-    status = 404 if isinstance(e, ModelNotFound) else 503 if isinstance(e, NoCapacity) else 502
     detail: dict[str, Any] = {'message': e.message}
     if isinstance(e, StartFailed):
         detail['log_tail'] = e.log_tail
-    return JSONResponse(status_code=status, content={'detail': detail})
+    return JSONResponse(status_code=e.status, content={'detail': detail})
 
 
 @router.post('/models/unload')

@@ -91,7 +91,7 @@ class ModelLibrary:
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self._watcher.start(self._scan_dirs())  # first, so nothing added during the scan is missed
+        await self._watcher.start(self.roots())  # first, so nothing added during the scan is missed
         await self.rescan()
 
     async def stop(self) -> None:
@@ -133,7 +133,8 @@ class ModelLibrary:
             self._apply(report, entries)
             return report
 
-    def _scan_dirs(self) -> list[Path]:
+    def roots(self) -> list[Path]:
+        """The folders models are found in (configured, then well-known caches); launch file paths must be inside."""
         s = self.config.settings
         dirs = [Path(d).expanduser() for d in s.models_dirs]
         if s.scan_well_known_dirs:
@@ -142,7 +143,7 @@ class ModelLibrary:
 
     def _scan_sync(self) -> tuple[ScanReport, list[ModelEntry]]:
         t0 = time.perf_counter()
-        disc = discover(self._scan_dirs())
+        disc = discover(self.roots())
         infos, files_read = self._file_infos(disc.files)
         entries = _build_entries(disc, infos)
         report = ScanReport(
@@ -234,7 +235,7 @@ class ModelLibrary:
     async def _reconfigure(self) -> None:
         try:
             if self._loop is not None:
-                await self._watcher.start(self._scan_dirs())
+                await self._watcher.start(self.roots())
             await self.rescan()
         except Exception:
             log.exception('rescan after a settings change failed')

@@ -118,12 +118,14 @@ class MetricsService:
                     'pid': _field(item, 'pid'),
                     'port': _field(item, 'port'),
                     'base_url': _field(item, 'base_url'),
+                    'api_key': _field(item, 'api_key'),
                 }
             pids = {m: int(v['pid']) for m, v in servers.items() if v['pid']}
             urls = {m: str(v['base_url']) for m, v in servers.items() if v['base_url']}
+            keys = {m: key for m, v in servers.items() if (key := v.pop('api_key'))}  # never part of the sample
             models_dirs = list(self.config.settings.models_dirs)
             blocking = asyncio.to_thread(self._blocking_reads, models_dirs, pids)
-            (host, gpu_status), llama = await asyncio.gather(blocking, self.scraper.scrape_all(urls))
+            (host, gpu_status), llama = await asyncio.gather(blocking, self.scraper.scrape_all(urls, keys))
 
             pid_model = {pid: m for m, pid in pids.items()}
             models: dict[str, dict[str, Any]] = {}

@@ -77,20 +77,24 @@ class LlamaScraper:
             await self._client.aclose()
             self._client = None
 
-    async def scrape_all(self, servers: dict[str, str]) -> dict[str, dict[str, Any]]:
-        """`servers` maps model id -> base_url."""
+    async def scrape_all(
+        self, servers: dict[str, str], keys: dict[str, str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """`servers` maps model id -> base_url; `keys` model id -> the server's API key."""
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self._timeout, trust_env=False)
-        results = await asyncio.gather(*(self.scrape(m, url) for m, url in servers.items()))
+        keys = keys or {}
+        results = await asyncio.gather(*(self.scrape(m, url, keys.get(m)) for m, url in servers.items()))
         self._prev = {m: p for m, p in self._prev.items() if m in servers}
         self._idle_slots = {u: v for u, v in self._idle_slots.items() if u in servers.values()}
         return dict(zip(servers, results, strict=True))
 
-    async def scrape(self, model: str, base_url: str) -> dict[str, Any]:
+    async def scrape(self, model: str, base_url: str, api_key: str | None = None) -> dict[str, Any]:
         assert self._client is not None
         out: dict[str, Any] = {}
         errors: list[str] = []
-        metrics_r = await _get(self._client, f'{base_url}/metrics')
+        headers = {'Authorization': f'Bearer {api_key}'} if api_key else None
+        metrics_r = await _get(self._client, f'{base_url}/metrics', headers)
         now = time.monotonic()
         values: dict[str, float] = {}
         if isinstance(metrics_r, httpx.Response) and metrics_r.status_code == 200:
@@ -108,7 +112,7 @@ class LlamaScraper:
             # and skipping the request halves the sampler's cost per idle model.
             out.update(idle_slots)
         else:
-            slots_r = await _get(self._client, f'{base_url}/slots')
+            slots_r = await _get(self._client, f'{base_url}/slots', headers)
             if isinstance(slots_r, httpx.Response) and slots_r.status_code == 200:
                 try:
                     slots = summarize_slots(slots_r.json())
@@ -145,9 +149,9 @@ class LlamaScraper:
         return rates
 
 
-async def _get(client: httpx.AsyncClient, url: str) -> httpx.Response | Exception:
+async def _get(client: httpx.AsyncClient, url: str, headers: dict[str, str] | None) -> httpx.Response | Exception:
     try:
-        return await client.get(url)
+        return await client.get(url, headers=headers)
     except httpx.HTTPError as e:
         return e
 

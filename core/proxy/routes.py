@@ -60,6 +60,7 @@ DROP_REQUEST_HEADERS = frozenset(
         'cookie',
         'accept-encoding',
         'expect',
+        'origin',  # llama-server would answer with CORS headers; the front door has decided on CORS already
     }
 )
 DROP_RESPONSE_HEADERS = frozenset(

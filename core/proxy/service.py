@@ -21,6 +21,7 @@ from urllib.parse import quote, unquote
 
 from core import request_params
 from core.auth import AuthGuard
+from core.cors import CorsGuard
 from core.frontdoor import Receive, Scope, Send
 from core.proxy import jsonio
 from core.proxy.activity import Activity, RequestRecord
@@ -29,7 +30,7 @@ from core.proxy.errors import ProxyError, bad_gateway, bad_request, not_found, u
 from core.proxy.routes import DROP_REQUEST_HEADERS, DROP_RESPONSE_HEADERS, ROOT_PATHS, ROUTES, RouteSpec
 from core.proxy.sse import Assembler, SSEObjects, json_usage, usage_payloads, usage_stats
 from core.proxy.upstream import Lost, Response, UpstreamClient, UpstreamError
-from core.supervisor.errors import ModelNotFound, NoCapacity, StartFailed
+from core.supervisor.errors import ModelNotFound, ModelUnusable, NoCapacity, StartFailed
 from core.supervisor.process import Upstream
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class Proxy:
         self.config, self.scheduler, self.library, self.store, self.bus = config, scheduler, library, store, bus
         self.activity = Activity(store, bus, lambda: self.config.settings.requests_keep)
         self.auth = AuthGuard(config)
+        self.cors = CorsGuard(config)
         self._upstream: UpstreamClient | None = None
         self._per_model: dict[str, int] = {}
 
@@ -70,7 +72,8 @@ class Proxy:
         return self._upstream
 
     def register_routes(self, frontdoor: Any) -> None:
-        """Register /v1/*, /upstream/* and the root llama-server paths, and the auth / Host guard."""
+        """Register /v1/*, /upstream/* and the root llama-server paths, and the CORS and auth / Host guards."""
+        frontdoor.guard(self.cors)  # first: preflights come without keys
         frontdoor.guard(self.auth)
         frontdoor.route('/v1/', self.handle_v1, prefix=True)
         frontdoor.route('/upstream/', self.handle_upstream, prefix=True)
@@ -172,6 +175,8 @@ class Proxy:
                     entry = self.library.get(model_in_path)
                     if entry is None:
                         raise self._unknown_model(model_in_path)
+                    if entry.error:
+                        raise _unusable(entry.id, entry.error)
                 rec.model = entry.id
                 if self._per_model.get(entry.id, 0) >= settings.concurrency_limit:
                     raise ProxyError(
@@ -259,8 +264,10 @@ class Proxy:
         if not isinstance(name, str):
             raise bad_request('"model" must be a string', 'invalid_model')
         entry = self.library.get(name)
-        if entry is None or entry.error:
+        if entry is None:
             raise self._unknown_model(name)
+        if entry.error:
+            raise _unusable(entry.id, entry.error)
         return entry
 
     def _ids(self) -> str:
@@ -287,7 +294,10 @@ class Proxy:
                 if spec.assemble in ('chat', 'text'):
                     data['stream_options'] = {'include_usage': True}
             data.setdefault('return_progress', True)
-        return jsonio.dumps(data)
+        try:
+            return jsonio.dumps(data)
+        except jsonio.TooDeep as e:
+            raise bad_request(str(e), 'invalid_json') from None
 
     async def _forward(
         self,
@@ -313,6 +323,8 @@ class Proxy:
                     await self._relay(reply, rec, up, scope, path, body, spec, client_stream)
             except ModelNotFound as e:
                 raise not_found(e.message) from e
+            except ModelUnusable as e:
+                raise ProxyError(e.status, e.message, 'invalid_request_error', 'model_unusable') from e
             except (StartFailed, NoCapacity) as e:
                 raise unavailable(e.message) from e
             finally:
@@ -344,7 +356,7 @@ class Proxy:
                 up.host,
                 up.port,
                 target,
-                _request_headers(scope, body),
+                _request_headers(scope, body, up.headers),
                 body,
                 sse_sink=assembly.feed if assembly is not None else None,
             )
@@ -369,7 +381,8 @@ class Proxy:
                 resp.abort()
 
     async def _stream(self, reply: Reply, rec: RequestRecord, resp: Response, is_sse: bool) -> None:
-        headers = [h for h in resp.headers if h[0] not in _DROP_RESPONSE]
+        # llama-server's CORS headers allow every origin: CORS is the app's (the cors_origins setting).
+        headers = [h for h in resp.headers if h[0] not in _DROP_RESPONSE and not h[0].startswith(b'access-control-')]
         if is_sse:
             headers = [h for h in headers if h[0] not in _SSE_HEADER_NAMES] + SSE_HEADERS
         if not reply.started:
@@ -491,6 +504,10 @@ class _LoadingState:
             log.debug('loading-state stream failed', exc_info=True)
 
 
+def _unusable(model_id: str, error: str) -> ProxyError:
+    return ProxyError(409, f'{model_id} cannot be loaded: {error}', 'invalid_request_error', 'model_unusable')
+
+
 def _gateway_error(rec: RequestRecord, e: UpstreamError) -> ProxyError:
     if isinstance(e, Lost):
         return bad_gateway(f'{rec.model}: llama-server connection lost mid-response ({e})')
@@ -512,10 +529,12 @@ def _parse_json(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _request_headers(scope: Scope, body: bytes) -> list[tuple[bytes, bytes]]:
+def _request_headers(scope: Scope, body: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
+    """The client's headers less ours and hop-by-hop ones, plus `extra` (the server's own key)."""
     out = [(name, value) for name, value in scope.get('headers') or () if name not in _DROP_REQUEST]
     if body and not any(name == b'content-type' for name, _ in out):
         out.append((b'content-type', b'application/json'))
+    out += extra
     return out
 
 

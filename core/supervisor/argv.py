@@ -8,15 +8,18 @@ before spawn, never a crash loop.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from core import launch_policy as policy
 from core.model_params import ModelParams
+from core.supervisor.errors import ArgvError
 
-# Flags the supervisor sets itself; extra_args must not fight over them.
-MANAGED_FLAGS = frozenset({'-m', '--model', '--host', '--port', '--metrics', '-mm', '--mmproj'})
+# Typed fields that hold a file path: resolved, and refused unless inside the model folders.
+FILE_FIELDS = ('chat_template_file', 'mmproj')
 
 # field -> candidate flags (first accepted wins). Booleans are switches; None values are never passed.
 VALUE_FLAGS: dict[str, tuple[str, ...]] = {
@@ -52,15 +55,6 @@ SWITCH_FLAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 NOT_FLAGS = frozenset({'extra_args', 'env', 'ttl', 'pinned', 'request', 'mmproj', 'mlock', 'no_mmap'})
 
 _FLAG_TOKEN = re.compile(r'^--?[A-Za-z][\w-]*$')
-
-
-class ArgvError(ValueError):
-    """A parameter this binary cannot take; `field` names it, the message says why."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f'{field}: {message}')
-        self.field = field
-        self.message = message
 
 
 @lru_cache(maxsize=8)
@@ -139,16 +133,24 @@ def params_args(params: ModelParams, flags: frozenset[str]) -> list[str]:
     return out
 
 
-def check_extra_args(extra: list[str], flags: frozenset[str]) -> None:
-    """Every flag in `extra` must be one the binary knows, and none may replace what the supervisor sets."""
+def check_extra_args(extra: list[str], flags: frozenset[str], roots: Iterable[Path] | None = None) -> None:
+    """Every item must pass the launch policy (`core/supervisor/policy.py`), and every flag be one the binary knows."""
+    policy.check_extra_args(extra, roots)
     for token in extra:
         name = token.split('=', 1)[0]
-        if not _FLAG_TOKEN.match(name):
-            continue  # a value such as `4`, `-1` or `q8_0`
-        if name in MANAGED_FLAGS:
-            raise ArgvError('extra_args', f'{name} is set by the supervisor and cannot be overridden')
-        if name not in flags:
+        if _FLAG_TOKEN.match(name) and name not in flags:
             raise ArgvError('extra_args', f'llama-server does not accept {name} (see llama-server --help)')
+
+
+def check_files(params: ModelParams, roots: Iterable[Path] | None) -> ModelParams:
+    """`params` with each file path resolved; every one must be a file inside the model folders."""
+    roots = None if roots is None else list(roots)
+    update = {
+        name: policy.check_path(name, Path(value), roots)
+        for name in FILE_FIELDS
+        if (value := getattr(params, name)) is not None
+    }
+    return params.model_copy(update=update) if update and roots is not None else params
 
 
 @dataclass(frozen=True)
@@ -160,20 +162,38 @@ class LaunchSpec:
     mmproj: Path | None
     params: ModelParams
 
-    def argv(self, port: int, help_text: str) -> list[str]:
+    def argv(
+        self, port: int, help_text: str, roots: Iterable[Path] | None = None, key_file: Path | None = None
+    ) -> list[str]:
         flags = accepted_flags(help_text)
         argv = [str(self.binary), '--model', str(self.model_path), '--host', '127.0.0.1', '--port', str(port)]
         argv.append('--metrics')
+        if key_file is not None:
+            argv += ['--api-key-file', str(key_file)]
+        if '--cors-origins' in flags:  # its default is `*`; "none" matches no origin, so browsers read nothing
+            argv += ['--cors-origins', 'none']
         if self.mmproj is not None:
             argv += ['--mmproj', str(self.mmproj)]
         argv += params_args(self.params, flags)
         extra = list(self.params.extra_args or [])
-        check_extra_args(extra, flags)
+        check_extra_args(extra, flags, roots)
         return argv + extra
 
 
-def validate_params(params: ModelParams, help_text: str) -> None:
-    """Raise ArgvError if this binary cannot be started with `params` (used before saving and before spawn)."""
+def validate_params(params: ModelParams, help_text: str, roots: Iterable[Path] | None = None) -> ModelParams:
+    """Raise ArgvError if this binary cannot be started with `params` (used before saving and before spawn), or
+    if a file path, flag or environment variable is refused by the launch policy (paths checked when `roots` is
+    given). Returns `params` with file paths resolved."""
+    params = check_policy(params, roots)
     flags = accepted_flags(help_text)
     params_args(params, flags)
-    check_extra_args(list(params.extra_args or []), flags)
+    check_extra_args(list(params.extra_args or []), flags, roots)
+    return params
+
+
+def check_policy(params: ModelParams, roots: Iterable[Path] | None) -> ModelParams:
+    """The launch policy alone (no binary needed): file paths, extra_args items, env names."""
+    params = check_files(params, roots)
+    policy.check_extra_args(params.extra_args or [], roots)
+    policy.check_env(params.env)
+    return params

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from core.launch_policy import ArgvError, ParamsRefused
+
+__all__ = [
+    'ArgvError',
+    'ModelNotFound',
+    'ModelUnusable',
+    'NoCapacity',
+    'ParamsRefused',
+    'StartFailed',
+    'SupervisorError',
+]
+
 
 class SupervisorError(Exception):
-    """Base class; `message` is what a user should read."""
+    """Base class; `message` is what a user should read, `status` the HTTP status it maps to."""
+
+    status = 500
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -14,9 +28,19 @@ class SupervisorError(Exception):
 class ModelNotFound(SupervisorError):
     """No model with that id or alias in the library (404)."""
 
+    status = 404
+
+
+class ModelUnusable(SupervisorError):
+    """The library lists the file but it cannot be served (not a model, corrupt, a vocab-only file) (409)."""
+
+    status = 409
+
 
 class StartFailed(SupervisorError):
     """llama-server did not become ready; `log_tail` holds its last output lines (502)."""
+
+    status = 502
 
     def __init__(self, message: str, log_tail: list[str] | None = None, model: str | None = None) -> None:
         super().__init__(message)
@@ -26,3 +50,5 @@ class StartFailed(SupervisorError):
 
 class NoCapacity(SupervisorError):
     """Nothing can be evicted to make room within the limits (503)."""
+
+    status = 503

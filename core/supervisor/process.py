@@ -62,6 +62,8 @@ class Upstream:
     port: int
     base_url: str
     pid: int
+    api_key: str | None = None  # the server's own key: only the proxy and the sampler send it
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # added to every proxied request (the key, as a header)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Launch:
     argv: Callable[[int], list[str]]
     env: dict[str, str]
     timings: Timings
+    api_key: str | None = None  # what the server was told to require (in a file or its environment)
 
 
 class _Exited(Exception):
@@ -137,6 +140,7 @@ class ServerProcess:
         self.pid: int | None = None
         self.port: int | None = None
         self._upstream: Upstream | None = None
+        self._api_key: str | None = None
         self.progress: float | None = None
         self.error: str | None = None
         self.restarts = 0
@@ -164,7 +168,10 @@ class ServerProcess:
         assert self.port is not None and self.pid is not None
         up = self._upstream
         if up is None or up.port != self.port or up.pid != self.pid:  # asked for on every request: built once
-            up = self._upstream = Upstream(self.model_id, HOST, self.port, f'http://{HOST}:{self.port}', self.pid)
+            key = self._api_key
+            headers = ((b'authorization', b'Bearer ' + key.encode()),) if key else ()
+            base_url = f'http://{HOST}:{self.port}'
+            up = self._upstream = Upstream(self.model_id, HOST, self.port, base_url, self.pid, key, headers)
         return up
 
     def describe(self) -> dict[str, Any]:
@@ -202,6 +209,8 @@ class ServerProcess:
             return
         self.error = None
         self.tail.clear()
+        self._api_key = launch.api_key
+        self._upstream = None
         self._new_ready_future()
         self._run_task = asyncio.create_task(self._run(launch), name=f'llama-server {self.model_id}')
 

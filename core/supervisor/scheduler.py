@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core import launch_policy as policy
+from core.fsutil import write_private
 from core.model_params import ModelParams, effective_params
-from core.supervisor.argv import ArgvError, LaunchSpec, accepted_flags, validate_params
-from core.supervisor.errors import ModelNotFound, NoCapacity, StartFailed
+from core.supervisor.argv import LaunchSpec, accepted_flags, check_policy, validate_params
+from core.supervisor.errors import ArgvError, ModelNotFound, ModelUnusable, NoCapacity, StartFailed
 from core.supervisor.pidfile import PidRegistry
 from core.supervisor.process import Launch, ServerProcess, Timings, Upstream
 
@@ -27,6 +31,7 @@ TTL_RECHECK_S = 60.0
 
 MIB = 1024 * 1024
 REGISTRY_FILE = 'llama-servers.json'
+KEYS_DIR = 'server-keys'
 
 
 class _LaunchInfo:
@@ -133,10 +138,13 @@ class Scheduler:
         return effective_params(self.settings, model_id)
 
     async def check_params(self, params: ModelParams) -> None:
-        """Raise ArgvError if the current llama-server cannot start with `params` (skipped when it is missing)."""
+        """Raise ArgvError if `params` are refused by the launch policy or the current llama-server cannot start
+        with them (the flags are checked only when a binary is found)."""
+        roots = await asyncio.to_thread(self.library.roots)
         if await asyncio.to_thread(self.binary.resolve) is None:
+            await asyncio.to_thread(check_policy, params, roots)
             return
-        validate_params(params, await asyncio.to_thread(self.binary.help_text))
+        await asyncio.to_thread(validate_params, params, await asyncio.to_thread(self.binary.help_text), roots)
 
     # ---- requests ------------------------------------------------------------------------------------------
     async def ensure_ready(self, model: str) -> Upstream:
@@ -245,17 +253,30 @@ class Scheduler:
         if binary is None:
             raise StartFailed(f'llama-server not found: {self.binary.how_to_install()}', model=entry.id)
         help_text = await asyncio.to_thread(self.binary.help_text)
-        mmproj = params.mmproj or getattr(entry, 'mmproj', None)
-        if params.alias is None and accepted_flags(help_text) & {'--alias', '-a'}:
+        flags = accepted_flags(help_text)
+        if params.alias is None and flags & {'--alias', '-a'}:
             # Replies then name the model by the id the client asked for, not by its file path.
             params = params.model_copy(update={'alias': entry.id})
-        spec = LaunchSpec(Path(binary.path), Path(entry.path), Path(mmproj) if mmproj else None, params)
+        roots = await asyncio.to_thread(self.library.roots)
         try:
-            validate_params(params, help_text)
+            params = await asyncio.to_thread(validate_params, params, help_text, roots)
         except ArgvError as e:
             raise StartFailed(f'{entry.id}: {e}', model=entry.id) from None
-        env = binary.child_env()
-        env.update(params.env or {})
+        mmproj = params.mmproj or getattr(entry, 'mmproj', None)
+        spec = LaunchSpec(Path(binary.path), Path(entry.path), Path(mmproj) if mmproj else None, params)
+        # The app's environment only in part (LLAMA_ARG_* would set flags we did not choose), then the model's.
+        env = policy.child_env(binary.child_env(), params.env)
+        # Each server requires its own key, so its port is no way around the app's keys and Host checks.
+        key = secrets.token_urlsafe(32)
+        api_key: str | None = key
+        key_file: Path | None = None
+        if '--api-key-file' in flags:
+            key_file = self.data_dir / KEYS_DIR / f'{hashlib.sha256(entry.id.encode()).hexdigest()[:20]}.key'
+            await asyncio.to_thread(write_private, key_file, f'{key}\n')
+        elif '--api-key' in flags:
+            env['LLAMA_API_KEY'] = key  # not on the command line, where `ps` shows it to every user
+        else:
+            api_key = None
         s = self.settings
         timings = Timings(
             load_timeout=s.load_timeout,
@@ -263,7 +284,7 @@ class Scheduler:
             health_interval=s.health_interval,
             restart_backoff=s.restart_backoff,
         )
-        return Launch(lambda port: spec.argv(port, help_text), env, timings)
+        return Launch(lambda port: spec.argv(port, help_text, roots, key_file), env, timings, api_key)
 
     def _need_mb(self, entry: Any, params: ModelParams) -> float | None:
         """Memory the model will take, from the library's fit estimate (only needed with a memory budget)."""
@@ -350,6 +371,8 @@ class Scheduler:
         entry = self.library.get(model)
         if entry is None:
             raise ModelNotFound(f'model {model!r} not found')
+        if entry.error:  # never spawned: llama-server would fail on it, or block on a FIFO
+            raise ModelUnusable(f'{entry.id} cannot be loaded: {entry.error}')
         return entry
 
     def _proc(self, model_id: str) -> ServerProcess:
