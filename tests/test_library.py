@@ -95,7 +95,6 @@ async def test_scan_lists_models_with_metadata_and_clear_errors(make_library: Ma
         'bad-magic',
         'truncated',
         'empty',
-        'pipe',
         'dangling',
     }
 
@@ -122,18 +121,43 @@ async def test_scan_lists_models_with_metadata_and_clear_errors(make_library: Ma
     assert seeing.capabilities == ['completion', 'chat', 'vision']
     assert by_id['renamed'].meta.name == 'Bin Model'
 
-    errors = {i: by_id[i].error or '' for i in ('bad-magic', 'truncated', 'empty', 'pipe', 'dangling')}
+    errors = {i: by_id[i].error or '' for i in ('bad-magic', 'truncated', 'empty', 'dangling')}
     assert 'bad magic' in errors['bad-magic']
     assert 'truncated' in errors['truncated']
     assert 'too short' in errors['empty']
-    assert 'not a regular file' in errors['pipe']
     assert 'broken symlink' in errors['dangling']
     assert all(by_id[i].capabilities == [] for i in errors)
 
     skipped = {Path(s['path']).name: s['reason'] for s in lib.last_scan.skipped}
-    assert skipped == {'pytorch_model.bin': '.bin file without the GGUF magic'}
+    assert skipped == {
+        'pytorch_model.bin': '.bin file without the GGUF magic',
+        'pipe.gguf': 'not a regular file (FIFO, device, ...)',  # skipped without opening: a read would block
+    }
     assert lib.last_scan.dir_errors == []
     assert not any('secret' in str(p) for e in lib.models() for p in e.paths)
+
+
+async def test_links_out_of_the_model_folders_are_not_followed(make_library: MakeLibrary, tmp_path: Path):
+    models, elsewhere = tmp_path / 'models', tmp_path / 'elsewhere'
+    models.mkdir(), elsewhere.mkdir()
+    write_tiny_gguf(elsewhere / 'outside.gguf', name='Outside')
+    write_tiny_gguf(models / 'inside.gguf', name='Inside')
+    (models / 'passwd.gguf').symlink_to('/etc/passwd')
+    (models / 'outside-link.gguf').symlink_to(elsewhere / 'outside.gguf')
+    (models / 'linked-folder').symlink_to(elsewhere, target_is_directory=True)
+    (models / 'inside-link.gguf').symlink_to(models / 'inside.gguf')  # a link within the folder is fine
+    lib = await make_library([models])
+    assert [e.id for e in lib.models()] == ['inside']
+    skipped = {Path(s['path']).name: s['reason'] for s in lib.last_scan.skipped}
+    assert skipped == {
+        'passwd.gguf': 'a link to outside the model folders',
+        'outside-link.gguf': 'a link to outside the model folders',
+        'linked-folder': 'a link to outside the model folders',
+    }
+    assert 'magic' not in str(lib.last_scan)  # the target is never read, so none of its bytes can show
+    # Both folders configured: the same links now point inside, and the model is listed (once).
+    lib2 = await make_library([models, elsewhere])
+    assert sorted(e.id for e in lib2.models()) == ['inside', 'outside']
 
 
 async def test_lookup_by_id_and_aliases(make_library: MakeLibrary, zoo: Path):

@@ -62,9 +62,13 @@ def well_known_dirs(env: dict[str, str] | None = None, home: Path | None = None)
 
 
 def discover(dirs: Iterable[Path]) -> Discovery:
+    """Every GGUF under `dirs`. A link is followed only to a target inside one of `dirs` (a link to /etc/passwd or
+    to another folder is skipped, with the reason); FIFOs and devices are skipped without being opened."""
+    dirs = [Path(d).expanduser().absolute() for d in dirs]
     out = Discovery()
     found: dict[Path, FoundFile] = {}  # real path -> the best way it was found
     seen_dirs: set[Path] = set()
+    inside = _Inside(dirs)
     for root in dirs:
         root = Path(root).expanduser().absolute()
         try:
@@ -78,7 +82,7 @@ def discover(dirs: Iterable[Path]) -> Discovery:
         if real_root in seen_dirs:
             continue
         out.roots.append(root)
-        _walk(root, out, found, seen_dirs)
+        _walk(root, out, found, seen_dirs, inside)
     out.files = sorted(found.values(), key=lambda f: str(f.path))
     return out
 
@@ -88,7 +92,25 @@ def _better(new: FoundFile, old: FoundFile) -> bool:
     return (new.path != new.real, str(new.path)) < (old.path != old.real, str(old.path))
 
 
-def _walk(root: Path, out: Discovery, found: dict[Path, FoundFile], seen_dirs: set[Path]) -> None:
+class _Inside:
+    """Whether a real path lies inside one of the (resolved) roots."""
+
+    def __init__(self, dirs: list[Path]) -> None:
+        self.roots: list[Path] = []
+        for d in dirs:
+            try:
+                self.roots.append(d.resolve(strict=True))
+            except (OSError, RuntimeError):
+                continue
+
+    def __call__(self, real: Path) -> bool:
+        return any(real == r or real.is_relative_to(r) for r in self.roots)
+
+
+OUTSIDE = 'a link to outside the model folders'
+
+
+def _walk(root: Path, out: Discovery, found: dict[Path, FoundFile], seen_dirs: set[Path], inside: _Inside) -> None:
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -98,6 +120,9 @@ def _walk(root: Path, out: Discovery, found: dict[Path, FoundFile], seen_dirs: s
             out.dir_errors.append((str(folder), f'cannot open folder: {_reason(e)}'))
             continue
         if real_folder in seen_dirs:  # a symlink loop or the same folder reached twice
+            continue
+        if not inside(real_folder):
+            out.skipped.append((str(folder), OUTSIDE))
             continue
         seen_dirs.add(real_folder)
         try:
@@ -118,10 +143,10 @@ def _walk(root: Path, out: Discovery, found: dict[Path, FoundFile], seen_dirs: s
                 pass
             if not lower.endswith(('.gguf', '.bin')):
                 continue
-            _add_file(Path(entry.path), lower.endswith('.bin'), out, found)
+            _add_file(Path(entry.path), lower.endswith('.bin'), out, found, inside)
 
 
-def _add_file(path: Path, is_bin: bool, out: Discovery, found: dict[Path, FoundFile]) -> None:
+def _add_file(path: Path, is_bin: bool, out: Discovery, found: dict[Path, FoundFile], inside: _Inside) -> None:
     try:
         st = path.stat()  # follows links
         real = path.resolve(strict=True)
@@ -131,11 +156,11 @@ def _add_file(path: Path, is_bin: bool, out: Discovery, found: dict[Path, FoundF
         elif not is_bin:
             found[path] = FoundFile(path, path, 0, 0, f'cannot read: {_reason(e)}')
         return
-    if not stat.S_ISREG(st.st_mode):
-        if is_bin:
-            out.skipped.append((str(path), 'not a regular file'))
-        else:
-            found[real] = FoundFile(path, real, 0, st.st_mtime_ns, 'not a regular file (FIFO, device, ...)')
+    if not inside(real):
+        out.skipped.append((str(path), OUTSIDE))
+        return
+    if not stat.S_ISREG(st.st_mode):  # never opened: reading a FIFO blocks, a device may never end
+        out.skipped.append((str(path), 'not a regular file (FIFO, device, ...)'))
         return
     candidate = FoundFile(path, real, st.st_size, st.st_mtime_ns)
     old = found.get(real)
