@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         '--config', type=Path, metavar='FILE', help='JSON config file (default: $LAP_CONFIG, else the user config dir)'
     )
+    p.add_argument('--ssl-certfile', type=Path, metavar='PEM', help='TLS certificate: serve HTTPS (with --ssl-keyfile)')
+    p.add_argument('--ssl-keyfile', type=Path, metavar='PEM', help='TLS private key for --ssl-certfile')
     p.add_argument('--native', action='store_true', help='open in a native desktop window (needs pywebview)')
     p.add_argument('--no-browser', action='store_true', help='do not open a browser tab on start')
     p.add_argument('--log-level', choices=['debug', 'info', 'warning', 'error'], help='app log level (default info)')
@@ -72,7 +74,14 @@ def build(args: argparse.Namespace) -> Any:
     from core.system import System
     from ui import register_pages
 
-    cli = {'host': args.host, 'port': args.port, 'models_dirs': args.models_dirs, 'log_level': args.log_level}
+    cli = {
+        'host': args.host,
+        'port': args.port,
+        'models_dirs': args.models_dirs,
+        'log_level': args.log_level,
+        'ssl_certfile': args.ssl_certfile,
+        'ssl_keyfile': args.ssl_keyfile,
+    }
     config_path = args.config or (Path(os.environ['LAP_CONFIG']) if os.environ.get('LAP_CONFIG') else None)
     config = SettingsManager(config_path=config_path, cli=cli)
     system = System(config)
@@ -100,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
             f'Refusing to bind {settings.host} without an API key: anyone on the network could use your models.\n'
             'Set one with LAP_API_KEYS=<key> (or "api_keys" in the config file), or bind 127.0.0.1.'
         )
+    if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):
+        sys.exit('TLS needs both a certificate and its key: --ssl-certfile and --ssl-keyfile (or neither).')
     if args.native:
         try:
             import webview  # noqa: F401
@@ -107,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit('--native needs pywebview: pip install ".[native]" (or run without --native)')
 
     from nicegui import ui
+
+    from core.httpguard import uvicorn_options
 
     ui.run(
         host=settings.host,
@@ -125,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         # address on every request.
         proxy_headers=False,
         server_header=False,  # one header less on every reply, and nothing said about the server software
+        **uvicorn_options(settings),  # slow clients closed, connections capped, TLS (core/httpguard.py)
     )
 
 

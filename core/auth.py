@@ -1,9 +1,11 @@
-"""API keys and the Host allowlist, checked at the front door for every request.
+"""API keys, the Host allowlist and the per-key rate limit, checked at the front door for every request.
 
-Keys (`api_keys`) protect the proxied paths and `/api/*`: `Authorization: Bearer <key>` or `x-api-key: <key>`,
-compared in constant time. The Host check defends a loopback-bound, key-less install against DNS rebinding: a web
-page on `evil.example` that rebinds its name to 127.0.0.1 still sends `Host: evil.example`, which is refused.
-An IP literal in Host can never come from rebinding, so it always passes.
+With keys (`api_keys`, `api_keys_file`) set, every path needs `Authorization: Bearer <key>` or `x-api-key: <key>`
+(compared in constant time) except what the login page itself needs (`PUBLIC`, NiceGUI's assets and socket) and the
+pages, which check the browser's login before they build (they are registered in `pages`). A path that nobody
+listed is therefore closed, not open. The Host check defends a loopback-bound, key-less install against DNS
+rebinding: a web page on `evil.example` that rebinds its name to 127.0.0.1 still sends `Host: evil.example`, which
+is refused. An IP literal in Host can never come from rebinding, so it always passes.
 """
 
 from __future__ import annotations
@@ -12,26 +14,35 @@ import functools
 import hashlib
 import hmac
 import ipaddress
-import json
+import math
 import socket
+import time
 from collections.abc import Iterable
 from typing import Any
 
-from core.frontdoor import ASGIApp, Receive, Scope, Send
+from core.frontdoor import ASGIApp, Scope, error_app
 
-# Paths that need a key when keys are set. `/api/health` stays open as a liveness probe (it tells no secrets).
-PROTECTED_PREFIXES = ('/v1/', '/upstream/', '/api/')
-PROTECTED_EXACT = frozenset(
-    {'/v1', '/api', '/completion', '/infill', '/tokenize', '/detokenize', '/apply-template', '/rerank'}
-)
-PUBLIC = frozenset({'/api/health'})
+# Open with keys set: a liveness probe that tells no secrets, and what the login page loads. NiceGUI's socket only
+# reaches a client that a page built, and pages build only after login.
+PUBLIC = frozenset({'/api/health', '/login', '/favicon.ico'})
+PUBLIC_PREFIXES = ('/_nicegui/', '/_nicegui_ws/')
+METRICS_PATH = '/metrics'
 LOOPBACK_NAMES = frozenset({'localhost', 'localhost.localdomain', 'ip6-localhost', 'ip6-loopback'})
 
 
-def needs_key(path: str) -> bool:
-    if path in PUBLIC:
+def needs_key(path: str, pages: frozenset[str] | set[str] = frozenset()) -> bool:
+    """Whether `path` needs a key header when keys are set (`pages` check the browser's login themselves)."""
+    return not (path in PUBLIC or path in pages or path.startswith(PUBLIC_PREFIXES))
+
+
+def is_loopback_client(scope: Scope) -> bool:
+    client = scope.get('client')
+    if not client:
         return False
-    return path in PROTECTED_EXACT or path.startswith(PROTECTED_PREFIXES)
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def key_digest(key: str) -> str:
@@ -89,6 +100,8 @@ class AuthGuard:
 
     def __init__(self, config: Any) -> None:
         self.config = config
+        self.pages: set[str] = set()  # page routes: they redirect to /login themselves (see ui/layout.page)
+        self._limiter = RateLimiter()
         self._machine_names = self._local_names()
         self._hosts: dict[bytes, bool] = {}  # Host header value -> allowed, for `_hosts_for` (a Settings object)
         self._hosts_for: Any = None
@@ -123,34 +136,67 @@ class AuthGuard:
             ok = self._hosts[raw] = self.allowed_host(host_name(raw.decode('latin-1')))
         if not ok:
             return _deny(
-                scope,
                 403,
                 f'Host {raw.decode("latin-1")!r} is not allowed (DNS rebinding protection); add it to the '
                 'allowed_hosts setting',
                 'forbidden_host',
             )
         keys = settings.api_keys
-        if keys and needs_key(scope.get('path', '')) and not key_matches(key_from_headers(headers), keys):
+        if not keys:
+            return None
+        path = scope.get('path', '')
+        if not needs_key(path, self.pages):
+            return None
+        if path == METRICS_PATH and settings.metrics_without_key and is_loopback_client(scope):
+            return None
+        given = key_from_headers(headers)
+        if not key_matches(given, keys):
             return _deny(
-                scope,
                 401,
                 'Missing or invalid API key: send "Authorization: Bearer <key>" or "x-api-key: <key>"',
                 'invalid_api_key',
             )
+        limit = settings.rate_limit_per_minute
+        if limit:
+            wait = self._limiter.take(given or '', limit)
+            if wait:
+                return _deny(
+                    429,
+                    f'Over the rate limit of {limit} requests a minute for this key (rate_limit_per_minute); '
+                    f'retry in {wait} s',
+                    'rate_limited',
+                    retry_after=wait,
+                    type_='rate_limit_error',
+                )
         return None
 
 
-def _deny(scope: Scope, status: int, message: str, code: str) -> ASGIApp:
-    body = json.dumps({'error': {'message': message, 'type': 'authentication_error', 'code': code}}).encode()
+class RateLimiter:
+    """A token bucket per key: `limit` a minute, bursts up to `limit`. Keys are only ever valid ones."""
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope['type'] == 'websocket':
-            await send({'type': 'websocket.close', 'code': 1008})
-            return
-        headers = [(b'content-type', b'application/json'), (b'content-length', str(len(body)).encode())]
-        if status == 401:
-            headers.append((b'www-authenticate', b'Bearer'))
-        await send({'type': 'http.response.start', 'status': status, 'headers': headers})
-        await send({'type': 'http.response.body', 'body': body})
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
-    return app
+    def take(self, key: str, limit: int) -> int:
+        """0 when the request may go, else whole seconds until it may."""
+        now = time.monotonic()
+        tokens, at = self._buckets.get(key, (float(limit), now))
+        tokens = min(float(limit), tokens + (now - at) * limit / 60.0)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return max(1, math.ceil((1.0 - tokens) * 60.0 / limit))
+        self._buckets[key] = (tokens - 1.0, now)
+        return 0
+
+
+def _deny(
+    status: int,
+    message: str,
+    code: str,
+    retry_after: int | None = None,
+    type_: str = 'authentication_error',
+) -> ASGIApp:
+    headers: tuple[tuple[bytes, bytes], ...] = ((b'www-authenticate', b'Bearer'),) if status == 401 else ()
+    if retry_after is not None:
+        headers += ((b'retry-after', str(retry_after).encode()),)
+    return error_app(status, message, type_, code, headers)

@@ -8,6 +8,7 @@ every HTTP and websocket request, so they also cover `/api/*` and the pages.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -15,8 +16,83 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-# A guard returns None to let the request pass, or an ASGI app that answers it (e.g. a 401).
+# A guard returns None to let the request pass, or an ASGI app that answers it (e.g. a 401). A guard that lets a
+# request pass may put headers for its answer under `scope[RESPONSE_HEADERS]` (CORS does).
 Guard = Callable[[Scope], ASGIApp | None]
+RESPONSE_HEADERS = 'lap.response_headers'
+
+
+def error_app(
+    status: int, message: str, type_: str, code: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> ASGIApp:
+    """An ASGI app answering the OpenAI error shape (a websocket is closed with 1008, policy violation)."""
+    body = json.dumps({'error': {'message': message, 'type': type_, 'code': code}}).encode()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope['type'] == 'websocket':
+            await send({'type': 'websocket.close', 'code': 1008})
+            return
+        out = [(b'content-type', b'application/json'), (b'content-length', str(len(body)).encode()), *headers]
+        await send({'type': 'http.response.start', 'status': status, 'headers': out})
+        await send({'type': 'http.response.body', 'body': body})
+
+    return app
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    async def wrapped(message: MutableMapping[str, Any]) -> None:
+        if message['type'] == 'http.response.start':
+            message = {**message, 'headers': [*message.get('headers', ()), *extra]}
+        await send(message)
+
+    return wrapped
+
+
+class _BodyLimit:
+    """`receive` for the app's own routes, counting body bytes: over `limit`, the client gets 413 and the app a
+    disconnect, so no route reads a body whole before it knows the size (the proxy routes count in `read_body`)."""
+
+    __slots__ = ('_receive', '_send', 'limit', 'refused', 'size')
+
+    def __init__(self, receive: Receive, send: Send, limit: int) -> None:
+        self._receive, self._send, self.limit = receive, send, limit
+        self.size = 0
+        self.refused = False
+
+    async def receive(self) -> MutableMapping[str, Any]:
+        if self.refused:
+            return {'type': 'http.disconnect'}
+        message = await self._receive()
+        if message['type'] == 'http.request':
+            self.size += len(message.get('body', b''))
+            if self.size > self.limit:
+                await self.refuse()
+                return {'type': 'http.disconnect'}
+        return message
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        if not self.refused:  # after a 413 the app's own answer has nowhere to go
+            await self._send(message)
+
+    async def refuse(self) -> None:
+        self.refused = True
+        await too_large(self.limit)({'type': 'http'}, self._receive, self._send)
+
+
+def too_large(limit: int) -> ASGIApp:
+    return error_app(
+        413, f'request body over the {limit} byte limit (max_body_bytes)', 'invalid_request_error', 'body_too_large'
+    )
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope.get('headers') or ():
+        if name == b'content-length':
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 class FrontDoor:
@@ -24,6 +100,7 @@ class FrontDoor:
         self._exact: dict[str, ASGIApp] = {}
         self._prefixes: list[tuple[str, ASGIApp]] = []
         self._guards: list[Guard] = []
+        self.body_limit: Callable[[], int] | None = None  # bytes, for the app's own routes (`max_body_bytes`)
 
     def route(self, path: str, handler: ASGIApp, *, prefix: bool = False) -> None:
         """Serve `path` (or everything under it when `prefix`) with `handler`, outside the middleware stack."""
@@ -53,6 +130,15 @@ class FrontDoor:
                 return deny
         return None
 
+    async def dispatch(self, scope: Scope, receive: Receive, send: Send, inner: ASGIApp) -> None:
+        """`inner` behind the guards, with the headers a guard asked for added to its answer."""
+        deny = self.denied(scope)
+        if deny is not None:
+            await deny(scope, receive, send)
+            return
+        extra = scope.get(RESPONSE_HEADERS)
+        await inner(scope, receive, _with_headers(send, extra) if extra else send)
+
     def install(self, app: Any) -> None:
         """Serve the routes ahead of a Starlette/FastAPI app, and run the guards for everything else too.
 
@@ -72,8 +158,18 @@ class FrontDoor:
 
             async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
                 door: FrontDoor = app._lap_front_door
-                deny = door.denied(scope) if scope['type'] in ('http', 'websocket') else None
-                await (deny or inner)(scope, receive, send)
+                if scope['type'] == 'http' and door.body_limit is not None:
+                    limit = door.body_limit()
+                    declared = _declared_length(scope)
+                    if declared is not None and declared > limit:
+                        await too_large(limit)(scope, receive, send)
+                        return
+                    counted = _BodyLimit(receive, send, limit)
+                    receive, send = counted.receive, counted.send
+                if scope['type'] in ('http', 'websocket'):
+                    await door.dispatch(scope, receive, send, inner)
+                else:
+                    await inner(scope, receive, send)
 
             return guarded
 
@@ -86,7 +182,7 @@ class FrontDoor:
             if handler is None:
                 await base.__call__(app_self, scope, receive, send)
             else:
-                await (door.denied(scope) or handler)(scope, receive, send)
+                await door.dispatch(scope, receive, send, handler)
 
         namespace = {'__call__': __call__, '__module__': base.__module__, '_lap_front_door_class': True}
         app.__class__ = type(base.__name__, (base,), namespace)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +50,20 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=1, le=65535, description='HTTP port of the UI, API and proxy')
     data_dir: Path = Field(default_factory=default_data_dir, description='SQLite, logs and the pid registry')
     log_level: LogLevel = Field('info', description='App log level')
-    api_keys: list[str] = Field(default_factory=list, description='Keys for /v1, /upstream and /api; empty = none')
+    api_keys: list[str] = Field(
+        default_factory=list, description='Keys for everything but the login page and /api/health; empty = none'
+    )
+    api_keys_file: Path | None = Field(None, description='A file with more API keys, one per line (# comments)')
+    ssl_certfile: Path | None = Field(None, description='TLS certificate (PEM): serve HTTPS')
+    ssl_keyfile: Path | None = Field(None, description='TLS private key (PEM) for ssl_certfile')
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description='Web origins (e.g. http://localhost:3000) that may call /v1 and /api from a browser; * = any',
+    )
+    rate_limit_per_minute: int = Field(0, ge=0, description='Requests a minute per API key before 429; 0 = no limit')
+    metrics_without_key: bool = Field(
+        False, description='Serve /metrics to loopback clients without a key (a local Prometheus)'
+    )
 
     # --- models and llama-server ---
     models_dirs: list[Path] = Field(default_factory=list, description='Folders scanned for GGUF models')
@@ -69,7 +83,11 @@ class Settings(BaseSettings):
     restart_backoff: float = Field(1.0, gt=0, description='Seconds before the first restart after a crash (doubles)')
 
     # --- proxy ---
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description='Largest request body accepted')
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description='Largest request body accepted, any route')
+    client_timeout: float = Field(
+        30.0, gt=0, le=3600, description='Seconds a client may take to send its headers, or between body parts'
+    )
+    max_connections: int = Field(1000, ge=1, description='Open client connections at once; more are refused')
     concurrency_limit: int = Field(10, ge=1, description='In-flight requests per model before 429')
     send_loading_state: bool = Field(False, description='Stream load progress as reasoning_content while loading')
     requests_keep: int = Field(100_000, ge=100, description='Request activity rows kept in SQLite')
@@ -101,7 +119,22 @@ class Settings(BaseSettings):
             return [p for p in (s.strip() for s in v.split(sep)) if p]
         return v
 
-    @field_validator('models_dirs', 'data_dir', 'llama_server_path', mode='after')
+    @field_validator('cors_origins', mode='before')
+    @classmethod
+    def _split_origins(cls, v: Any) -> Any:
+        if isinstance(v, str):  # an origin holds ':' (http://host:port): only commas separate
+            return [p for p in (s.strip() for s in v.split(',')) if p]
+        return v
+
+    @field_validator('cors_origins', mode='after')
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if origin != '*' and not re.match(r'^https?://[^/\s]+$', origin.rstrip('/')):
+                raise ValueError(f'{origin!r} is not an origin: scheme://host[:port], e.g. http://localhost:3000')
+        return v
+
+    @field_validator('models_dirs', 'data_dir', 'llama_server_path', 'api_keys_file', mode='after')
     @classmethod
     def _expand(cls, v: Any) -> Any:
         if isinstance(v, Path):
@@ -118,7 +151,12 @@ class Settings(BaseSettings):
 
 # Changing these only takes effect after the app restarts; everything else is applied live.
 _MISSING = object()
-RESTART_FIELDS = frozenset({'host', 'port', 'data_dir', 'log_buffer_lines', 'log_file_max_bytes', 'log_file_backups'})
+RESTART_FIELDS = frozenset(
+    {
+        *('host', 'port', 'data_dir', 'log_buffer_lines', 'log_file_max_bytes', 'log_file_backups'),
+        *('ssl_certfile', 'ssl_keyfile', 'client_timeout', 'max_connections'),
+    }
+)
 SECRET_FIELDS = frozenset({'api_keys'})
 
 
@@ -230,7 +268,7 @@ class SettingsManager:
             data = self._valid_part(name, data)
             merged.update(data)
             origin.update(dict.fromkeys(data, name))
-        settings = Settings(**merged)
+        settings = self._with_key_file(Settings(**merged))
         self.sources = {field: origin.get(field, 'default') for field in Settings.model_fields}
         for w in self.warnings:
             log.warning('config: %s (from %s) ignored: %s', w.field, w.source, w.message)
@@ -249,6 +287,23 @@ class SettingsManager:
                     dropped |= data.pop(err.field.split('.')[0], _MISSING) is not _MISSING
                 if not dropped:  # an error not tied to one of this layer's keys: ignore the whole layer
                     return {}
+
+    def _with_key_file(self, settings: Settings, strict: bool = False) -> Settings:
+        """`api_keys` plus the keys of `api_keys_file` (one a line; blank lines and `#` comments skipped)."""
+        path = settings.api_keys_file
+        if path is None:
+            return settings
+        try:
+            lines = path.read_text(encoding='utf-8').splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            error = FieldError('api_keys_file', f'cannot read {path}: {e}', 'file')
+            if strict:
+                raise ConfigInvalid([error]) from None
+            self.warnings.append(error)
+            log.warning('config: %s', error.message)
+            return settings
+        keys = [k for k in (line.strip() for line in lines) if k and not k.startswith('#')]
+        return settings.model_copy(update={'api_keys': [*settings.api_keys, *keys]})
 
     def reload(self) -> Settings:
         with self._lock:
@@ -289,6 +344,7 @@ class SettingsManager:
                 candidate = Settings(**{**new_file, **self._env, **self._cli})
             except ValidationError as exc:
                 raise ConfigInvalid(_errors(exc, 'request')) from None
+            candidate = self._with_key_file(candidate, strict=True)
             file_json = Settings(**new_file).model_dump(mode='json', include=set(new_file))
             atomic_write_text(self.config_path, json.dumps(file_json, indent=2, sort_keys=True) + '\n')
             old = self.settings

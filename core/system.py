@@ -46,6 +46,7 @@ class System:
         self.metrics = MetricsService(config, self.scheduler, self.library, self.store, self.bus, logs=self.logs)
         # Raw ASGI routes and guards that run before NiceGUI's middleware (see core/frontdoor.py).
         self.frontdoor = FrontDoor()
+        self.frontdoor.body_limit = lambda: self.config.settings.max_body_bytes
         self.proxy.register_routes(self.frontdoor)
         self.metrics.register_routes(self.frontdoor)
         self._log_handler: logging.Handler | None = None

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING, Any
 from nicegui import ui
 
 from core.playground import chat_stream
-from ui.layout import frame
+from ui.layout import frame, page
 
 if TYPE_CHECKING:
     from core.system import System
 
 
 def register(system: System) -> None:
-    @ui.page('/chat')
+    @page(system, '/chat')
     def chat() -> None:
         with frame(system, 'Chat'):
             models = [e.id for e in system.library.models() if not e.error and 'chat' in e.capabilities]

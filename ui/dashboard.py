@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
 
-from ui.layout import fact, frame, subscribe
+from ui.layout import fact, frame, page, subscribe
 from ui.models import human_bytes
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def kpi(label: str, marker: str) -> ui.label:
 
 
 def register(system: System) -> None:
-    @ui.page('/')
+    @page(system, '/')
     def dashboard() -> None:
         with frame(system, 'Dashboard'):
             with ui.row().classes('gap-4 flex-wrap'):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
+from fastapi.responses import RedirectResponse
 from nicegui import context, ui
 
 if TYPE_CHECKING:
@@ -30,6 +34,27 @@ def subscribe(system: System, topics: Iterable[str], handler: Callable[[Event], 
     client.on_disconnect(sub.close)
 
 
+def page(system: System, path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`@page(system, '/models')`: a NiceGUI page that, with API keys set, sends a browser without a login to
+    `/login` before anything is built. The path is registered with the auth guard as one that checks for itself."""
+    system.proxy.auth.pages.add(path)
+
+    def decorate(build: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(build)  # NiceGUI reads the query parameters from the signature
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            from ui.login import authorised
+
+            if not authorised(system):
+                return RedirectResponse(f'/login?next={quote(path)}', status_code=303)
+            result = build(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+
+        ui.page(path)(guarded)
+        return build
+
+    return decorate
+
+
 def binary_status(system: System) -> tuple[str, str]:
     b = system.binary.current
     if b is None:
@@ -39,16 +64,6 @@ def binary_status(system: System) -> tuple[str, str]:
 
 @contextmanager
 def frame(system: System, title: str) -> Iterator[None]:
-    from ui.login import authorised
-
-    if not authorised(system):
-        # The page body still runs (it is the caller's `with` block); build it detached and throw it away.
-        ui.navigate.to(f'/login?next={_current_path()}')
-        hidden = ui.element('div').classes('hidden')
-        with hidden:
-            yield
-        hidden.delete()
-        return
     ui.colors(primary='#4f46e5')
     with ui.header(elevated=True).classes('items-center gap-4 px-4 py-2'):
         ui.button(on_click=lambda: drawer.toggle(), icon='menu').props('flat color=white dense')
@@ -66,13 +81,6 @@ def frame(system: System, title: str) -> Iterator[None]:
     with ui.column().classes('w-full p-4 gap-4'):
         ui.label(title).classes('text-2xl font-semibold')
         yield
-
-
-def _current_path() -> str:
-    try:
-        return context.client.request.url.path
-    except AttributeError:
-        return '/'
 
 
 def fact(label: str, value: str) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from nicegui import ui
 
 from core.logs import LEVELS
-from ui.layout import frame, subscribe
+from ui.layout import frame, page, subscribe
 
 if TYPE_CHECKING:
     from core.events import Event
@@ -25,7 +25,7 @@ def _fmt(rec: dict[str, Any] | LogRecord) -> str:
 
 
 def register(system: System) -> None:
-    @ui.page('/logs')
+    @page(system, '/logs')
     def logs() -> None:
         with frame(system, 'Logs'):
             ui.label('The app and every llama-server it runs, newest at the bottom.').classes('text-gray-600')

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
 
-from ui.layout import frame, subscribe
+from ui.layout import frame, page, subscribe
 
 if TYPE_CHECKING:
     from core.events import Event
@@ -109,7 +109,7 @@ def register(system: System) -> None:
                 ui.label(str(live['error'])).classes('text-xs text-red-700 whitespace-pre-wrap')
             ui.label(str(entry.path)).classes('text-xs text-gray-400 font-mono break-all')
 
-    @ui.page('/models')
+    @page(system, '/models')
     def models_page() -> None:
         with frame(system, 'Models'):
 

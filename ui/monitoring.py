@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from nicegui import ui
 
 from ui.components.live_chart import LiveChart
-from ui.layout import frame, subscribe
+from ui.layout import frame, page, subscribe
 
 if TYPE_CHECKING:
     from core.events import Event
@@ -30,7 +30,7 @@ def pick(values: dict[str, float], prefix: str, suffix: str) -> dict[str, float]
 def register(system: System) -> None:
     from core.metrics.history import flatten
 
-    @ui.page('/monitoring')
+    @page(system, '/monitoring')
     async def monitoring() -> None:
         with frame(system, 'Monitoring'):
             ui.label(

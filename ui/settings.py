@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from nicegui import ui
 
 from core.settings import ConfigInvalid, Settings
-from ui.layout import frame
+from ui.layout import frame, page
 
 if TYPE_CHECKING:
     from core.system import System
@@ -33,7 +33,7 @@ def _from_text(name: str, text: str) -> Any:
 
 
 def register(system: System) -> None:
-    @ui.page('/settings')
+    @page(system, '/settings')
     def settings_page() -> None:
         with frame(system, 'Settings'):
             desc = system.config.describe()
