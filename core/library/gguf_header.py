@@ -311,11 +311,15 @@ def _verified_run(buf: Any, pos: int, n: int, window: int) -> tuple[int, int]:
     if count < 2:
         return 0, pos
     words = np.frombuffer(buf, '<u4', count=count, offset=base)
-    j = np.flatnonzero(words[1:] == 0)  # zero words after the first: word j + 1 is zero, word j precedes it
+    j = np.flatnonzero(words[1:-1] == 0)  # zero words between two others: word j + 1 is zero, word j precedes it
     prev = words[j]
     t = (prev < 0x1000000).astype(np.uint32)  # zero bytes at the top of the previous word
     t += prev < 0x10000
     t += prev < 0x100
+    # The run's last 3 - t zeros are the low bytes of word j + 2; unchecked, a corrupt length such as
+    # 0x7f00000000000005 would pass for a 5-byte string.
+    keep = (words[j + 2] & (0xFFFFFF >> (t * 8))) == 0
+    j, prev, t = j[keep], prev[keep], t[keep]
     cand = j * 4
     cand += 3
     cand -= t  # offset from base of the length byte
