@@ -30,7 +30,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, deadline_s: float, proc: subprocess.Popen | None = None, status: int = 200) -> httpx.Response:
+def wait_http(
+    url: str, deadline_s: float, proc: subprocess.Popen | None = None, status: int = 200, verify: Any = True
+) -> httpx.Response:
     """Poll `url` until it answers `status`; fail early if `proc` exits."""
     end = time.monotonic() + deadline_s
     last: Any = None
@@ -39,7 +41,7 @@ def wait_http(url: str, deadline_s: float, proc: subprocess.Popen | None = None,
             out = proc.stdout.read() if proc.stdout else ''
             raise AssertionError(f'process exited with {proc.returncode} before {url} answered:\n{out}')
         try:
-            r = httpx.get(url, timeout=2)
+            r = httpx.get(url, timeout=2, verify=verify)
             if r.status_code == status:
                 return r
             last = r.status_code
@@ -181,7 +183,13 @@ class AppProcess:
 
 
 def start_app(
-    tmp: Path, *args: str, env: dict[str, str] | None = None, deadline_s: float = 60, port: int | None = None
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    deadline_s: float = 60,
+    port: int | None = None,
+    health_scheme: str = 'http',
+    verify: Any = True,
 ) -> AppProcess:
     """The app through its real CLI, in a subprocess that does not think it is under pytest."""
     port = port or free_port()
@@ -203,7 +211,7 @@ def start_app(
     )
     app = AppProcess(proc, f'http://127.0.0.1:{port}', data_dir, config)
     try:
-        wait_http(f'{app.base_url}/api/health', deadline_s, proc)
+        wait_http(f'{health_scheme}://127.0.0.1:{port}/api/health', deadline_s, proc, verify=verify)
     except BaseException:
         stop_process(proc)
         raise

@@ -5,12 +5,22 @@ Each module exposes `router`; handlers reach the services through `get_system` (
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 
 if TYPE_CHECKING:
     from core.system import System
+
+
+# What the front door may answer for any route before it runs (core/auth.py, core/cors.py, core/frontdoor.py).
+PERIMETER: dict[int | str, dict[str, Any]] = {
+    401: {'description': 'Missing or invalid API key (when api_keys are set)'},
+    403: {'description': 'Host or Origin not allowed (allowed_hosts, cors_origins)'},
+    413: {'description': 'Request body over max_body_bytes'},
+    429: {'description': 'Over rate_limit_per_minute for this key'},
+}
+BODY_NOT_JSON: dict[str, Any] = {'description': 'The body is not JSON'}
 
 
 def get_system(request: Request) -> System:
@@ -22,4 +32,4 @@ def include_all(app: FastAPI) -> None:
     from core.api import config, health, logs, models, models_control, monitoring, parameters, requests
 
     for module in (health, config, models, models_control, parameters, requests, monitoring, logs):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=PERIMETER)

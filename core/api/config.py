@@ -5,7 +5,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends
 from fastapi.responses import JSONResponse
 
-from core.api import get_system
+from core.api import BODY_NOT_JSON, get_system
 from core.settings import ConfigInvalid
 from core.system import System
 
@@ -18,7 +18,7 @@ def get_config(system: System = Depends(get_system)) -> dict[str, Any]:
     return system.config.describe()
 
 
-@router.put('/config', responses={422: {'description': 'Field errors; nothing was saved'}})
+@router.put('/config', responses={400: BODY_NOT_JSON, 422: {'description': 'Field errors; nothing was saved'}})
 def put_config(patch: dict[str, Any] = Body(...), system: System = Depends(get_system)) -> Any:
     """Validate and save the given fields atomically; says which changes need a restart."""
     try:

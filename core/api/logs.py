@@ -30,7 +30,7 @@ def logs(
     return {'lines': [r.as_dict() for r in records], 'sources': system.logs.file_sources()}
 
 
-@router.get('/logs/download')
+@router.get('/logs/download', responses={404: {'description': 'No log file for that source'}})
 async def download(
     source: str = Query(..., description="The source whose file to download, e.g. 'app' or 'llama-server'"),
     system: System = Depends(get_system),

@@ -146,7 +146,7 @@ async def rescan(system: System = Depends(get_system)) -> dict[str, Any]:
     return _scan_out(await system.library.rescan())
 
 
-@router.get('/models/{model_id}', response_model=ModelDetailOut)
+@router.get('/models/{model_id}', response_model=ModelDetailOut, responses={404: {'description': 'Model not found'}})
 async def model_detail(
     model_id: str,
     chat_template: bool = Query(False, description='Include the chat template text'),

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from core.api import get_system
+from core.api import BODY_NOT_JSON, get_system
 from core.model_params import ModelParams
 from core.settings import ConfigInvalid
 from core.supervisor.argv import ArgvError
@@ -17,7 +17,7 @@ from core.system import System
 
 router = APIRouter(prefix='/api', tags=['parameters'])
 
-_422: dict[int | str, dict[str, Any]] = {422: {'description': 'Field errors; nothing was saved'}}
+_422: dict[int | str, dict[str, Any]] = {400: BODY_NOT_JSON, 422: {'description': 'Field errors; nothing was saved'}}
 
 
 def _dump(params: ModelParams | None) -> dict[str, Any]:

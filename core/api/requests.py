@@ -27,7 +27,7 @@ async def inflight(system: System = Depends(get_system)) -> dict[str, Any]:
     return {'requests': system.proxy.activity.inflight()}
 
 
-@router.post('/requests/{request_id}/cancel')
+@router.post('/requests/{request_id}/cancel', responses={404: {'description': 'No such request in flight'}})
 async def cancel(request_id: str, system: System = Depends(get_system)) -> dict[str, Any]:
     if not system.proxy.activity.cancel(request_id):
         raise HTTPException(404, f'no request {request_id!r} in flight')
