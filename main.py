@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = system.config.settings
     for warning in system.config.warnings:
         print(f'config: {warning.field} (from {warning.source}) ignored: {warning.message}', file=sys.stderr)
+    if settings.api_keys_file and any(w.field == 'api_keys_file' for w in system.config.warnings):
+        sys.exit('Refusing to start without the keys of api_keys_file (see above): the app would be open to anyone.')
     if not is_loopback(settings.host) and not settings.api_keys:
         sys.exit(
             f'Refusing to bind {settings.host} without an API key: anyone on the network could use your models.\n'

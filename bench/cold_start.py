@@ -36,8 +36,9 @@ TARGET_MS = 100.0
 CHAT = {'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 4, 'stream': True}
 
 
-async def first_token(client: httpx.AsyncClient, base_url: str) -> None:
-    async with client.stream('POST', f'{base_url}/v1/chat/completions', json=CHAT) as r:
+async def first_token(client: httpx.AsyncClient, base_url: str, api_key: str | None = None) -> None:
+    headers = {'Authorization': f'Bearer {api_key}'} if api_key else None
+    async with client.stream('POST', f'{base_url}/v1/chat/completions', json=CHAT, headers=headers) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if line.startswith('data: ') and '"content"' in line:
@@ -84,7 +85,7 @@ async def through_scheduler(system: System, model_id: str, client: httpx.AsyncCl
     """Request for a stopped model -> first token, through `Scheduler.lease`, in ms."""
     t0 = time.perf_counter()
     async with system.scheduler.lease(model_id) as up:
-        await first_token(client, up.base_url)
+        await first_token(client, up.base_url, up.api_key)
     elapsed = (time.perf_counter() - t0) * 1000
     await system.scheduler.unload(model_id)
     return elapsed

@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from bench.report import write_section
 from core.llama_binary import BinaryResolver
 from core.settings import Settings
+from core.supervisor.scheduler import key_path
 from tests.gguf_factory import write_tiny_gguf
 
 SECTION = '## Proxy overhead'
@@ -98,7 +99,9 @@ def start_app(tmp: Path) -> tuple[subprocess.Popen[bytes], str, dict[str, int]]:
     write_tiny_gguf(models / f'{SCRIPTED}.gguf', name=SCRIPTED, seed=3)
     write_tiny_gguf(models / f'{REAL}.gguf', name=REAL, seed=1)
     wrapper = tmp / 'llama-server'
-    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {ROOT / "bench" / "scripted_upstream.py"} "$@"\n')
+    # The variable is set in the script: a child's environment holds only what the launch policy lets through.
+    script = f'BENCH_REAL_LLAMA_SERVER={real.path} exec {sys.executable} {ROOT / "bench" / "scripted_upstream.py"}'
+    wrapper.write_text(f'#!/bin/sh\n{script} "$@"\n')
     wrapper.chmod(0o755)
     config = {
         'models_dirs': [str(models)],
@@ -112,7 +115,7 @@ def start_app(tmp: Path) -> tuple[subprocess.Popen[bytes], str, dict[str, int]]:
     port = free_port()
     env = real.child_env()  # LD_LIBRARY_PATH etc. for the real binary, inherited through the app
     env = {k: v for k, v in env.items() if not k.startswith('LAP_')}
-    env.update({'BENCH_REAL_LLAMA_SERVER': str(real.path), 'LAP_DATA_DIR': str(tmp / 'data')})
+    env.update({'LAP_DATA_DIR': str(tmp / 'data')})
     argv = [sys.executable, str(ROOT / 'main.py'), '--no-browser', '--port', str(port)]
     argv += ['--config', str(tmp / 'config.json'), '--log-level', 'warning']
     proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / 'app.log', 'wb'))
@@ -650,7 +653,12 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
             return out
 
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        # The real llama-server requires the key the supervisor gave it: every target gets the same header (the
+        # proxy drops it and sends its own; nginx passes it on; the scripted upstream ignores it).
+        key = key_path(tmp / 'data', REAL).read_text().strip()
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=120), headers={'Authorization': f'Bearer {key}'}
+        ) as session:
             bench = Bench(session, targets_for(SCRIPTED), targets_for(REAL), args.rounds)
             warm = Bench(session, bench.scripted, bench.real, 1)  # connections, caches, the upstream's JIT-free paths
             await warm.interleaved('w', bench.scripted, warm.throughput('chat', 200, 32))

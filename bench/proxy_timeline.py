@@ -137,6 +137,7 @@ async def serve_and_measure(args: argparse.Namespace, tmp: Path) -> dict[str, di
     from fastapi import FastAPI
 
     from core.api import include_all
+    from core.httpguard import uvicorn_options
     from core.llama_binary import BinaryResolver
     from core.settings import Settings, SettingsManager
     from core.system import System
@@ -149,13 +150,14 @@ async def serve_and_measure(args: argparse.Namespace, tmp: Path) -> dict[str, di
     models.mkdir()
     write_tiny_gguf(models / f'{MODEL}.gguf', name=MODEL, seed=3)
     wrapper = tmp / 'llama-server'
-    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {ROOT / "bench" / "scripted_upstream.py"} "$@"\n')
-    wrapper.chmod(0o755)
     real = BinaryResolver(SimpleNamespace(settings=Settings(scan_well_known_dirs=False)), tmp / 'bin-data').resolve()
     if real is None:
         raise SystemExit('llama-server not found (the scripted upstream answers --version through it)')
+    # In the script: a child's environment holds only what the launch policy lets through.
+    script = f'BENCH_REAL_LLAMA_SERVER={real.path} exec {sys.executable} {ROOT / "bench" / "scripted_upstream.py"}'
+    wrapper.write_text(f'#!/bin/sh\n{script} "$@"\n')
+    wrapper.chmod(0o755)
     os.environ.update(real.child_env())
-    os.environ['BENCH_REAL_LLAMA_SERVER'] = str(real.path)
     config = {'models_dirs': [str(models)], 'scan_well_known_dirs': False, 'llama_server_path': str(wrapper)}
     (tmp / 'config.json').write_text(json.dumps(config))
     system = System(SettingsManager(config_path=tmp / 'config.json', cli={'data_dir': tmp / 'data'}))
@@ -170,7 +172,15 @@ async def serve_and_measure(args: argparse.Namespace, tmp: Path) -> dict[str, di
         system.frontdoor.install(app)
         port = _free_port()
         server = uvicorn.Server(
-            uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning', lifespan='off', proxy_headers=False)
+            uvicorn.Config(
+                app,
+                host='127.0.0.1',
+                port=port,
+                log_level='warning',
+                lifespan='off',
+                proxy_headers=False,
+                **uvicorn_options(system.config.settings),  # as main.py runs it
+            )
         )
         task = asyncio.create_task(server.serve())
         while not server.started:

@@ -40,9 +40,11 @@ def is_loopback_client(scope: Scope) -> bool:
     if not client:
         return False
     try:
-        return ipaddress.ip_address(client[0]).is_loopback
+        address = ipaddress.ip_address(client[0])
     except ValueError:
         return False
+    mapped = getattr(address, 'ipv4_mapped', None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def key_digest(key: str) -> str:

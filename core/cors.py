@@ -16,7 +16,9 @@ from urllib.parse import urlsplit
 from core.frontdoor import RESPONSE_HEADERS, ASGIApp, Receive, Scope, Send, error_app
 
 ALLOW_METHODS = b'GET, POST, PUT, DELETE, OPTIONS'
-ALLOW_HEADERS = b'authorization, content-type, x-api-key, anthropic-version, x-stainless-lang, openai-beta'
+# A listed origin's preflight gets back the headers it asks for (SDKs send many x-stainless-* ones); without the
+# question, these.
+ALLOW_HEADERS = b'authorization, content-type, x-api-key, anthropic-version, openai-beta'
 MAX_AGE = b'600'
 
 
@@ -43,12 +45,23 @@ class CorsGuard:
 
     def __call__(self, scope: Scope) -> ASGIApp | None:
         origin = host = None
+        site = mode = asked = b''
         for name, value in scope.get('headers') or ():
             if name == b'origin':
                 origin = value.decode('latin-1')
             elif name == b'host':
                 host = value.decode('latin-1').lower()
+            elif name == b'sec-fetch-site':
+                site = value
+            elif name == b'sec-fetch-mode':
+                mode = value
+            elif name == b'access-control-request-headers':
+                asked = value
         if origin is None:
+            # No Origin on a cross-site GET (an <img> or <script> tag), but modern browsers say where it comes from:
+            # such a request could still load a model. A navigation to a page is fine.
+            if site in (b'cross-site', b'same-site') and mode != b'navigate':
+                return _refuse('another site')
             return None  # not a browser's cross-origin request: nothing to decide
         listed = self.allowed(origin)
         if not listed and (host is None or _origin_host(origin) != host):
@@ -58,22 +71,22 @@ class CorsGuard:
             return None  # this app's own pages
         headers = [(b'access-control-allow-origin', origin.encode('latin-1')), (b'vary', b'Origin')]
         if preflight and any(n == b'access-control-request-method' for n, _ in scope.get('headers') or ()):
-            return _preflight(headers)
+            return _preflight(headers, asked or ALLOW_HEADERS)
         scope[RESPONSE_HEADERS] = [*headers, (b'access-control-expose-headers', b'retry-after, x-request-id')]
         return None
 
 
 def _refuse(origin: str) -> ASGIApp:
-    message = f'Origin {origin!r} may not use this server: add it to the cors_origins setting to let that web page in'
+    message = f'{origin!r} may not use this server: add its origin to the cors_origins setting to let that page in'
     return error_app(403, message, 'forbidden_error', 'forbidden_origin')
 
 
-def _preflight(headers: list[tuple[bytes, bytes]]) -> ASGIApp:
+def _preflight(headers: list[tuple[bytes, bytes]], allow_headers: bytes) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         out = [
             *headers,
             (b'access-control-allow-methods', ALLOW_METHODS),
-            (b'access-control-allow-headers', ALLOW_HEADERS),
+            (b'access-control-allow-headers', allow_headers),
             (b'access-control-max-age', MAX_AGE),
             (b'content-length', b'0'),
         ]

@@ -80,9 +80,10 @@ class _BodyLimit:
 
 
 def too_large(limit: int) -> ASGIApp:
-    return error_app(
-        413, f'request body over the {limit} byte limit (max_body_bytes)', 'invalid_request_error', 'body_too_large'
-    )
+    # No `connection: close`: a client still sending would meet a reset before it reads the 413. uvicorn reads
+    # and drops the rest; a client that stops sending is closed by core/httpguard.py.
+    message = f'request body over the {limit} byte limit (max_body_bytes)'
+    return error_app(413, message, 'invalid_request_error', 'body_too_large')
 
 
 def _declared_length(scope: Scope) -> int | None:
@@ -131,13 +132,11 @@ class FrontDoor:
         return None
 
     async def dispatch(self, scope: Scope, receive: Receive, send: Send, inner: ASGIApp) -> None:
-        """`inner` behind the guards, with the headers a guard asked for added to its answer."""
+        """`inner` behind the guards, with the headers a guard asked for added to the answer (a refusal by a later
+        guard too: a listed origin must be able to read its 401 or 429)."""
         deny = self.denied(scope)
-        if deny is not None:
-            await deny(scope, receive, send)
-            return
         extra = scope.get(RESPONSE_HEADERS)
-        await inner(scope, receive, _with_headers(send, extra) if extra else send)
+        await (deny or inner)(scope, receive, _with_headers(send, extra) if extra else send)
 
     def install(self, app: Any) -> None:
         """Serve the routes ahead of a Starlette/FastAPI app, and run the guards for everything else too.

@@ -2,10 +2,13 @@
 
 uvicorn times out only idle keep-alive connections: headers sent at a byte a second, or a body that stops half
 way, hold a connection (and a task waiting on `receive()`) for ever, and every such connection is kept. This
-protocol (uvicorn's httptools one, plus three checks) closes a connection whose headers are not complete within
-`client_timeout`, or whose body makes no progress for that long; answers 431 to headers over `MAX_HEADER_BYTES`;
-and refuses connections beyond `max_connections`. A closed connection is a disconnect to the app, so the proxy
-cancels what it had started. The checks cost two timer calls per request (`bench/proxy_overhead.py` shows them).
+protocol (uvicorn's httptools one, plus three checks) closes a connection whose request headers are not complete
+within `client_timeout` of their first byte (or of the connection), or whose body makes no progress for that long
+while the app is reading it; answers 431 to headers over `MAX_HEADER_BYTES` (counted as they arrive, since
+httptools buffers a header line whole before it says anything); and refuses connections beyond
+`max_connections`. A closed connection is a disconnect to the app, so the proxy cancels what it had started.
+Per request it costs a timer armed and cancelled (two with a body) and a call per header line
+(`bench/ab_commits.sh`, in docs/BENCHMARKS.md "Perimeter checks": ~7 us with the other perimeter checks).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; uvicorn's h11 default is 16 KiB, llama-server's 8 KiB
+_TOO_LARGE = b'HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n'
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -26,7 +30,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None
-        self._header_bytes = 0
+        self._in_headers = True  # from a request's first byte (or the connection) to its headers' end
+        self._between = True  # no request is being read: the connection is new, or the last one was whole
+        self._header_bytes = 0  # of the complete lines of this request's head
+        self._flood = 0  # bytes received while this request's head is incomplete
         self._body_at = 0.0  # loop time of the last body bytes while a body is expected
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -35,19 +42,35 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.logger.warning('refusing a connection: %d open (max_connections)', len(self.connections) - 1)
             transport.abort()
             return
-        self._arm(self._headers_late)  # the first request's headers are due too
+        self._arm(self._headers_late)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    # ---- headers -------------------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._between and not self._in_headers:  # bytes after a whole request: the next head (or a stray CRLF)
+            self._head_begins()
+        if self._in_headers and self._timer is None:
+            self._arm(self._headers_late)
+        super().data_received(data)  # cancels uvicorn's keep-alive timer; ours stays
+        if self._in_headers:  # still no end of headers: a line that never ends is counted here
+            self._flood += len(data)
+            if self._flood > MAX_HEADER_BYTES:
+                self._refuse()
+
+    def _head_begins(self) -> None:
+        self._in_headers, self._header_bytes, self._flood = True, 0, 0
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._header_bytes = 0
+        if self._between and not self._in_headers:  # a pipelined request in the same read
+            self._head_begins()
+        self._between = False
         if self._timer is None:
             self._arm(self._headers_late)
 
+    # Complete header lines are counted exactly (httptools reports a line once it has all of it).
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
         super().on_url(url)
@@ -58,28 +81,32 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _count(self, n: int) -> None:
         self._header_bytes += n
-        if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._refuse()
+
+    def _refuse(self) -> None:
+        """431, closed: uvicorn starts no request on a closing transport."""
+        if not self.transport.is_closing():
             self._disarm()
-            self.transport.write(
-                b'HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n'
-            )
+            self.transport.write(_TOO_LARGE)
             self.transport.close()
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._in_headers = False
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.scope is self.scope and not self.transport.is_closing():
             if _has_body(self.scope['headers']):
                 self._body_at = self.loop.time()
                 self._arm(self._body_late)
 
-    # ---- body ----------------------------------------------------------------------------------------------
     def on_body(self, body: bytes) -> None:
         self._body_at = self.loop.time()
         super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._disarm()
+        self._between = True
         super().on_message_complete()
 
     # ---- timers --------------------------------------------------------------------------------------------
@@ -94,12 +121,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _headers_late(self) -> None:
         self._timer = None
-        if not self.transport.is_closing():
+        if self._in_headers and not self.transport.is_closing():
             self.transport.close()
 
     def _body_late(self) -> None:
         self._timer = None
         idle = self.loop.time() - self._body_at
+        if self.flow.read_paused:  # the app is not reading (busy, or a pipelined request waits): not the client
+            self._body_at, idle = self.loop.time(), 0.0
         if idle < self.client_timeout:
             self._arm(self._body_late, self.client_timeout - idle)
         elif not self.transport.is_closing():
@@ -123,7 +152,7 @@ def protocol_for(settings: Any) -> type[GuardedHttpProtocol]:
 
 def uvicorn_options(settings: Any) -> dict[str, Any]:
     """What `uvicorn.Config` (or `ui.run`) gets from the settings: the guarded protocol, and TLS when set."""
-    options: dict[str, Any] = {'http': protocol_for(settings), 'h11_max_incomplete_event_size': MAX_HEADER_BYTES}
+    options: dict[str, Any] = {'http': protocol_for(settings)}
     if settings.ssl_certfile and settings.ssl_keyfile:
         options |= {'ssl_certfile': str(settings.ssl_certfile), 'ssl_keyfile': str(settings.ssl_keyfile)}
     return options

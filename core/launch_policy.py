@@ -4,7 +4,8 @@ llama-server has flags that execute commands (`--tools`), serve or read any file
 `--chat-template-file`, `--grammar-file`, log files), fetch from the network (`-hf`, `--model-url`, `--rpc`),
 or take over what the supervisor sets (`--model`, `--host`, `--port`, `--api-key*`, `--ssl-*`). So `extra_args`
 takes only flags from `SAFE_FLAGS` (sampling, performance, cache and context), each item one well-formed flag or
-value; file paths (typed fields and the path flags below) must resolve inside the configured model folders.
+value; file paths (typed fields and the path flags below) must resolve inside the configured model folders, and
+name a GGUF file (a template file: a .jinja one).
 The child's environment is built from an allowlist as well: `LLAMA_ARG_*` sets any flag, `LD_PRELOAD` loads
 code, `GGML_BACKEND_PATH` loads a backend library.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -93,11 +95,21 @@ SAFE_FLAGS = frozenset(
         *('-Cbd', '--cpu-mask-batch-draft', '--cpu-strict-draft', '--cpu-strict-batch-draft', '--prio-draft'),
         *('--prio-batch-draft', '--poll-draft', '--poll-batch-draft', '--ui', '--no-ui', '--ui-config'),
         '--webui-config',
+        # speculative decoding tuning: numbers and names (the draft model is a path flag, its -hf form refused)
+        *('--spec-default', '--spec-draft-backend-sampling', '--no-spec-draft-backend-sampling'),
+        *('--spec-draft-cpu-mask', '--spec-draft-cpu-mask-batch', '--spec-draft-cpu-moe', '--spec-draft-cpu-range'),
+        *('--spec-draft-cpu-strict', '--spec-draft-cpu-strict-batch', '--spec-draft-device', '--spec-draft-n-cpu-moe'),
+        *('--spec-draft-n-max', '--spec-draft-n-min', '--spec-draft-ncmoe', '--spec-draft-ngl', '--spec-draft-p-min'),
+        *('--spec-draft-override-tensor', '--spec-draft-p-split', '--spec-draft-poll', '--spec-draft-poll-batch'),
+        *('--spec-draft-prio', '--spec-draft-prio-batch', '--spec-draft-sampling', '--spec-draft-threads'),
+        *('--spec-draft-threads-batch', '--spec-draft-type-k', '--spec-draft-type-v', '--spec-ngram-map-k-min-hits'),
+        *('--spec-ngram-map-k-size-m', '--spec-ngram-map-k-size-n', '--spec-ngram-map-k4v-min-hits'),
+        *('--spec-ngram-map-k4v-size-m', '--spec-ngram-map-k4v-size-n', '--spec-ngram-min-hits'),
+        *('--spec-ngram-mod-n-match', '--spec-ngram-mod-n-max', '--spec-ngram-mod-n-min'),
+        *('--spec-ngram-simple-min-hits', '--spec-ngram-simple-size-m', '--spec-ngram-simple-size-n'),
+        *('--spec-ngram-size-m', '--spec-ngram-size-n', '--spec-synth-len', '--spec-synth-rates', '--spec-type'),
     }
 )
-# Speculative decoding tuning (`--spec-draft-n-max`, `--spec-ngram-size-n`, ...): numbers and names only; the two
-# that fetch or read a model are in REFUSED_WHY / PATH_FLAGS.
-SAFE_PREFIXES = ('--spec-',)
 # Flags whose next value (or `=value`) is a file path.
 PATH_FLAGS = frozenset(
     {'--lora', '--lora-scaled', '--control-vector', '--control-vector-scaled', '-md', '--model-draft'}
@@ -136,8 +148,7 @@ REFUSED_WHY = {
         'it downloads from the network',
     ),
     **dict.fromkeys(
-        ('--spec-draft-hf', '-dr', '--docker-repo', '-mmu', '--mmproj-url', '--fim-qwen-1.5b-default'),
-        'it downloads from the network',
+        ('--spec-draft-hf', '-dr', '--docker-repo', '-mmu', '--mmproj-url'), 'it downloads from the network'
     ),
     **dict.fromkeys(
         ('--models-autoload', '--no-models-autoload', '--models-max', '--sleep-idle-seconds'),
@@ -150,65 +161,83 @@ REFUSED_WHY = {
 
 _FLAG = re.compile(r'^--?[A-Za-z][A-Za-z0-9-]*$')
 _NUMBER = re.compile(r'^-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$')
-_NON_ASCII_DASH = re.compile(r'^[\u2010-\u2015\u2212\ufe58\ufe63\uff0d]')
+_NON_ASCII_DASH = re.compile(r'^\s*[\u2010-\u2015\u2212\ufe58\ufe63\uff0d]')
 _FLAG_INSIDE = re.compile(r'\s-{1,2}[A-Za-z]')
-_CONTROL = re.compile(r'[\x00-\x1f\x7f]')
+_CONTROL = re.compile(r'[\x00-\x08\x0b-\x1f\x7f]')  # a value may hold tabs and newlines (a grammar does)
+_ENV_CONTROL = re.compile(r'[\x00-\x1f\x7f]')
 MAX_ITEM = 4096
+# Flags followed by two values; every other flag takes at most one.
+TWO_VALUES = frozenset({'--spec-replace', '--control-vector-layer-range'})
+# The model files a path flag names are GGUF (`--lora-scaled F:S,...` and `--lora A,B` name several).
+GGUF_MAGIC = b'GGUF'
 
 
 def check_extra_args(extra: Iterable[str], roots: Iterable[Path] | None = None) -> None:
-    """Raise ParamsRefused unless every item is an allowed flag or a plain value (paths inside `roots`)."""
-    want_path: str | None = None
-    previous_flag = False
+    """Raise ParamsRefused unless every item is an allowed flag or a plain value (paths inside `roots`).
+
+    llama-server reads values by position (`--temp 0.5`; it has no `--temp=0.5`), so a value can never turn into a
+    flag; what is checked is that each flag is allowed, and that no item smuggles in several arguments."""
+    path_flag: str | None = None
+    values_left = 0  # how many more values the last flag may take
     for i, item in enumerate(extra):
         where = f'extra_args[{i}]'
         if not isinstance(item, str) or not item or len(item) > MAX_ITEM:
             raise ParamsRefused(where, f'{item!r}: each item is one flag or one value, 1 to {MAX_ITEM} characters')
-        if _CONTROL.search(item) or item != item.strip():
-            raise ParamsRefused(where, f'{item!r}: no spaces around an item, no tabs, newlines or control characters')
+        if _CONTROL.search(item):
+            raise ParamsRefused(where, f'{item!r}: no control characters')
         if _NON_ASCII_DASH.match(item):
             raise ParamsRefused(where, f'{item!r} starts with a typographic dash: flags start with "-" or "--"')
-        name, eq, value = item.partition('=')
-        if item.startswith('-') and not _NUMBER.match(item):
+        if item.strip().startswith('-') and not _NUMBER.match(item.strip()):
+            if item != item.strip():
+                raise ParamsRefused(where, f'{item!r}: no spaces or tabs around a flag')
+            name = item.partition('=')[0]
             if not _FLAG.match(name):
                 raise ParamsRefused(where, f'{item!r} is not a well-formed flag')
-            if name in REFUSED_WHY or not (name in SAFE_FLAGS or name.startswith(SAFE_PREFIXES)):
+            if name in REFUSED_WHY or name not in SAFE_FLAGS:
                 why = REFUSED_WHY.get(name, 'it is not among the flags that are safe to expose')
                 raise ParamsRefused(where, f'{name} is not allowed here: {why}')
-            if want_path is not None:
-                raise ParamsRefused(where, f'{want_path} needs a file path before {name}')
-            if name in PATH_FLAGS:
-                if eq:
-                    check_path(where, Path(value), roots)
-                else:
-                    want_path = name
-            previous_flag = True
+            if name != item:
+                raise ParamsRefused(where, f'{item!r}: llama-server takes no "=": give the value its own item')
+            if path_flag is not None:
+                raise ParamsRefused(where, f'{path_flag} needs a file path before {name}')
+            path_flag = name if name in PATH_FLAGS else None
+            values_left = 2 if name in TWO_VALUES else 1
             continue
-        if not previous_flag:
+        if not values_left:
             raise ParamsRefused(where, f'{item!r}: a value must follow the flag it belongs to')
         if _FLAG_INSIDE.search(item):
             raise ParamsRefused(where, f'{item!r} holds more than one argument: give each its own item')
-        if want_path is not None:
-            check_path(where, Path(item), roots)
-            want_path = None
-        previous_flag = False
-    if want_path is not None:
-        raise ParamsRefused('extra_args', f'{want_path} needs a file path after it')
+        if path_flag is not None:
+            for part in item.split(','):
+                check_path(where, Path(part.rsplit(':', 1)[0] if 'scaled' in path_flag else part), roots, GGUF_MAGIC)
+            path_flag = None
+        values_left -= 1
+    if path_flag is not None:
+        raise ParamsRefused('extra_args', f'{path_flag} needs a file path after it')
 
 
-def check_path(field: str, path: Path, roots: Iterable[Path] | None) -> Path:
-    """The real path of `path`, which must be an existing regular file inside one of `roots`."""
+def check_path(field: str, path: Path, roots: Iterable[Path] | None, magic: bytes | None = None) -> Path:
+    """The real path of `path`: an existing regular file inside one of `roots` (starting with `magic`, when
+    given). Not `~`-expanded: llama-server would not expand it either."""
     if roots is None:
         return path
     try:
-        real = Path(os.path.realpath(path.expanduser()))
+        real = Path(os.path.realpath(path))
     except (OSError, ValueError) as e:
         raise ParamsRefused(field, f'{path}: {e}') from None
     real_roots = [Path(os.path.realpath(r)) for r in roots]
     if not any(real == r or real.is_relative_to(r) for r in real_roots):
         raise ParamsRefused(field, f'{path} is outside the model folders (models_dirs); put the file there')
-    if not real.is_file():
-        raise ParamsRefused(field, f'{path} is not a file')
+    try:
+        st = real.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ParamsRefused(field, f'{path} is not a regular file')
+        if magic is not None:
+            with real.open('rb') as f:
+                if f.read(len(magic)) != magic:
+                    raise ParamsRefused(field, f'{path} is not a GGUF file')
+    except OSError as e:
+        raise ParamsRefused(field, f'{path}: {e.strerror or e}') from None
     return real
 
 
@@ -223,9 +252,17 @@ INHERITED_ENV = frozenset(
     }
 )
 INHERITED_PREFIXES = ('LC_', 'CUDA_', 'HIP_', 'ROCR_', 'HSA_', 'GGML_', 'OMP_', 'GPU_', 'NVIDIA_', 'MKL_')
-# Settable per model through `env` (tuning knobs only: no paths, no libraries).
-PARAM_ENV = frozenset({'CUDA_VISIBLE_DEVICES', 'HIP_VISIBLE_DEVICES', 'ROCR_VISIBLE_DEVICES', 'GPU_DEVICE_ORDINAL'})
-PARAM_ENV_PREFIXES = ('GGML_', 'OMP_', 'CUDA_', 'OPENBLAS_', 'MKL_', 'HSA_', 'NVIDIA_')
+# Settable per model through `env`: device selection and thread knobs by name (an OpenMP or CUDA prefix would let
+# in e.g. OMP_TOOL_VERBOSE_INIT=<file>, which writes a file), and ggml's own GGML_* tuning without paths.
+PARAM_ENV = frozenset(
+    {
+        *('CUDA_VISIBLE_DEVICES', 'HIP_VISIBLE_DEVICES', 'ROCR_VISIBLE_DEVICES', 'GPU_DEVICE_ORDINAL'),
+        *('CUDA_DEVICE_ORDER', 'CUDA_LAUNCH_BLOCKING', 'CUDA_MODULE_LOADING', 'ZES_ENABLE_SYSMAN'),
+        *('OMP_NUM_THREADS', 'OMP_PROC_BIND', 'OMP_PLACES', 'OMP_WAIT_POLICY', 'OMP_DYNAMIC', 'OMP_STACKSIZE'),
+        *('OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'GOTO_NUM_THREADS', 'BLIS_NUM_THREADS'),
+    }
+)
+PARAM_ENV_PREFIXES = ('GGML_',)
 _ENV_NAME = re.compile(r'^[A-Z][A-Z0-9_]{0,127}$')
 _NO_ENV_PARTS = ('PATH', 'DIR', 'FILE', 'LIB', 'PRELOAD', 'ROOT', 'HOME', 'CACHE', 'CONFIG', 'PLUGIN', 'SOCKET')
 
@@ -243,10 +280,10 @@ def check_env(env: Mapping[str, str] | None) -> None:
         if not (name in PARAM_ENV or (name.startswith(PARAM_ENV_PREFIXES) and _safe_knob(name))):
             raise ParamsRefused(
                 field,
-                f'{name} is not allowed: only device selection ({", ".join(sorted(PARAM_ENV))}) and '
-                f'{"/".join(p + "*" for p in PARAM_ENV_PREFIXES)} tuning variables without paths',
+                f'{name} is not allowed: only device selection and thread counts ({", ".join(sorted(PARAM_ENV))}) '
+                'and GGML_* tuning variables without paths',
             )
-        if not isinstance(value, str) or len(value) > MAX_ITEM or _CONTROL.search(value):
+        if not isinstance(value, str) or len(value) > MAX_ITEM or _ENV_CONTROL.search(value):
             raise ParamsRefused(field, 'the value must be one line of text, at most 4096 characters')
 
 

@@ -7,6 +7,7 @@ by field and left out, so the app keeps running on the last good configuration.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -130,7 +131,9 @@ class Settings(BaseSettings):
     @classmethod
     def _origins(cls, v: list[str]) -> list[str]:
         for origin in v:
-            if origin != '*' and not re.match(r'^https?://[^/\s]+$', origin.rstrip('/')):
+            # http(s) pages, and apps with their own scheme (vscode-webview://..., chrome-extension://...). Never
+            # `null`: every sandboxed frame of every site sends it.
+            if origin != '*' and not re.match(r'^[a-z][a-z0-9+.-]*://[^/\s]+$', origin.rstrip('/')):
                 raise ValueError(f'{origin!r} is not an origin: scheme://host[:port], e.g. http://localhost:3000')
         return v
 
@@ -158,6 +161,9 @@ RESTART_FIELDS = frozenset(
     }
 )
 SECRET_FIELDS = frozenset({'api_keys'})
+# Set only in the config file, the environment or the command line, never through PUT /api/config or the pages:
+# each names a file or program the app would trust (a key list, a binary to run, where to write its data).
+LOCAL_ONLY_FIELDS = frozenset({'llama_server_path', 'api_keys_file', 'ssl_certfile', 'ssl_keyfile', 'data_dir'})
 
 
 @dataclass
@@ -199,6 +205,20 @@ class _LenientDotEnv(DotEnvSettingsSource):
             return super().decode_complex_value(field_name, field, value)
         except ValueError:
             return value
+
+
+def _drop(data: dict[str, Any], loc: list[str]) -> bool:
+    """Remove the value at `loc` (`models.tiny.extra_args`: only that model's extra_args, not every model's)."""
+    node: Any = data
+    for part in loc[:-1]:
+        if not isinstance(node, dict) or not isinstance(node.get(part), dict):
+            break
+        node = node[part]
+    else:
+        if isinstance(node, dict) and loc[-1] in node:
+            del node[loc[-1]]
+            return True
+    return data.pop(loc[0], _MISSING) is not _MISSING
 
 
 def _errors(exc: ValidationError, source: str) -> list[FieldError]:
@@ -266,6 +286,8 @@ class SettingsManager:
         origin: dict[str, Source] = {}
         for name, data in layers:
             data = self._valid_part(name, data)
+            if name == 'file':  # what a save builds on: the next PUT must not fail on an old, dropped value
+                self._file = data
             merged.update(data)
             origin.update(dict.fromkeys(data, name))
         settings = self._with_key_file(Settings(**merged))
@@ -275,7 +297,7 @@ class SettingsManager:
         return settings
 
     def _valid_part(self, source: Source, data: dict[str, Any]) -> dict[str, Any]:
-        data = dict(data)
+        data = copy.deepcopy(data)
         while True:
             try:
                 Settings(**data)
@@ -284,7 +306,7 @@ class SettingsManager:
                 dropped = False
                 for err in _errors(exc, source):
                     self.warnings.append(err)
-                    dropped |= data.pop(err.field.split('.')[0], _MISSING) is not _MISSING
+                    dropped |= _drop(data, err.field.split('.'))
                 if not dropped:  # an error not tied to one of this layer's keys: ignore the whole layer
                     return {}
 
@@ -303,6 +325,11 @@ class SettingsManager:
             log.warning('config: %s', error.message)
             return settings
         keys = [k for k in (line.strip() for line in lines) if k and not k.startswith('#')]
+        if not keys:
+            error = FieldError('api_keys_file', f'{path} holds no key', 'file')
+            if strict:
+                raise ConfigInvalid([error])
+            self.warnings.append(error)
         return settings.model_copy(update={'api_keys': [*settings.api_keys, *keys]})
 
     def reload(self) -> Settings:
@@ -328,6 +355,7 @@ class SettingsManager:
             'config_path': str(self.config_path),
             'warnings': [w.as_dict() for w in self.warnings],
             'restart_fields': sorted(RESTART_FIELDS),
+            'local_fields': sorted(LOCAL_ONLY_FIELDS),
             'descriptions': {name: f.description or '' for name, f in Settings.model_fields.items()},
         }
 
@@ -338,6 +366,10 @@ class SettingsManager:
             unknown = [k for k in patch if k not in Settings.model_fields]
             if unknown:
                 raise ConfigInvalid([FieldError(k, 'unknown setting', 'request') for k in unknown])
+            local = [k for k in patch if k in LOCAL_ONLY_FIELDS and patch[k] != self._file.get(k, _MISSING)]
+            if local:
+                message = 'can be set only in the config file, the environment (LAP_*) or on the command line'
+                raise ConfigInvalid([FieldError(k, message, 'request') for k in local])
             new_file = {**self._file, **patch}
             try:
                 Settings(**new_file)  # the file alone must be valid

@@ -48,12 +48,15 @@ REFUSED_EXTRA = [
     (['--lora', '/etc/passwd'], 'outside the model folders'),
     (['--definitely-not-a-flag'], 'safe to expose'),
     # item 11: one argument smuggled inside another, or a flag that only looks like one
-    ([' --model'], 'no spaces around'),
-    (['\t--host'], 'control characters'),
+    ([' --model'], 'no spaces or tabs around a flag'),
+    (['\t--host'], 'no spaces or tabs around a flag'),
     (['—model', 'x'], 'typographic dash'),
     (['--temp', '4 --rpc x'], 'more than one argument'),
+    (['--temp', '0.5\n--tools'], 'more than one argument'),
     (['4'], 'must follow the flag'),
-    (['--temp', '0.5\n--tools'], 'control characters'),
+    (['--temp', '0.5', '0.6'], 'must follow the flag'),
+    (['--temp=0.5'], 'takes no "="'),  # llama-server would not start: it has no --flag=value
+    (['--temp', 'a\x00b'], 'control characters'),
 ]
 
 
@@ -81,9 +84,14 @@ async def test_no_channel_takes_a_refused_flag_and_the_server_never_gets_it(
         assert r.status_code == 422
         assert not served.system.config.config_path.exists()  # nothing was saved by any of them
         # A config file edited by hand: the value is dropped with a warning, never launched.
-        served.system.config.config_path.write_text(json.dumps({'models': {MODEL: bad}}))
+        hand_edit = {'models': {MODEL: {**bad, 'ctx_size': 1024}, 'other': {'ctx_size': 512}}}
+        served.system.config.config_path.write_text(json.dumps(hand_edit))
         served.system.config.reload()
-        assert MODEL not in served.system.config.settings.models
+        models = served.system.config.settings.models
+        assert models[MODEL].extra_args is None and models[MODEL].ctx_size == 1024  # that value alone is dropped
+        assert models['other'].ctx_size == 512
+        assert (await c.put('/api/config', json={'sse_heartbeat': 20})).status_code == 200  # saving still works
+        assert '--tools' not in served.system.config.config_path.read_text()
         assert any('run commands' in w.message for w in served.system.config.warnings)
         loaded = await c.post(f'/api/models/{MODEL}/load')
         assert loaded.status_code == 200, loaded.text
@@ -101,13 +109,23 @@ async def test_file_paths_must_be_inside_the_model_folders(served: Any, models_d
     inside.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
     (models_dir / 'passwd-link.jinja').unlink(missing_ok=True)
     (models_dir / 'passwd-link.jinja').symlink_to('/etc/passwd')  # a link out counts as outside
+    refused = [
+        ('mmproj', '/etc/passwd', 'outside the model folders'),
+        ('mmproj', '/proc/self/environ', 'outside the model folders'),
+        ('mmproj', str(inside), 'not a GGUF file'),  # inside the folder, but no model file
+        ('chat_template_file', str(outside), 'outside the model folders'),
+        ('chat_template_file', str(models_dir / 'passwd-link.jinja'), 'outside the model folders'),
+        # Any file in the folders is still no template: it is the one file llama-server shows back in /props.
+        ('chat_template_file', str(models_dir / 'tiny-llama.gguf'), 'ends in .jinja'),
+        ('chat_template_file', '/etc/passwd', 'ends in .jinja'),
+    ]
     async with served.client() as c:
-        for value in ('/etc/passwd', str(outside), str(models_dir / 'passwd-link.jinja'), '/proc/self/environ'):
-            for field in ('chat_template_file', 'mmproj'):
-                r = await c.put(f'/api/models/{MODEL}/parameters', json={field: value})
-                assert r.status_code == 422, (field, value)
-                assert r.json()['detail'][0]['field'] == field
-                assert 'outside the model folders' in r.json()['detail'][0]['message']
+        for field, value, why in refused:
+            r = await c.put(f'/api/models/{MODEL}/parameters', json={field: value})
+            assert r.status_code == 422, (field, value)
+            assert r.json()['detail'][0]['field'] == field and why in r.json()['detail'][0]['message'], r.json()
+        r = await c.put(f'/api/models/{MODEL}/parameters', json={'extra_args': ['--lora', str(inside)]})
+        assert r.status_code == 422 and 'not a GGUF file' in r.text
         r = await c.put(f'/api/models/{MODEL}/parameters', json={'chat_template_file': str(inside), 'jinja': True})
         assert r.status_code == 200, r.text
         loaded = await c.post(f'/api/models/{MODEL}/load')
@@ -191,14 +209,24 @@ async def test_each_server_requires_its_own_key_that_no_command_line_shows(
 
 
 def test_policy_unit_cases(tmp_path: Path) -> None:
-    check_extra_args(['--temp', '0.7', '-n', '-1', '--seed=-1', '--spec-draft-n-max', '8', '--override-kv', 'a=int:1'])
-    (tmp_path / 'lora.gguf').write_bytes(b'x')
-    check_extra_args(['--lora', str(tmp_path / 'lora.gguf')], [tmp_path])
-    check_extra_args([f'--lora={tmp_path / "lora.gguf"}'], [tmp_path])
+    check_extra_args(
+        ['--temp', '0.7', '-n', '-1', '--seed', '-1', '--spec-draft-n-max', '8', '--override-kv', 'a=int:1']
+    )
+    check_extra_args(['-r', 'User: ', '--grammar', 'root ::= "a"\nb ::= "c"', '--spec-replace', 'A', 'B'])
+    for name in ('a.gguf', 'b.gguf'):
+        (tmp_path / name).write_bytes(b'GGUF' + bytes(16))
+    a, b = tmp_path / 'a.gguf', tmp_path / 'b.gguf'
+    check_extra_args(['--lora', str(a)], [tmp_path])
+    check_extra_args(['--lora', f'{a},{b}', '--lora-scaled', f'{a}:0.5,{b}:1'], [tmp_path])
+    with pytest.raises(ParamsRefused, match='outside'):
+        check_extra_args(['--lora', f'{a},/etc/passwd'], [tmp_path])  # every one of a list
     with pytest.raises(ParamsRefused, match='outside'):
         check_extra_args(['--lora', '/etc/passwd'], [tmp_path])
     with pytest.raises(ParamsRefused, match='needs a file path'):
         check_extra_args(['--lora'], [tmp_path])
     check_env({'CUDA_VISIBLE_DEVICES': '0,1', 'GGML_CUDA_FORCE_MMQ': '1', 'OMP_NUM_THREADS': '4'})
+    for name in ('OMP_TOOL_VERBOSE_INIT', 'CUDA_ENABLE_COREDUMP_ON_EXCEPTION', 'GGML_BACKEND_PATH', 'HF_TOKEN'):
+        with pytest.raises(ParamsRefused, match='not allowed'):
+            check_env({name: 'x'})
     env = child_env({'PATH': '/bin', 'LLAMA_ARG_PORT': '1', 'LD_PRELOAD': 'x', 'GGML_BACKEND_PATH': 'x', 'LC_ALL': 'C'})
     assert env == {'PATH': '/bin', 'LC_ALL': 'C'}

@@ -55,7 +55,7 @@ EVERY_FIELD = ModelParams(
     chat_template_file=Path('/tmp/template.jinja'),
     mmproj=Path('/tmp/mmproj.gguf'),
     alias='tiny,tiny-alias',
-    extra_args=['--temp', '0.5', '--seed=-1'],
+    extra_args=['--temp', '0.5', '--seed', '-1'],
     env={'OMP_NUM_THREADS': '1'},
     ttl=60,
     pinned=True,
@@ -87,7 +87,7 @@ def test_every_field_maps_to_a_flag_the_binary_accepts(help_text: str) -> None:
     # This build replaced --mlock/--no-mmap with --load-mode; either way the flag exists.
     assert '--mlock' in args or args[args.index('--load-mode') + 1] == 'mlock'
     argv = LaunchSpec(Path('llama-server'), Path('m.gguf'), EVERY_FIELD.mmproj, EVERY_FIELD).argv(1234, help_text)
-    assert argv[-3:] == ['--temp', '0.5', '--seed=-1']
+    assert argv[-4:] == ['--temp', '0.5', '--seed', '-1']
     assert argv[argv.index('--port') + 1] == '1234' and argv[argv.index('--host') + 1] == '127.0.0.1'
 
 
@@ -104,7 +104,7 @@ def test_flag_missing_from_the_binary_is_a_clear_error() -> None:
         (['--no-such-flag'], 'not among the flags that are safe'),
         (['--port', '9'], '--port is not allowed here: set by the supervisor'),
         (['-m', 'other.gguf'], '-m is not allowed here: set by the supervisor'),
-        (['--spec-no-such-tuning'], 'does not accept --spec-no-such-tuning'),  # allowed by name, not in this build
+        (['--grp-attn-w'], 'does not accept --grp-attn-w'),  # an allowed flag this build does not have
     ],
 )
 def test_invalid_extra_args(help_text: str, extra: list[str], message: str) -> None:
@@ -113,7 +113,7 @@ def test_invalid_extra_args(help_text: str, extra: list[str], message: str) -> N
 
 
 def test_valid_extra_args_with_negative_values(help_text: str) -> None:
-    check_extra_args(['-n', '-1', '--temp=0.7', '--cache-reuse', '256'], accepted_flags(help_text))
+    check_extra_args(['-n', '-1', '--temp', '0.7', '--cache-reuse', '256'], accepted_flags(help_text))
 
 
 def test_bad_values_are_rejected_by_the_model() -> None:

@@ -98,6 +98,87 @@ async def test_listed_origins_get_cors_headers_from_us(make: Any) -> None:
         assert (await c.get('/api/models', headers={'Origin': EVIL})).status_code == 403
 
 
+async def test_cross_site_requests_without_an_origin_are_refused(make: Any) -> None:
+    # <img src=".../upstream/tiny-llama/health"> sends no Origin, but says where it comes from; it would load a model.
+    async with await make() as s, s.client() as c:
+        tag = {'Sec-Fetch-Site': 'cross-site', 'Sec-Fetch-Mode': 'no-cors', 'Sec-Fetch-Dest': 'image'}
+        for path in (f'/upstream/{MODEL}/health', '/api/models', '/v1/models'):
+            assert (await c.get(path, headers=tag)).status_code == 403, path
+        assert s.system.scheduler.describe(MODEL)['status'] == 'stopped'
+        link = {'Sec-Fetch-Site': 'cross-site', 'Sec-Fetch-Mode': 'navigate', 'Sec-Fetch-Dest': 'document'}
+        assert (await c.get('/api/health', headers=link)).status_code == 200  # following a link is fine
+        own = {'Sec-Fetch-Site': 'same-origin', 'Sec-Fetch-Mode': 'cors'}
+        assert (await c.get('/api/models', headers=own)).status_code == 200
+
+
+async def test_a_listed_origin_can_read_the_refusals_too(make: Any) -> None:
+    app_origin = 'http://localhost:3000'
+    async with await make(cors_origins=[app_origin], api_keys=[KEY]) as s, s.client() as c:
+        r = await c.get('/v1/models', headers={'Origin': app_origin})
+        assert r.status_code == 401 and r.headers['access-control-allow-origin'] == app_origin
+        asked = 'authorization, content-type, x-stainless-os, x-stainless-retry-count'
+        pre = await c.options(
+            '/v1/chat/completions',
+            headers={
+                'Origin': app_origin,
+                'Access-Control-Request-Method': 'POST',
+                'Access-Control-Request-Headers': asked,
+            },
+        )
+        assert pre.status_code == 204 and pre.headers['access-control-allow-headers'] == asked  # no key needed
+
+
+async def test_settings_that_name_files_or_programs_are_not_changed_over_http(make: Any, tmp_path: Path) -> None:
+    async with await make() as s, s.client() as c:
+        for field, value in (
+            ('llama_server_path', '/bin/sh'),
+            ('api_keys_file', '/etc/passwd'),
+            ('data_dir', '/etc'),
+            ('ssl_certfile', '/etc/passwd'),
+        ):
+            r = await c.put('/api/config', json={field: value})
+            assert r.status_code == 422, field
+            assert r.json()['detail'][0]['field'] == field and 'config file' in r.json()['detail'][0]['message']
+        assert not s.system.config.config_path.exists()
+        assert (await c.put('/api/config', json={'sse_heartbeat': 20})).status_code == 200  # the rest can
+
+
+def test_an_unreadable_key_file_stops_the_app_instead_of_opening_it(tmp_path: Path) -> None:
+    for content in (None, '# no key here\n'):
+        keys = tmp_path / 'keys.txt'
+        if content is None:
+            keys.unlink(missing_ok=True)
+        else:
+            keys.write_text(content)
+        env = {**_env(tmp_path), 'LAP_API_KEYS_FILE': str(keys)}
+        run = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / 'main.py'),
+                '--no-browser',
+                '--port',
+                '1',
+                '--config',
+                str(tmp_path / 'c.json'),
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode != 0 and 'api_keys_file' in run.stderr, run.stderr
+
+
+def test_helpers_of_the_perimeter() -> None:
+    from core.auth import is_loopback_client
+    from ui.login import _local_path
+
+    assert is_loopback_client({'client': ('::ffff:127.0.0.1', 1)}) and is_loopback_client({'client': ('::1', 1)})
+    assert not is_loopback_client({'client': ('192.168.1.2', 1)}) and not is_loopback_client({})
+    assert _local_path('/models?x=1') and not any(_local_path(p) for p in ('//evil', '/\\evil', 'http://e', '/x:y'))
+
+
 # ---- keys -----------------------------------------------------------------------------------------------------
 
 ROUTES_DUMP = """
@@ -292,6 +373,29 @@ async def test_slow_clients_are_closed_and_connections_are_capped(make: Any) -> 
             assert await asyncio.to_thread(_closed, sock, 5), 'a slow client was kept'
             sock.close()
         assert time.monotonic() - t0 < 4
+
+        # A stray CRLF after a whole request on a kept-alive connection starts the clock too.
+        def keep_alive_then_crlf() -> bool:
+            with _connect(port) as sock:
+                sock.sendall(b'GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
+                assert sock.recv(65536).startswith(b'HTTP/1.1 200')
+                sock.sendall(b'\r\n')
+                return _closed(sock, 5)
+
+        assert await asyncio.to_thread(keep_alive_then_crlf)
+
+        # A header line that never ends: refused as it grows, not kept in memory for client_timeout.
+        def endless_header() -> bytes:
+            with _connect(port) as sock:
+                sock.sendall(b'GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ')
+                for _ in range(40):
+                    try:
+                        sock.sendall(b'a' * 8192)
+                    except OSError:
+                        break
+                return sock.recv(100)
+
+        assert (await asyncio.to_thread(endless_header)).startswith(b'HTTP/1.1 431')
 
         # Headers over the limit: 431, closed.
         def too_big_headers() -> bytes:  # in a thread: the server runs on this test's event loop

@@ -294,9 +294,9 @@ async def test_only_pinned_loaded_gives_no_capacity(harness: Any, tiny_model: Pa
 
 
 async def test_invalid_extra_args_rejected_before_spawn(harness: Any, tiny_model: Path) -> None:
-    # Allowed by the launch policy (speculative-decoding tuning), but this build has no such flag.
-    h = await harness({'tiny': tiny_model}, models={'tiny': {'extra_args': ['--spec-no-such-tuning', '3']}})
-    with pytest.raises(StartFailed, match='--spec-no-such-tuning'):
+    # Allowed by the launch policy (self-extend), but this build has no such flag.
+    h = await harness({'tiny': tiny_model}, models={'tiny': {'extra_args': ['--grp-attn-w', '3']}})
+    with pytest.raises(StartFailed, match='--grp-attn-w'):
         await h.scheduler.load('tiny')
     assert h.states('tiny') == []  # nothing was spawned
 

@@ -19,10 +19,15 @@ def authorised(system: System) -> bool:
     return not keys or digest_matches(app.storage.user.get(STORAGE_KEY), keys)
 
 
+def _local_path(target: str) -> bool:
+    """A path on this server, never another site: browsers read `//evil` and `/\\evil` as hosts."""
+    return target.startswith('/') and not target.startswith('//') and '\\' not in target and ':' not in target
+
+
 def register(system: System) -> None:
     @ui.page('/login')
     def login(next: str = '/') -> None:
-        target = next if next.startswith('/') and not next.startswith('//') else '/'
+        target = next if _local_path(next) else '/'
 
         def submit() -> None:
             if key_matches(key.value, system.config.settings.api_keys):

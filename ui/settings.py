@@ -48,13 +48,20 @@ def register(system: System) -> None:
                     value = desc['settings'][name]
                     source = desc['sources'][name]
                     hint = f'{field.description or ""} (from {source})'
+                    local = name in desc['local_fields']
+                    if local:
+                        hint += '; set it in the config file, the environment or on the command line'
                     if isinstance(value, bool):
                         element: Any = ui.switch(name, value=value).tooltip(hint)
                     elif isinstance(value, list):
                         element = ui.textarea(name, value=_to_text(value)).props('autogrow').classes('w-full')
                     else:
                         element = ui.input(name, value=_to_text(value)).classes('w-full')
-                    inputs[name] = element.mark(f'setting-{name}')
+                    if local:
+                        element.props('readonly')  # not changed from a page (core/settings.py LOCAL_ONLY_FIELDS)
+                    else:
+                        inputs[name] = element
+                    element.mark(f'setting-{name}')
                     ui.label(hint).classes('text-xs text-gray-500 -mt-2')
             status = ui.label().classes('text-sm')
 

@@ -44,7 +44,10 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 def too_large(limit: int) -> ProxyError:
     return ProxyError(
-        413, f'request body over the {limit} byte limit (max_body_bytes)', 'invalid_request_error', 'body_too_large'
+        413,
+        f'request body over the {limit} byte limit (max_body_bytes)',
+        'invalid_request_error',
+        'body_too_large',
     )
 
 

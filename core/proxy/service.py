@@ -138,7 +138,9 @@ class Proxy:
             await Reply(send).error(not_found(f'no such endpoint: {method} {path}', 'unknown_endpoint'))
             return
         if method != 'POST':
-            await Reply(send).error(ProxyError(405, f'{path} takes POST', 'invalid_request_error', 'method'))
+            await Reply(send).error(
+                ProxyError(405, f'{path} takes POST', 'invalid_request_error', 'method', headers={'Allow': 'POST'})
+            )
             return
         await self._serve(scope, receive, send, spec, path, model_in_path=None)
 

@@ -18,8 +18,8 @@ from core import launch_policy as policy
 from core.model_params import ModelParams
 from core.supervisor.errors import ArgvError
 
-# Typed fields that hold a file path: resolved, and refused unless inside the model folders.
-FILE_FIELDS = ('chat_template_file', 'mmproj')
+# Typed fields that hold a file path, resolved and refused unless inside the model folders: what the file must be.
+TEMPLATE_SUFFIXES = ('.jinja', '.jinja2', '.j2')
 
 # field -> candidate flags (first accepted wins). Booleans are switches; None values are never passed.
 VALUE_FLAGS: dict[str, tuple[str, ...]] = {
@@ -134,7 +134,7 @@ def params_args(params: ModelParams, flags: frozenset[str]) -> list[str]:
 
 
 def check_extra_args(extra: list[str], flags: frozenset[str], roots: Iterable[Path] | None = None) -> None:
-    """Every item must pass the launch policy (`core/supervisor/policy.py`), and every flag be one the binary knows."""
+    """Every item must pass the launch policy (`core/launch_policy.py`), and every flag be one the binary knows."""
     policy.check_extra_args(extra, roots)
     for token in extra:
         name = token.split('=', 1)[0]
@@ -144,13 +144,18 @@ def check_extra_args(extra: list[str], flags: frozenset[str], roots: Iterable[Pa
 
 def check_files(params: ModelParams, roots: Iterable[Path] | None) -> ModelParams:
     """`params` with each file path resolved; every one must be a file inside the model folders."""
-    roots = None if roots is None else list(roots)
-    update = {
-        name: policy.check_path(name, Path(value), roots)
-        for name in FILE_FIELDS
-        if (value := getattr(params, name)) is not None
-    }
-    return params.model_copy(update=update) if update and roots is not None else params
+    if roots is None:
+        return params
+    roots = list(roots)
+    update: dict[str, Path] = {}
+    if params.mmproj is not None:
+        update['mmproj'] = policy.check_path('mmproj', params.mmproj, roots, policy.GGUF_MAGIC)
+    if params.chat_template_file is not None:
+        # Not any file in the folders: a template is the one kind whose text llama-server hands back (/props).
+        if params.chat_template_file.suffix.lower() not in TEMPLATE_SUFFIXES:
+            raise ArgvError('chat_template_file', f'a chat template file ends in {", ".join(TEMPLATE_SUFFIXES)}')
+        update['chat_template_file'] = policy.check_path('chat_template_file', params.chat_template_file, roots)
+    return params.model_copy(update=update) if update else params
 
 
 @dataclass(frozen=True)

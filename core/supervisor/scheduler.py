@@ -271,12 +271,13 @@ class Scheduler:
         api_key: str | None = key
         key_file: Path | None = None
         if '--api-key-file' in flags:
-            key_file = self.data_dir / KEYS_DIR / f'{hashlib.sha256(entry.id.encode()).hexdigest()[:20]}.key'
+            key_file = key_path(self.data_dir, entry.id)
             await asyncio.to_thread(write_private, key_file, f'{key}\n')
         elif '--api-key' in flags:
             env['LLAMA_API_KEY'] = key  # not on the command line, where `ps` shows it to every user
         else:
             api_key = None
+            log.warning('%s: this llama-server has no --api-key: its port answers without a key', entry.id)
         s = self.settings
         timings = Timings(
             load_timeout=s.load_timeout,
@@ -415,6 +416,11 @@ class Scheduler:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def key_path(data_dir: Path, model_id: str) -> Path:
+    """Where the key of the model's llama-server is kept (0600, in a 0700 folder of the data dir)."""
+    return Path(data_dir) / KEYS_DIR / f'{hashlib.sha256(model_id.encode()).hexdigest()[:20]}.key'
 
 
 async def _wait_event(event: asyncio.Event, timeout: float | None) -> None:
