@@ -45,7 +45,7 @@ class CorsGuard:
 
     def __call__(self, scope: Scope) -> ASGIApp | None:
         origin = host = None
-        site = mode = asked = b''
+        site = mode = asked = method = b''
         for name, value in scope.get('headers') or ():
             if name == b'origin':
                 origin = value.decode('latin-1')
@@ -57,6 +57,8 @@ class CorsGuard:
                 mode = value
             elif name == b'access-control-request-headers':
                 asked = value
+            elif name == b'access-control-request-method':
+                method = value
         if origin is None:
             # No Origin on a cross-site GET (an <img> or <script> tag), but modern browsers say where it comes from:
             # such a request could still load a model. A navigation to a page is fine.
@@ -66,13 +68,12 @@ class CorsGuard:
         listed = self.allowed(origin)
         if not listed and (host is None or _origin_host(origin) != host):
             return _refuse(origin)
-        preflight = scope['type'] == 'http' and scope.get('method') == 'OPTIONS'
         if not listed:
             return None  # this app's own pages
         headers = [(b'access-control-allow-origin', origin.encode('latin-1')), (b'vary', b'Origin')]
-        if preflight and any(n == b'access-control-request-method' for n, _ in scope.get('headers') or ()):
+        if method and scope['type'] == 'http' and scope.get('method') == 'OPTIONS':
             return _preflight(headers, asked or ALLOW_HEADERS)
-        scope[RESPONSE_HEADERS] = [*headers, (b'access-control-expose-headers', b'retry-after, x-request-id')]
+        scope[RESPONSE_HEADERS] = [*headers, (b'access-control-expose-headers', b'retry-after')]
         return None
 
 

@@ -174,6 +174,19 @@ async def system_factory(settings_factory: Callable[..., SettingsManager]) -> As
         await system.stop()
 
 
+@pytest.fixture
+async def make_served(system_factory: Callable[..., Any], models_dir: Path, tiny_model: Path) -> Any:
+    """`async with await make_served(**settings) as s`: a started System over the tiny models, served over HTTP
+    (`tests.serving.serve`)."""
+    from tests.serving import serve
+
+    async def build(**values: Any) -> Any:
+        system = await system_factory(models_dirs=[models_dir], scan_well_known_dirs=False, **values)
+        return serve(system)
+
+    return build
+
+
 @dataclass
 class AppProcess:
     proc: subprocess.Popen

@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import pytest
-
 from core.auth import host_name, key_matches
-from tests.proxy_helpers import serve
 
 KEY = 'sk-test-123'
 
 
-@pytest.fixture
-async def make(system_factory: Any, models_dir: Path, tiny_model: Path) -> Any:
-    async def build(**values: Any) -> Any:
-        system = await system_factory(models_dirs=[models_dir], scan_well_known_dirs=False, **values)
-        return serve(system)
-
-    return build
-
-
-async def test_auth_off_everything_open(make: Any) -> None:
-    async with await make() as s, s.client() as c:
+async def test_auth_off_everything_open(make_served: Any) -> None:
+    async with await make_served() as s, s.client() as c:
         assert (await c.get('/v1/models')).status_code == 200
         assert (await c.get('/api/requests')).status_code == 200
         r = await c.post('/completion', json={'model': 'tiny-llama', 'prompt': 'hi', 'n_predict': 1})
         assert r.status_code == 200
 
 
-async def test_auth_on_requires_a_key(make: Any) -> None:
-    async with await make(api_keys=[KEY, 'other']) as s, s.client() as c:
+async def test_auth_on_requires_a_key(make_served: Any) -> None:
+    async with await make_served(api_keys=[KEY, 'other']) as s, s.client() as c:
         for path in ('/v1/models', '/api/requests', '/upstream/tiny-llama/slots'):
             r = await c.get(path)
             assert r.status_code == 401, path
@@ -46,8 +33,8 @@ async def test_auth_on_requires_a_key(make: Any) -> None:
         assert (await c.get('/api/health')).status_code == 200  # liveness stays open
 
 
-async def test_host_allowlist_blocks_dns_rebinding(make: Any) -> None:
-    async with await make(allowed_hosts=['llm.lan']) as s, s.client() as c:
+async def test_host_allowlist_blocks_dns_rebinding(make_served: Any) -> None:
+    async with await make_served(allowed_hosts=['llm.lan']) as s, s.client() as c:
         assert (await c.get('/v1/models', headers={'Host': 'evil.example'})).status_code == 403
         assert (await c.get('/api/health', headers={'Host': 'evil.example:8080'})).status_code == 403
         for host in ('localhost:8080', '127.0.0.1', '[::1]:1', 'llm.lan:8080', '192.168.1.9:8080'):

@@ -18,7 +18,6 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, start_app, stop_process, wait_for
-from tests.proxy_helpers import serve
 
 MODEL = 'tiny-llama'
 KEY = 'perimeter-key'
@@ -26,20 +25,11 @@ EVIL = 'http://evil.example'
 CHAT = {'model': MODEL, 'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 2}
 
 
-@pytest.fixture
-async def make(system_factory: Any, models_dir: Path, tiny_model: Path) -> Any:
-    async def build(**values: Any) -> Any:
-        system = await system_factory(models_dirs=[models_dir], scan_well_known_dirs=False, **values)
-        return serve(system)
-
-    return build
-
-
 # ---- CORS -----------------------------------------------------------------------------------------------------
 
 
-async def test_foreign_origins_can_neither_use_nor_read_a_keyless_proxy(make: Any) -> None:
-    async with await make() as s, s.client() as c:
+async def test_foreign_origins_can_neither_use_nor_read_a_keyless_proxy(make_served: Any) -> None:
+    async with await make_served() as s, s.client() as c:
         assert (await c.post(f'/api/models/{MODEL}/load')).status_code == 200
         preflight = await c.options(
             f'/upstream/{MODEL}/props', headers={'Origin': EVIL, 'Access-Control-Request-Method': 'GET'}
@@ -69,9 +59,9 @@ async def test_foreign_origins_can_neither_use_nor_read_a_keyless_proxy(make: An
         assert (await c.get('/api/models', headers={'Origin': own})).status_code == 200
 
 
-async def test_listed_origins_get_cors_headers_from_us(make: Any) -> None:
+async def test_listed_origins_get_cors_headers_from_us(make_served: Any) -> None:
     app_origin = 'http://localhost:3000'
-    async with await make(cors_origins=[app_origin]) as s, s.client() as c:
+    async with await make_served(cors_origins=[app_origin]) as s, s.client() as c:
         pre = await c.options(
             '/v1/chat/completions',
             headers={
@@ -98,9 +88,9 @@ async def test_listed_origins_get_cors_headers_from_us(make: Any) -> None:
         assert (await c.get('/api/models', headers={'Origin': EVIL})).status_code == 403
 
 
-async def test_cross_site_requests_without_an_origin_are_refused(make: Any) -> None:
+async def test_cross_site_requests_without_an_origin_are_refused(make_served: Any) -> None:
     # <img src=".../upstream/tiny-llama/health"> sends no Origin, but says where it comes from; it would load a model.
-    async with await make() as s, s.client() as c:
+    async with await make_served() as s, s.client() as c:
         tag = {'Sec-Fetch-Site': 'cross-site', 'Sec-Fetch-Mode': 'no-cors', 'Sec-Fetch-Dest': 'image'}
         for path in (f'/upstream/{MODEL}/health', '/api/models', '/v1/models'):
             assert (await c.get(path, headers=tag)).status_code == 403, path
@@ -111,9 +101,9 @@ async def test_cross_site_requests_without_an_origin_are_refused(make: Any) -> N
         assert (await c.get('/api/models', headers=own)).status_code == 200
 
 
-async def test_a_listed_origin_can_read_the_refusals_too(make: Any) -> None:
+async def test_a_listed_origin_can_read_the_refusals_too(make_served: Any) -> None:
     app_origin = 'http://localhost:3000'
-    async with await make(cors_origins=[app_origin], api_keys=[KEY]) as s, s.client() as c:
+    async with await make_served(cors_origins=[app_origin], api_keys=[KEY]) as s, s.client() as c:
         r = await c.get('/v1/models', headers={'Origin': app_origin})
         assert r.status_code == 401 and r.headers['access-control-allow-origin'] == app_origin
         asked = 'authorization, content-type, x-stainless-os, x-stainless-retry-count'
@@ -128,8 +118,8 @@ async def test_a_listed_origin_can_read_the_refusals_too(make: Any) -> None:
         assert pre.status_code == 204 and pre.headers['access-control-allow-headers'] == asked  # no key needed
 
 
-async def test_settings_that_name_files_or_programs_are_not_changed_over_http(make: Any, tmp_path: Path) -> None:
-    async with await make() as s, s.client() as c:
+async def test_settings_that_name_files_or_programs_are_not_changed_over_http(make_served: Any, tmp_path: Path) -> None:
+    async with await make_served() as s, s.client() as c:
         for field, value in (
             ('llama_server_path', '/bin/sh'),
             ('api_keys_file', '/etc/passwd'),
@@ -267,18 +257,18 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return {**env, 'LAP_DATA_DIR': str(tmp_path / 'dump-data'), 'LAP_SCAN_WELL_KNOWN_DIRS': 'false'}
 
 
-async def test_metrics_may_be_left_open_to_a_local_scraper(make: Any) -> None:
-    async with await make(api_keys=[KEY]) as s, s.client() as c:
+async def test_metrics_may_be_left_open_to_a_local_scraper(make_served: Any) -> None:
+    async with await make_served(api_keys=[KEY]) as s, s.client() as c:
         assert (await c.get('/metrics')).status_code == 401
         assert (await c.get('/openapi.json')).status_code == 401
-    async with await make(api_keys=[KEY], metrics_without_key=True) as s, s.client() as c:
+    async with await make_served(api_keys=[KEY], metrics_without_key=True) as s, s.client() as c:
         r = await c.get('/metrics')
         assert r.status_code == 200 and 'lap_' in r.text
         assert (await c.get('/api/models')).status_code == 401  # only /metrics
 
 
-async def test_rate_limit_per_key_answers_429_with_retry_after(make: Any) -> None:
-    async with await make(api_keys=[KEY, 'other'], rate_limit_per_minute=3) as s, s.client() as c:
+async def test_rate_limit_per_key_answers_429_with_retry_after(make_served: Any) -> None:
+    async with await make_served(api_keys=[KEY, 'other'], rate_limit_per_minute=3) as s, s.client() as c:
         statuses = [(await c.get('/api/models', headers={'x-api-key': KEY})).status_code for _ in range(4)]
         assert statuses == [200, 200, 200, 429]
         r = await c.get('/v1/models', headers={'x-api-key': KEY})
@@ -288,10 +278,10 @@ async def test_rate_limit_per_key_answers_429_with_retry_after(make: Any) -> Non
         assert (await c.get('/api/health')).status_code == 200  # the liveness probe is not counted
 
 
-async def test_keys_can_come_from_a_file(make: Any, tmp_path: Path) -> None:
+async def test_keys_can_come_from_a_file(make_served: Any, tmp_path: Path) -> None:
     keys = tmp_path / 'keys.txt'
     keys.write_text('# team keys\nfile-key-1\n\nfile-key-2\n')
-    async with await make(api_keys_file=keys) as s, s.client() as c:
+    async with await make_served(api_keys_file=keys) as s, s.client() as c:
         assert (await c.get('/api/models')).status_code == 401
         for key in ('file-key-1', 'file-key-2'):
             assert (await c.get('/api/models', headers={'x-api-key': key})).status_code == 200
@@ -303,8 +293,8 @@ async def test_keys_can_come_from_a_file(make: Any, tmp_path: Path) -> None:
 # ---- limits ---------------------------------------------------------------------------------------------------
 
 
-async def test_one_body_limit_for_every_route(make: Any) -> None:
-    async with await make(max_body_bytes=64 * 1024) as s, s.client() as c:
+async def test_one_body_limit_for_every_route(make_served: Any) -> None:
+    async with await make_served(max_body_bytes=64 * 1024) as s, s.client() as c:
         big = b'{"x": "' + b'a' * 200_000 + b'"}'
         for method, path in (('PUT', '/api/config'), ('PUT', '/api/parameters'), ('POST', '/v1/chat/completions')):
             r = await c.request(method, path, content=big, headers={'Content-Type': 'application/json'})
@@ -321,8 +311,8 @@ async def test_one_body_limit_for_every_route(make: Any) -> None:
         assert (await c.get('/api/health')).status_code == 200
 
 
-async def test_deeply_nested_json_is_an_openai_400(make: Any) -> None:
-    async with await make() as s, s.client() as c:
+async def test_deeply_nested_json_is_an_openai_400(make_served: Any) -> None:
+    async with await make_served() as s, s.client() as c:
         for depth in (300, 1000, 5000):
             nested = '[' * depth + ']' * depth
             body = json.dumps({'model': MODEL, 'messages': [{'role': 'user', 'content': 'NESTED'}]})
@@ -354,8 +344,8 @@ def _closed(sock: socket.socket, within_s: float) -> bool:
         return False
 
 
-async def test_slow_clients_are_closed_and_connections_are_capped(make: Any) -> None:
-    async with await make(client_timeout=0.5, max_connections=20) as s:
+async def test_slow_clients_are_closed_and_connections_are_capped(make_served: Any) -> None:
+    async with await make_served(client_timeout=0.5, max_connections=20) as s:
         port = int(s.base_url.rsplit(':', 1)[1])
         slow_headers = _connect(port)
         slow_headers.sendall(b'GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ')
