@@ -68,12 +68,6 @@ def storage_secret(data_dir: Path) -> str:
 
 def build(args: argparse.Namespace) -> Any:
     """Create the System and register routers, proxy and pages on NiceGUI's app. Returns the System."""
-    from nicegui import app
-
-    from core.api import include_all
-    from core.system import System
-    from ui import register_pages
-
     cli = {
         'host': args.host,
         'port': args.port,
@@ -84,7 +78,18 @@ def build(args: argparse.Namespace) -> Any:
     }
     config_path = args.config or (Path(os.environ['LAP_CONFIG']) if os.environ.get('LAP_CONFIG') else None)
     config = SettingsManager(config_path=config_path, cli=cli)
+    # NiceGUI keeps browser storage (the login's key digest) in ./.nicegui, world-readable, unless told; it reads
+    # this when first imported, so before the import below.
+    storage = config.settings.data_dir / 'browser-storage'
+    os.environ.setdefault('NICEGUI_STORAGE_PATH', str(storage))
+    from nicegui import app
+
+    from core.api import include_all
+    from core.system import System
+    from ui import register_pages
+
     system = System(config)
+    Path(os.environ['NICEGUI_STORAGE_PATH']).mkdir(mode=0o700, parents=True, exist_ok=True)
     app.state.system = system
     app.on_startup(system.start)
     app.on_shutdown(system.stop)

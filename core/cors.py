@@ -20,6 +20,8 @@ ALLOW_METHODS = b'GET, POST, PUT, DELETE, OPTIONS'
 # question, these.
 ALLOW_HEADERS = b'authorization, content-type, x-api-key, anthropic-version, openai-beta'
 MAX_AGE = b'600'
+FRAMES = frozenset({b'iframe', b'frame', b'embed', b'object'})
+NOT_NAVIGABLE = ('/v1', '/upstream/', '/api/')  # a link from another site to these would act (load a model)
 
 
 def _origin_host(origin: str) -> str | None:
@@ -45,7 +47,7 @@ class CorsGuard:
 
     def __call__(self, scope: Scope) -> ASGIApp | None:
         origin = host = None
-        site = mode = asked = method = b''
+        site = mode = dest = asked = method = b''
         for name, value in scope.get('headers') or ():
             if name == b'origin':
                 origin = value.decode('latin-1')
@@ -55,14 +57,18 @@ class CorsGuard:
                 site = value
             elif name == b'sec-fetch-mode':
                 mode = value
+            elif name == b'sec-fetch-dest':
+                dest = value
             elif name == b'access-control-request-headers':
                 asked = value
             elif name == b'access-control-request-method':
                 method = value
         if origin is None:
-            # No Origin on a cross-site GET (an <img> or <script> tag), but modern browsers say where it comes from:
-            # such a request could still load a model. A navigation to a page is fine.
-            if site in (b'cross-site', b'same-site') and mode != b'navigate':
+            # No Origin on a cross-site GET (an <img> or <script> tag, a frame), but modern browsers say where it
+            # comes from: such a request could still load a model. Following a link to a page is fine.
+            if site in (b'cross-site', b'same-site') and not (
+                mode == b'navigate' and dest not in FRAMES and not scope.get('path', '').startswith(NOT_NAVIGABLE)
+            ):
                 return _refuse('another site')
             return None  # not a browser's cross-origin request: nothing to decide
         listed = self.allowed(origin)
@@ -73,7 +79,7 @@ class CorsGuard:
         headers = [(b'access-control-allow-origin', origin.encode('latin-1')), (b'vary', b'Origin')]
         if method and scope['type'] == 'http' and scope.get('method') == 'OPTIONS':
             return _preflight(headers, asked or ALLOW_HEADERS)
-        scope[RESPONSE_HEADERS] = [*headers, (b'access-control-expose-headers', b'retry-after')]
+        scope.setdefault(RESPONSE_HEADERS, []).extend([*headers, (b'access-control-expose-headers', b'retry-after')])
         return None
 
 

@@ -20,6 +20,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # request pass may put headers for its answer under `scope[RESPONSE_HEADERS]` (CORS does).
 Guard = Callable[[Scope], ASGIApp | None]
 RESPONSE_HEADERS = 'lap.response_headers'
+# Pages and the API in no other site's frame (clickjacking); the proxy's answers are not rendered, so skip them.
+NO_FRAMING = ((b'x-frame-options', b'DENY'), (b'content-security-policy', b"frame-ancestors 'none'"))
 
 
 def error_app(
@@ -166,6 +168,7 @@ class FrontDoor:
                     counted = _BodyLimit(receive, send, limit)
                     receive, send = counted.receive, counted.send
                 if scope['type'] in ('http', 'websocket'):
+                    scope[RESPONSE_HEADERS] = list(NO_FRAMING)
                     await door.dispatch(scope, receive, send, inner)
                 else:
                     await inner(scope, receive, send)

@@ -2,8 +2,9 @@
 
 uvicorn times out only idle keep-alive connections: headers sent at a byte a second, or a body that stops half
 way, hold a connection (and a task waiting on `receive()`) for ever, and every such connection is kept. This
-protocol (uvicorn's httptools one, plus three checks) closes a connection whose request headers are not complete
-within `client_timeout` of their first byte (or of the connection), or whose body makes no progress for that long
+protocol (uvicorn's httptools one, plus three checks) closes a new connection that sends nothing for 5 s, one
+whose request headers are not complete within `client_timeout` of their first byte, or whose body makes no progress
+for that long
 while the app is reading it; answers 431 to headers over `MAX_HEADER_BYTES` (counted as they arrive, since
 httptools buffers a header line whole before it says anything); and refuses connections beyond
 `max_connections`. A closed connection is a disconnect to the app, so the proxy cancels what it had started.
@@ -20,6 +21,8 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; uvicorn's h11 default is 16 KiB, llama-server's 8 KiB
+FIRST_BYTE_S = 5.0  # a new connection that sends nothing: a browser's preconnect is used within a second or two
+WARN_EVERY_S = 10.0  # a flood of refused connections is one log line per this, not one per connection
 _TOO_LARGE = b'HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n'
 
 
@@ -32,17 +35,27 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._in_headers = True  # from a request's first byte (or the connection) to its headers' end
         self._between = True  # no request is being read: the connection is new, or the last one was whole
+        self._first_byte = True  # nothing received yet: the timer is the short FIRST_BYTE_S one
         self._header_bytes = 0  # of the complete lines of this request's head
         self._flood = 0  # bytes received while this request's head is incomplete
         self._body_at = 0.0  # loop time of the last body bytes while a body is expected
 
+    _warned_at = -WARN_EVERY_S
+    _refused = 0
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            self.logger.warning('refusing a connection: %d open (max_connections)', len(self.connections) - 1)
+            cls = GuardedHttpProtocol
+            cls._refused += 1
+            if self.loop.time() - cls._warned_at >= WARN_EVERY_S:
+                self.logger.warning(
+                    'refused %d connection(s): %d open (max_connections)', cls._refused, len(self.connections) - 1
+                )
+                cls._warned_at, cls._refused = self.loop.time(), 0
             transport.abort()
             return
-        self._arm(self._headers_late)
+        self._arm(self._headers_late, min(FIRST_BYTE_S, self.client_timeout))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -51,8 +64,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._between and not self._in_headers:  # bytes after a whole request: the next head (or a stray CRLF)
             self._head_begins()
-        if self._in_headers and self._timer is None:
-            self._arm(self._headers_late)
+        if self._in_headers and (self._timer is None or self._first_byte):
+            self._arm(self._headers_late)  # (the first byte replaces the short wait for it)
+        self._first_byte = False
         super().data_received(data)  # cancels uvicorn's keep-alive timer; ours stays
         if self._in_headers:  # still no end of headers: a line that never ends is counted here
             self._flood += len(data)

@@ -216,6 +216,11 @@ def check_extra_args(extra: Iterable[str], roots: Iterable[Path] | None = None) 
         raise ParamsRefused('extra_args', f'{path_flag} needs a file path after it')
 
 
+def is_number(item: str) -> bool:
+    """`-1`, `0.5`, `-1e3`: values, though some start with a dash."""
+    return bool(_NUMBER.match(item.strip()))
+
+
 def check_path(field: str, path: Path, roots: Iterable[Path] | None, magic: bytes | None = None) -> Path:
     """The real path of `path`: an existing regular file inside one of `roots` (starting with `magic`, when
     given). Not `~`-expanded: llama-server would not expand it either."""

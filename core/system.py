@@ -28,6 +28,8 @@ class System:
         s = config.settings
         self.version = __version__
         self.bus = EventBus()
+        self.data_dir: Path = s.data_dir
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, logs, request history: the user's
         self.logs = LogService(
             self.bus,
             capacity=s.log_buffer_lines,
@@ -35,8 +37,6 @@ class System:
             max_bytes=s.log_file_max_bytes,
             backups=s.log_file_backups,
         )
-        self.data_dir: Path = s.data_dir
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.data_dir / 'lap.sqlite3')
         self.binary = BinaryResolver(config, self.data_dir)
         self.binary.resolve()  # once, before any page renders its status

@@ -208,7 +208,11 @@ def start_app(
     port = port or free_port()
     data_dir = tmp / 'app-data'
     config = tmp / 'app-config.json'
-    child_env = {k: v for k, v in os.environ.items() if k != 'PYTEST_CURRENT_TEST' and not k.startswith('LAP_')}
+    child_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != 'PYTEST_CURRENT_TEST' and not k.startswith(('LAP_', 'NICEGUI_'))  # NiceGUI's test plugin sets some
+    }
     child_env.update(
         {'LAP_DATA_DIR': str(data_dir), 'LAP_SCAN_WELL_KNOWN_DIRS': 'false', 'PYTHONUNBUFFERED': '1', **(env or {})}
     )

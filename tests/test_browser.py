@@ -87,6 +87,9 @@ async def test_with_keys_a_browser_signs_in_once_and_lands_where_it_was_going(
         await page.goto(app.base_url + '/login?next=//evil.example')
         await page.screenshot(path=str(ARTIFACTS / 'login-390.png'))
         assert not errors, errors
+        storage = app.data_dir / 'browser-storage'  # the login's key digest: the user's alone, not ./.nicegui
+        assert storage.is_dir() and storage.stat().st_mode & 0o077 == 0 and not (tmp_path / '.nicegui').exists()
+        assert app.data_dir.stat().st_mode & 0o077 == 0
     finally:
         stop_process(app.proc, timeout=20)
     logs = list((app.data_dir / 'logs').glob('*.log'))

@@ -117,8 +117,11 @@ async def test_file_paths_must_be_inside_the_model_folders(served: Any, models_d
         ('chat_template_file', str(models_dir / 'passwd-link.jinja'), 'outside the model folders'),
         # Any file in the folders is still no template: it is the one file llama-server shows back in /props.
         ('chat_template_file', str(models_dir / 'tiny-llama.gguf'), 'ends in .jinja'),
-        ('chat_template_file', '/etc/passwd', 'ends in .jinja'),
+        ('chat_template_file', '/etc/passwd', 'outside the model folders'),
+        ('chat_template_file', str(models_dir / 'model-link.jinja'), 'ends in .jinja'),  # by its target
     ]
+    (models_dir / 'model-link.jinja').unlink(missing_ok=True)
+    (models_dir / 'model-link.jinja').symlink_to(models_dir / 'tiny-llama.gguf')
     async with served.client() as c:
         for field, value, why in refused:
             r = await c.put(f'/api/models/{MODEL}/parameters', json={field: value})
@@ -134,6 +137,7 @@ async def test_file_paths_must_be_inside_the_model_folders(served: Any, models_d
         assert '<assistant>' in props['chat_template']  # the file inside the folder is the one in use
     inside.unlink()
     (models_dir / 'passwd-link.jinja').unlink()
+    (models_dir / 'model-link.jinja').unlink()
 
 
 @pytest.mark.parametrize(
@@ -230,3 +234,12 @@ def test_policy_unit_cases(tmp_path: Path) -> None:
             check_env({name: 'x'})
     env = child_env({'PATH': '/bin', 'LLAMA_ARG_PORT': '1', 'LD_PRELOAD': 'x', 'GGML_BACKEND_PATH': 'x', 'LC_ALL': 'C'})
     assert env == {'PATH': '/bin', 'LC_ALL': 'C'}
+
+
+async def test_a_value_after_a_switch_is_refused_before_it_could_crash_loop(served: Any) -> None:
+    async with served.client() as c:
+        r = await c.put(f'/api/models/{MODEL}/parameters', json={'extra_args': ['--jinja', '/etc/passwd']})
+        assert r.status_code == 422 and 'takes no value' in r.json()['detail'][0]['message']
+        ok = await c.put(f'/api/models/{MODEL}/parameters', json={'extra_args': ['--jinja', '--temp', '0.2', '-cb']})
+        assert ok.status_code == 200, ok.text
+        assert (await c.post(f'/api/models/{MODEL}/load')).status_code == 200

@@ -96,7 +96,16 @@ async def test_cross_site_requests_without_an_origin_are_refused(make_served: An
             assert (await c.get(path, headers=tag)).status_code == 403, path
         assert s.system.scheduler.describe(MODEL)['status'] == 'stopped'
         link = {'Sec-Fetch-Site': 'cross-site', 'Sec-Fetch-Mode': 'navigate', 'Sec-Fetch-Dest': 'document'}
-        assert (await c.get('/api/health', headers=link)).status_code == 200  # following a link is fine
+        assert (await c.get('/login', headers=link)).status_code != 403  # following a link to a page is fine
+        # ... but not to something that acts, nor into another site's frame
+        assert (await c.get(f'/upstream/{MODEL}/health', headers=link)).status_code == 403
+        framed = {**link, 'Sec-Fetch-Dest': 'iframe'}
+        assert (await c.get('/login', headers=framed)).status_code == 403
+        assert s.system.scheduler.describe(MODEL)['status'] == 'stopped'
+        r = await c.get('/api/models')
+        assert (
+            r.headers['x-frame-options'] == 'DENY' and "frame-ancestors 'none'" in r.headers['content-security-policy']
+        )
         own = {'Sec-Fetch-Site': 'same-origin', 'Sec-Fetch-Mode': 'cors'}
         assert (await c.get('/api/models', headers=own)).status_code == 200
 
@@ -166,7 +175,8 @@ def test_helpers_of_the_perimeter() -> None:
 
     assert is_loopback_client({'client': ('::ffff:127.0.0.1', 1)}) and is_loopback_client({'client': ('::1', 1)})
     assert not is_loopback_client({'client': ('192.168.1.2', 1)}) and not is_loopback_client({})
-    assert _local_path('/models?x=1') and not any(_local_path(p) for p in ('//evil', '/\\evil', 'http://e', '/x:y'))
+    assert _local_path('/models?x=1') and _local_path('/')
+    assert not any(_local_path(p) for p in ('//evil', '/\\evil', 'http://e', '/\t/evil.example', '/\n/e', ''))
 
 
 # ---- keys -----------------------------------------------------------------------------------------------------
@@ -324,6 +334,13 @@ async def test_deeply_nested_json_is_an_openai_400(make_served: Any) -> None:
                 '/api/config', content='{"a": ' + nested + '}', headers={'Content-Type': 'application/json'}
             )
             assert 400 <= r.status_code < 500, (depth, r.status_code)
+        # Passed through to llama-server as it came, after a parse: 100k levels would crash it.
+        deep = '{"json_schema": ' + '{"a":' * 100_000 + '1' + '}' * 100_000 + '}'
+        r = await c.post(f'/upstream/{MODEL}/v1/chat/completions', content=deep)
+        assert r.status_code == 400 and r.json()['error']['code'] == 'invalid_json'
+        state = s.system.scheduler.describe(MODEL)
+        assert state['restarts'] == 0 and state['status'] in ('stopped', 'ready')  # nothing crashed
+        assert (await c.get('/v1/chat/completions')).headers['allow'] == 'POST'
 
 
 def _connect(port: int) -> socket.socket:
@@ -363,6 +380,11 @@ async def test_slow_clients_are_closed_and_connections_are_capped(make_served: A
             assert await asyncio.to_thread(_closed, sock, 5), 'a slow client was kept'
             sock.close()
         assert time.monotonic() - t0 < 4
+
+        # A connection that never sends a byte.
+        silent = _connect(port)
+        assert await asyncio.to_thread(_closed, silent, 5)
+        silent.close()
 
         # A stray CRLF after a whole request on a kept-alive connection starts the clock too.
         def keep_alive_then_crlf() -> bool:

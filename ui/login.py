@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from nicegui import app, ui
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from core.system import System
 
 STORAGE_KEY = 'api_key_digest'
+_LOCAL = re.compile(r'/(?![/\\])[\x21-\x7e]*')
 
 
 def authorised(system: System) -> bool:
@@ -20,8 +22,9 @@ def authorised(system: System) -> bool:
 
 
 def _local_path(target: str) -> bool:
-    """A path on this server, never another site: browsers read `//evil` and `/\\evil` as hosts."""
-    return target.startswith('/') and not target.startswith('//') and '\\' not in target and ':' not in target
+    """A path on this server, never another site: browsers read `//evil` and `/\\evil` as hosts, and drop tabs and
+    newlines first (`/<TAB>/evil`), so only printable ASCII without a backslash passes."""
+    return bool(_LOCAL.fullmatch(target)) and '\\' not in target
 
 
 def register(system: System) -> None:

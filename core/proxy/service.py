@@ -179,6 +179,9 @@ class Proxy:
                         raise self._unknown_model(model_in_path)
                     if entry.error:
                         raise _unusable(entry.id, entry.error)
+                    if body.lstrip()[:1] in (b'{', b'['):
+                        # Passed on as it came, but parsed once: 100k levels of nesting crash llama-server (SIGSEGV).
+                        _parse_json(body, object_only=False)
                 rec.model = entry.id
                 if self._per_model.get(entry.id, 0) >= settings.concurrency_limit:
                     raise ProxyError(
@@ -521,12 +524,12 @@ def _has_output(sse: bytes) -> bool:
     return sse.count(b'data:') > sse.count(b'"prompt_progress"')
 
 
-def _parse_json(body: bytes) -> dict[str, Any]:
+def _parse_json(body: bytes, object_only: bool = True) -> Any:
     try:
         data = jsonio.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f'request body is not valid JSON: {e}', 'invalid_json') from None
-    if not isinstance(data, dict):
+    if object_only and not isinstance(data, dict):
         raise bad_request('request body must be a JSON object', 'invalid_json')
     return data
 

@@ -72,6 +72,20 @@ def accepted_flags(help_text: str) -> frozenset[str]:
     return frozenset(flags)
 
 
+@lru_cache(maxsize=8)
+def switch_flags(help_text: str) -> frozenset[str]:
+    """The spellings of options that take no value (no placeholder such as `N` or `FNAME` after them)."""
+    switches: set[str] = set()
+    for line in help_text.splitlines():
+        if not line.startswith('-'):
+            continue
+        spec = re.split(r'\s{2,}', re.sub(r',\s+', ', ', line.strip()), maxsplit=1)[0]
+        parts = [p for p in re.split(r'[,\s]+', spec) if p]
+        if parts and all(_FLAG_TOKEN.match(p) for p in parts):
+            switches.update(parts)
+    return frozenset(switches)
+
+
 def _pick(candidates: tuple[str, ...], flags: frozenset[str]) -> str | None:
     return next((c for c in candidates if c in flags), None)
 
@@ -133,13 +147,23 @@ def params_args(params: ModelParams, flags: frozenset[str]) -> list[str]:
     return out
 
 
-def check_extra_args(extra: list[str], flags: frozenset[str], roots: Iterable[Path] | None = None) -> None:
-    """Every item must pass the launch policy (`core/launch_policy.py`), and every flag be one the binary knows."""
+def check_extra_args(
+    extra: list[str],
+    flags: frozenset[str],
+    roots: Iterable[Path] | None = None,
+    switches: frozenset[str] = frozenset(),
+) -> None:
+    """Every item must pass the launch policy (`core/launch_policy.py`), every flag be one the binary knows, and no
+    value follow a switch (`--jinja x` would stop llama-server at start, then again at every restart)."""
     policy.check_extra_args(extra, roots)
-    for token in extra:
-        name = token.split('=', 1)[0]
-        if _FLAG_TOKEN.match(name) and name not in flags:
-            raise ArgvError('extra_args', f'llama-server does not accept {name} (see llama-server --help)')
+    after_switch: str | None = None
+    for i, token in enumerate(extra):
+        is_flag = bool(_FLAG_TOKEN.match(token)) and not policy.is_number(token)
+        if is_flag and token not in flags:
+            raise ArgvError('extra_args', f'llama-server does not accept {token} (see llama-server --help)')
+        if not is_flag and after_switch is not None:
+            raise ArgvError(f'extra_args[{i}]', f'{after_switch} takes no value, so {token!r} would be one too many')
+        after_switch = token if is_flag and token in switches else None
 
 
 def check_files(params: ModelParams, roots: Iterable[Path] | None) -> ModelParams:
@@ -152,9 +176,12 @@ def check_files(params: ModelParams, roots: Iterable[Path] | None) -> ModelParam
         update['mmproj'] = policy.check_path('mmproj', params.mmproj, roots, policy.GGUF_MAGIC)
     if params.chat_template_file is not None:
         # Not any file in the folders: a template is the one kind whose text llama-server hands back (/props).
-        if params.chat_template_file.suffix.lower() not in TEMPLATE_SUFFIXES:
+        real = policy.check_path('chat_template_file', params.chat_template_file, roots)
+        if params.chat_template_file.suffix.lower() not in TEMPLATE_SUFFIXES or real.suffix.lower() not in (
+            TEMPLATE_SUFFIXES
+        ):  # a link's target too: `tpl.jinja -> model.gguf` would echo the model's bytes
             raise ArgvError('chat_template_file', f'a chat template file ends in {", ".join(TEMPLATE_SUFFIXES)}')
-        update['chat_template_file'] = policy.check_path('chat_template_file', params.chat_template_file, roots)
+        update['chat_template_file'] = real
     return params.model_copy(update=update) if update else params
 
 
@@ -181,7 +208,7 @@ class LaunchSpec:
             argv += ['--mmproj', str(self.mmproj)]
         argv += params_args(self.params, flags)
         extra = list(self.params.extra_args or [])
-        check_extra_args(extra, flags, roots)
+        check_extra_args(extra, flags, roots, switch_flags(help_text))
         return argv + extra
 
 
@@ -192,7 +219,7 @@ def validate_params(params: ModelParams, help_text: str, roots: Iterable[Path] |
     params = check_policy(params, roots)
     flags = accepted_flags(help_text)
     params_args(params, flags)
-    check_extra_args(list(params.extra_args or []), flags, roots)
+    check_extra_args(list(params.extra_args or []), flags, roots, switch_flags(help_text))
     return params
 
 
