@@ -14,7 +14,8 @@ from typing import Any
 from core.library.meta import FileInfo
 from core.store import Store
 
-SCHEMA_VERSION = 1  # bump when FileInfo changes shape: old rows are then ignored and rewritten
+# Bump when FileInfo changes shape, or the reader accepts what it refused: old rows are then ignored and rewritten.
+SCHEMA_VERSION = 2  # 2: files without tensors (vocab-only) are no longer "truncated"
 
 DDL = """
 CREATE TABLE IF NOT EXISTS library_files (

@@ -171,7 +171,10 @@ class _Parser:
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
             raise GGUFError(f'general.alignment {align!r} is not a power of two')
         header.data_offset = -(-self.pos // align) * align
+        # No tensors, no data section: llama.cpp's vocab-only files end right after their key/values, unpadded.
         data_end = header.data_offset + max((t.offset + (t.n_bytes or 0) for t in header.tensors), default=0)
+        if not header.tensors:
+            header.data_offset = data_end = min(header.data_offset, self.size)
         if data_end > self.size:
             raise GGUFError(f'truncated: tensor data ends at byte {data_end}, the file has {self.size}')
         return header

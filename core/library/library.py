@@ -336,6 +336,9 @@ def _entry(parts: list[FoundFile], infos: dict[Path, CachedFile], stem: str, err
         stats = TensorStats.merged([c.info.tensors for c in cached if c.info is not None])
         meta = summarise(head.kv, stats)
         kv = head.kv
+        if not error and not any(c.info.tensors.count for c in cached if c.info is not None):
+            # e.g. llama.cpp's models/ggml-vocab-*.gguf: listed with what they hold, never started, never "corrupt"
+            error = 'vocab-only file: a tokenizer and its metadata, no weights (not loadable as a model)'
     else:
         meta, kv = ModelMeta(), {}
     fingerprint = (*((str(p.real), p.size, p.mtime_ns) for p in parts), error)
