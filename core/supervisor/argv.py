@@ -8,7 +8,7 @@ before spawn, never a crash loop.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -57,33 +57,27 @@ NOT_FLAGS = frozenset({'extra_args', 'env', 'ttl', 'pinned', 'request', 'mmproj'
 _FLAG_TOKEN = re.compile(r'^--?[A-Za-z][\w-]*$')
 
 
+def _option_columns(help_text: str) -> Iterator[list[str]]:
+    """The option column of each `llama-server --help` line, split: `['-c', '--ctx-size', 'N']`."""
+    for line in help_text.splitlines():
+        if line.startswith('-'):
+            # `-c,    --ctx-size N      size of ...`: join the spellings, then cut at the description column.
+            spec = re.split(r'\s{2,}', re.sub(r',\s+', ', ', line.strip()), maxsplit=1)[0]
+            yield [p for p in re.split(r'[,\s]+', spec) if p]
+
+
 @lru_cache(maxsize=8)
 def accepted_flags(help_text: str) -> frozenset[str]:
     """Every `-x` / `--xyz` spelling in the option column of `llama-server --help`."""
-    flags: set[str] = set()
-    for line in help_text.splitlines():
-        if not line.startswith('-'):
-            continue
-        # `-c,    --ctx-size N      size of ...`: join the spellings, then cut at the description column.
-        spec = re.split(r'\s{2,}', re.sub(r',\s+', ', ', line.strip()), maxsplit=1)[0]
-        for part in re.split(r'[,\s]+', spec):
-            if _FLAG_TOKEN.match(part):
-                flags.add(part)
-    return frozenset(flags)
+    return frozenset(p for parts in _option_columns(help_text) for p in parts if _FLAG_TOKEN.match(p))
 
 
 @lru_cache(maxsize=8)
 def switch_flags(help_text: str) -> frozenset[str]:
     """The spellings of options that take no value (no placeholder such as `N` or `FNAME` after them)."""
-    switches: set[str] = set()
-    for line in help_text.splitlines():
-        if not line.startswith('-'):
-            continue
-        spec = re.split(r'\s{2,}', re.sub(r',\s+', ', ', line.strip()), maxsplit=1)[0]
-        parts = [p for p in re.split(r'[,\s]+', spec) if p]
-        if parts and all(_FLAG_TOKEN.match(p) for p in parts):
-            switches.update(parts)
-    return frozenset(switches)
+    return frozenset(
+        p for parts in _option_columns(help_text) if parts and all(_FLAG_TOKEN.match(x) for x in parts) for p in parts
+    )
 
 
 def _pick(candidates: tuple[str, ...], flags: frozenset[str]) -> str | None:
