@@ -181,7 +181,7 @@ async def test_chunks_are_handed_on_as_they_arrive(client: UpstreamClient) -> No
         assert await resp.chunk() == b''
         assert resp.complete
         resp.release()
-        assert client.idle_count('127.0.0.1', s.port) == 1
+        assert client.idle_count('127.0.0.1', s.port) == 0  # llama-server closes it after a stream
 
 
 async def test_a_body_delimited_by_the_close_is_complete(client: UpstreamClient) -> None:
@@ -320,3 +320,33 @@ async def test_an_event_stream_read_whole_goes_to_the_sink_as_it_arrives(client:
 
         with pytest.raises(Lost, match='mid-response'):
             await client.request('POST', '127.0.0.1', s.port, '/v1/completions', body=b'{}', sse_sink=pieces.append)
+
+
+async def test_keeps_no_more_idle_connections_than_the_server_has_slots(client: UpstreamClient) -> None:
+    # llama-server serves each kept-alive connection on its own thread (-np + 2): a pool holding more idle ones than
+    # slots would leave none for its health check.
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await s.read_request(reader)
+            await release.wait()
+            writer.write(ok(b'{}'))
+            await writer.drain()
+
+    async with scripted(handler) as s:
+        calls = [
+            asyncio.create_task(client.request('POST', '127.0.0.1', s.port, '/v1/embeddings', body=b'{}', max_idle=2))
+            for _ in range(4)
+        ]
+        await wait_for(lambda: len(s.requests) == 4, 5)
+        assert s.connections == 4  # all four in flight at once, each on its own connection
+        release.set()
+        for resp in await asyncio.gather(*calls):
+            assert await resp.read() == b'{}'
+            resp.release()
+        assert client.idle_count('127.0.0.1', s.port) == 2
+        resp = await client.request('POST', '127.0.0.1', s.port, '/v1/embeddings', body=b'{}', max_idle=2)
+        await resp.read()
+        resp.release()
+        assert s.connections == 4  # reused one

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
-    # chat / text / native: streamed from upstream even for a non-streaming client and assembled here, so a
-    # client disconnect can stop generation; None: relayed as-is.
+    # chat / text / native: a non-streaming request that may hold its slot a while is streamed from llama-server
+    # and assembled here, so that a disconnect stops it (see core/proxy/service.py); a streaming one asks for
+    # `return_progress`. None: relayed as it is.
     assemble: str | None = None
     generates: bool = False  # request-time params (defaults, force, strip, max_tokens cap) apply
     max_tokens_field: str = 'max_tokens'

@@ -4,9 +4,16 @@ Served as raw ASGI handlers on the front door (before NiceGUI's middleware). One
 (`upstream.UpstreamClient`, httptools-based) talks to every llama-server; there is no read timeout, since prompt
 processing can take minutes. The client's `receive()` is watched from 2 ms after the body is read (most answers
 are done by then), so a disconnect cancels the work also while the model loads or the prompt is processed; the
-upstream connection is then reset, which is how llama-server learns to stop. For that to be noticed between
-prompt batches the proxy asks for `return_progress` on the streaming routes (llama-server writes a small progress
-chunk per batch; a failed write cancels the task).
+upstream connection is then reset, which is how llama-server learns to stop.
+
+It learns it reliably only from a failed write, so only on a stream: a plain request's closed connection is seen
+when llama-server's 1 s wait for that task's result times out, and any other result on the server (the metrics
+scrape, another slot's tokens) restarts that wait (`bench/cancel_latency.py`). So a non-streaming generation that
+may hold its slot longer than a moment (`slot_time`: no token limit, a long prompt, or more than 0.5 s at the
+model's recent speed) is streamed from llama-server and assembled here, with `return_progress` so that a
+disconnect stops it between prompt batches too; short ones, embeddings and the rest go as they came, on a
+kept-alive connection. Assembling all of them cost +2.3 ms and 44 % of the throughput at c=4 against a real
+llama-server, which closes the connection after every stream (`docs/BENCHMARKS.md`).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -28,6 +37,7 @@ from core.proxy.activity import Activity, RequestRecord
 from core.proxy.asgi import SSE_HEADERS, ClientGone, Reply, read_body, wait_disconnect
 from core.proxy.errors import ProxyError, bad_gateway, bad_request, not_found, unavailable
 from core.proxy.routes import DROP_REQUEST_HEADERS, DROP_RESPONSE_HEADERS, ROOT_PATHS, ROUTES, RouteSpec
+from core.proxy.slot_time import SlotTime
 from core.proxy.sse import Assembler, SSEObjects, json_usage, usage_payloads, usage_stats
 from core.proxy.upstream import Lost, Response, UpstreamClient, UpstreamError
 from core.supervisor.errors import ModelNotFound, ModelUnusable, NoCapacity, StartFailed
@@ -52,6 +62,7 @@ class Proxy:
         self.cors = CorsGuard(config)
         self._upstream: UpstreamClient | None = None
         self._per_model: dict[str, int] = {}
+        self.slot_time = SlotTime()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -161,100 +172,207 @@ class Proxy:
     async def _serve(
         self, scope: Scope, receive: Receive, send: Send, spec: RouteSpec, upstream_path: str, model_in_path: str | None
     ) -> None:
+        """One request, top to bottom: route it once, then lease its model, relay the answer, record it."""
         reply = Reply(send)
         client = scope.get('client')
         rec = self.activity.begin(client[0] if client else '', scope['path'], scope['method'])
-        entry_id: str | None = None
         try:
-            try:
-                settings = self.config.settings
-                body = await read_body(scope, receive, settings.max_body_bytes)
-                data: dict[str, Any] | None = None
-                if model_in_path is None:
-                    data = _parse_json(body)
-                    entry = self._resolve(data.get('model'))
-                else:
-                    entry = self.library.get(model_in_path)
-                    if entry is None:
-                        raise self._unknown_model(model_in_path)
-                    if entry.error:
-                        raise _unusable(entry.id, entry.error)
-                    if body.lstrip()[:1] in (b'{', b'['):
-                        # Passed on as it came, but parsed once: 100k levels of nesting crash llama-server (SIGSEGV).
-                        _parse_json(body, object_only=False)
-                rec.model = entry.id
-                if self._per_model.get(entry.id, 0) >= settings.concurrency_limit:
-                    raise ProxyError(
-                        429,
-                        f'{entry.id} has {settings.concurrency_limit} requests in flight (concurrency_limit); '
-                        'retry shortly',
-                        'rate_limit_error',
-                        'too_many_requests',
-                        headers={'Retry-After': '1'},
-                    )
-                entry_id = entry.id
-                self._per_model[entry_id] = self._per_model.get(entry_id, 0) + 1
-                client_stream = bool(data.get('stream')) if data is not None else False
-                rec.stream = client_stream
-                if data is not None:
-                    body = self._upstream_body(body, data, spec, entry.id, client_stream)
-            except ProxyError as e:
-                rec.status, rec.error = e.status, e.message
-                await reply.error(e)
-                return
-            self.activity.announce(rec)
-            # Served in this task; a client disconnect (seen on receive()) or an operator cancel cancels it.
-            me = asyncio.current_task()
-            assert me is not None
-            rec.task = me
-            serving = True
-
-            def gone(_: asyncio.Future[None]) -> None:
-                # uvicorn also wakes receive() once the response is complete: that is no disconnect to act on.
-                if serving and not reply.ended and not _.cancelled():
-                    rec.cancelled_by = rec.cancelled_by or 'client'
-                    me.cancel()
-
-            watch: asyncio.Task[None] | None = None
-
-            def start_watch() -> None:
-                nonlocal watch
-                watch = asyncio.create_task(wait_disconnect(receive))
-                watch.add_done_callback(gone)
-
-            # Most requests are answered within a few ms: watching only from then on saves a task per request.
-            timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, start_watch)
-            try:
-                await self._forward(reply, rec, entry.id, scope, upstream_path, body, spec, client_stream)
-            except asyncio.CancelledError:
-                if rec.cancelled_by is None:
-                    raise  # the server itself is shutting down
-                me.uncancel()
-                await self._cancelled(reply, rec)
-            except Exception as exc:
-                log.error('proxying %s for %s failed', upstream_path, entry.id, exc_info=exc)
-                rec.status, rec.error = 500, f'internal error: {exc}'
-                with contextlib.suppress(ClientGone):
-                    await reply.error(ProxyError(500, rec.error, 'internal_error', 'internal_error'))
-            finally:
-                serving = False
-                timer.cancel()
-                if watch is not None:
-                    watch.cancel()
+            call = await self._route(scope, receive, reply, rec, spec, upstream_path, model_in_path)
+            with self._admitted(call):
+                self.activity.announce(rec)
+                async with self._watching(call), self._leased(call) as up:
+                    await self._relay(call, up)
+        except ProxyError as e:
+            rec.status, rec.error = e.status, e.message
+            await _tell(reply, rec, e)
+        except _Cancelled as c:
+            rec.status, rec.error = CLIENT_CLOSED, c.reason
+            if c.by != 'client':
+                await _tell(reply, rec, ProxyError(503, f'request {c.reason}', 'cancelled', 'cancelled'))
         except ClientGone:
             rec.status, rec.error = CLIENT_CLOSED, 'client disconnected'
+        except Exception as exc:
+            log.error('proxying %s for %s failed', upstream_path, rec.model, exc_info=exc)
+            rec.status, rec.error = 500, f'internal error: {exc}'
+            await _tell(reply, rec, ProxyError(500, rec.error, 'internal_error', 'internal_error'))
         finally:
-            if entry_id is not None:
-                self._per_model[entry_id] -= 1
+            if rec.gen_tps and (rec.completion_tokens or 0) > 1:
+                self.slot_time.observe(rec.model or '', rec.prompt_tps, rec.gen_tps)
             self.activity.finish(rec)
 
-    async def _cancelled(self, reply: Reply, rec: RequestRecord) -> None:
-        by = rec.cancelled_by or 'client'
-        rec.status = CLIENT_CLOSED
-        rec.error = 'client disconnected' if by == 'client' else f'cancelled ({by})'
-        if by != 'client':
-            with contextlib.suppress(ClientGone):
-                await reply.error(ProxyError(503, f'request {rec.error}', 'cancelled', 'cancelled'))
+    async def _route(
+        self,
+        scope: Scope,
+        receive: Receive,
+        reply: Reply,
+        rec: RequestRecord,
+        spec: RouteSpec,
+        upstream_path: str,
+        model_in_path: str | None,
+    ) -> _Call:
+        """Read and check the body, find the model, and build what llama-server is sent. Raises ProxyError."""
+        body = await read_body(scope, receive, self.config.settings.max_body_bytes)
+        if model_in_path is None:
+            data = _parse_json(body)
+            entry = self._resolve(data.get('model'))
+            stream = bool(data.get('stream'))
+            body, assemble = self._upstream_body(body, data, spec, entry.id, stream)
+        else:
+            entry = self.library.get(model_in_path)
+            if entry is None:
+                raise self._unknown_model(model_in_path)
+            if entry.error:
+                raise _unusable(entry.id, entry.error)
+            if body.lstrip()[:1] in (b'{', b'['):
+                # Passed on as it came, but parsed once: 100k levels of nesting crash llama-server (SIGSEGV).
+                _parse_json(body, object_only=False)
+            stream = assemble = False
+        rec.model, rec.stream = entry.id, stream
+        qs = scope.get('query_string') or b''
+        target = upstream_path + ('?' + qs.decode('latin-1') if qs else '')
+        return _Call(scope, receive, reply, rec, spec, entry.id, target, body, stream, assemble)
+
+    @contextlib.contextmanager
+    def _admitted(self, call: _Call) -> Iterator[None]:
+        """Counted against the model's `concurrency_limit` while it is served; 429 beyond it."""
+        limit, model_id = self.config.settings.concurrency_limit, call.model_id
+        if self._per_model.get(model_id, 0) >= limit:
+            raise ProxyError(
+                429,
+                f'{model_id} has {limit} requests in flight (concurrency_limit); retry shortly',
+                'rate_limit_error',
+                'too_many_requests',
+                headers={'Retry-After': '1'},
+            )
+        self._per_model[model_id] = self._per_model.get(model_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._per_model[model_id] -= 1
+
+    @contextlib.asynccontextmanager
+    async def _watching(self, call: _Call) -> AsyncIterator[None]:
+        """Served in this task; a client disconnect (seen on receive()) or an operator's cancel cancels it, and
+        leaving the block then raises `_Cancelled`. Watching starts 2 ms in: most requests are answered by then,
+        and it saves them a task."""
+        me = asyncio.current_task()
+        assert me is not None
+        rec, reply = call.rec, call.reply
+        rec.task = me
+        serving = True
+        watch: asyncio.Task[None] | None = None
+
+        def gone(done: asyncio.Future[None]) -> None:
+            # uvicorn also wakes receive() once the response is complete: that is no disconnect to act on.
+            if serving and not reply.ended and not done.cancelled():
+                rec.cancelled_by = rec.cancelled_by or 'client'
+                me.cancel()
+
+        def start_watch() -> None:
+            nonlocal watch
+            watch = asyncio.create_task(wait_disconnect(call.receive))
+            watch.add_done_callback(gone)
+
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, start_watch)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if rec.cancelled_by is None:
+                raise  # the server itself is shutting down
+            me.uncancel()
+            by = rec.cancelled_by
+            raise _Cancelled(by, 'client disconnected' if by == 'client' else f'cancelled ({by})') from None
+        finally:
+            serving = False
+            timer.cancel()
+            if watch is not None:
+                watch.cancel()
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, call: _Call) -> AsyncIterator[Upstream]:
+        """The model's llama-server, started if need be (a streaming chat client may watch it load); the
+        scheduler's refusals become the client's errors."""
+        loading = None
+        if call.stream and call.spec.assemble == 'chat' and self.config.settings.send_loading_state:
+            loading = _LoadingState(call.reply, call.model_id)
+        try:
+            async with self.scheduler.lease(call.model_id, on_progress=loading and loading.on_progress) as up:
+                if loading is not None:
+                    await loading.close()
+                yield up
+        except ModelNotFound as e:
+            raise not_found(e.message) from e
+        except ModelUnusable as e:
+            raise ProxyError(e.status, e.message, 'invalid_request_error', 'model_unusable') from e
+        except (StartFailed, NoCapacity) as e:
+            raise unavailable(e.message) from e
+        finally:
+            if loading is not None:
+                await loading.close()
+
+    async def _relay(self, call: _Call, up: Upstream) -> None:
+        """Send the request (on a kept-alive connection where one is free) and pass the answer on as it arrives,
+        or assemble it. On a disconnect the connection is reset, which is how llama-server learns to stop."""
+        assembly = _Assembly(call.spec.assemble or '', call.rec) if call.assemble else None
+        sent = time.perf_counter()
+        try:
+            resp = await self._client().request(
+                call.scope['method'],
+                up.host,
+                up.port,
+                call.target,
+                _request_headers(call.scope, call.body, up.headers),
+                call.body,
+                sse_sink=assembly.feed if assembly is not None else None,
+                max_idle=up.slots,
+            )
+        except UpstreamError as e:
+            raise _gateway_error(call.model_id, e) from e
+        complete = False
+        try:
+            call.rec.status = resp.status
+            if call.reply.started and resp.status >= 400:  # loading progress already opened a 200 stream
+                raise _upstream_error(resp.status, await resp.read())
+            if assembly is not None and resp.sink is not None:  # the stream was read whole, as it came
+                await _reply_assembled(call, assembly)
+            else:
+                await self._pass_on(call, resp, sent - call.rec.t0)
+            complete = True
+        except Lost as e:
+            raise _gateway_error(call.model_id, e) from e
+        finally:
+            if complete:
+                resp.release()
+            else:
+                resp.abort()
+
+    async def _pass_on(self, call: _Call, resp: Response, sent_s: float) -> None:
+        reply, rec = call.reply, call.rec
+        is_sse = resp.content_type.startswith(b'text/event-stream')
+        # llama-server's CORS headers allow every origin: CORS is the app's (the cors_origins setting).
+        headers = [h for h in resp.headers if h[0] not in _DROP_RESPONSE and not h[0].startswith(b'access-control-')]
+        if is_sse:
+            headers = [h for h in headers if h[0] not in _SSE_HEADER_NAMES] + SSE_HEADERS
+        if not reply.started:
+            await reply.start(resp.status, headers, sse=is_sse)
+        tail: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
+        n = 0
+        waiting_first = is_sse
+        while chunk := await resp.chunk():
+            if waiting_first and _has_output(chunk):
+                rec.mark_first_token()
+                waiting_first = False
+            tail.append(chunk)
+            n += 1
+            if resp.drained:  # the last piece: it ends the reply too, one send fewer
+                break
+            await reply.body(chunk)
+        # `chunk`: the last piece, or b'' when the stream ended after it was sent. Token counts are read once the
+        # client has its answer: not on its clock.
+        try:
+            await reply.body(chunk, more=False)
+        finally:
+            _record_end(rec, resp.status, b''.join(tail), n <= TAIL_CHUNKS, is_sse, sent_s)
 
     def _resolve(self, name: Any) -> Any:
         if name is None or name == '':
@@ -284,159 +402,96 @@ class Proxy:
         return not_found(f'model {name!r} not found; available: {self._ids()}')
 
     def _upstream_body(
-        self, body: bytes, data: dict[str, Any], spec: RouteSpec, model_id: str, client_stream: bool
-    ) -> bytes:
+        self, body: bytes, data: dict[str, Any], spec: RouteSpec, model_id: str, stream: bool
+    ) -> tuple[bytes, bool]:
+        """What llama-server is sent (the client's bytes where nothing changes), and whether the answer is to be
+        assembled from a stream: a non-streaming generation that may hold its slot longer than a moment."""
         original = data
         if spec.generates:
             params = request_params.for_model(self.config.settings, model_id)
             data = request_params.apply(data, params, spec.max_tokens_field)
-        if spec.assemble is None and data is original:
-            return body  # nothing to change: forward the client's bytes as they are
+        assemble = False
         if spec.assemble is not None:
-            data = dict(data)
-            if not client_stream:
+            limit = data.get(spec.max_tokens_field, data.get('max_completion_tokens'))
+            assemble = not stream and not self.slot_time.quick(model_id, len(body), limit)
+            if assemble or (stream and 'return_progress' not in data):
+                data = {**data, 'return_progress': data.get('return_progress', True)}
+            if assemble:
                 data['stream'] = True
                 if spec.assemble in ('chat', 'text'):
                     data['stream_options'] = {'include_usage': True}
-            data.setdefault('return_progress', True)
+        if data is original:
+            return body, assemble
         try:
-            return jsonio.dumps(data)
+            return jsonio.dumps(data), assemble
         except jsonio.TooDeep as e:
             raise bad_request(str(e), 'invalid_json') from None
 
-    async def _forward(
-        self,
-        reply: Reply,
-        rec: RequestRecord,
-        model_id: str,
-        scope: Scope,
-        path: str,
-        body: bytes,
-        spec: RouteSpec,
-        client_stream: bool,
-    ) -> None:
-        loading = (
-            _LoadingState(reply, model_id)
-            if client_stream and spec.assemble == 'chat' and self.config.settings.send_loading_state
-            else None
+
+@dataclass(slots=True)
+class _Call:
+    """One request, parsed and routed once: what leasing, relaying and recording read."""
+
+    scope: Scope
+    receive: Receive
+    reply: Reply
+    rec: RequestRecord
+    spec: RouteSpec
+    model_id: str
+    target: str  # the path and query llama-server is asked for
+    body: bytes  # as llama-server gets it
+    stream: bool  # the client asked for a stream
+    assemble: bool  # llama-server was asked for a stream the client did not ask for: the reply is built from it
+
+
+class _Cancelled(Exception):
+    def __init__(self, by: str, reason: str) -> None:
+        super().__init__(reason)
+        self.by, self.reason = by, reason
+
+
+async def _tell(reply: Reply, rec: RequestRecord, err: ProxyError) -> None:
+    """Send an error the request ends with; a client already gone is recorded as such."""
+    try:
+        await reply.error(err)
+    except ClientGone:
+        rec.status, rec.error = CLIENT_CLOSED, 'client disconnected'
+
+
+def _record_end(rec: RequestRecord, status: int, tail: bytes, whole: bool, is_sse: bool, sent_s: float) -> None:
+    """Token counts and speeds from the answer's last bytes (`whole`: `tail` is all of it); for a JSON reply the
+    first token is dated from llama-server's own prompt time, counted from when the request was sent."""
+    if is_sse:
+        _record_usage(rec, usage_payloads(tail))
+    elif whole and status < 400:
+        objs = json_usage(tail)
+        _record_usage(rec, objs)
+        timings: dict[str, Any] = next((o['timings'] for o in objs if isinstance(o.get('timings'), dict)), {})
+        prompt_ms = timings.get('prompt_ms')
+        if rec.ttft_s is None and isinstance(prompt_ms, (int, float)) and (timings.get('predicted_n') or 0) > 0:
+            rec.ttft_s = round(sent_s + prompt_ms / 1000, 4)
+    if status >= 400:
+        rec.error = _error_message(tail) if whole else f'upstream status {status}'
+
+
+def _record_usage(rec: RequestRecord, objs: list[dict[str, Any]]) -> None:
+    for key, value in usage_stats(objs).items():
+        setattr(rec, key, value)
+
+
+async def _reply_assembled(call: _Call, assembly: _Assembly) -> None:
+    assembler = assembly.close()
+    if assembler.error is not None:
+        err = assembler.error['error']
+        raise ProxyError(
+            int(err.get('code') or 500) if str(err.get('code', '')).isdigit() else 500,
+            str(err.get('message') or 'llama-server error'),
+            str(err.get('type') or 'upstream_error'),
         )
-        try:
-            try:
-                async with self.scheduler.lease(model_id, on_progress=loading and loading.on_progress) as up:
-                    if loading is not None:
-                        await loading.close()
-                    await self._relay(reply, rec, up, scope, path, body, spec, client_stream)
-            except ModelNotFound as e:
-                raise not_found(e.message) from e
-            except ModelUnusable as e:
-                raise ProxyError(e.status, e.message, 'invalid_request_error', 'model_unusable') from e
-            except (StartFailed, NoCapacity) as e:
-                raise unavailable(e.message) from e
-            finally:
-                if loading is not None:
-                    await loading.close()
-        except ProxyError as e:
-            rec.status, rec.error = e.status, e.message
-            await reply.error(e)
-        except ClientGone:
-            rec.status, rec.error = CLIENT_CLOSED, 'client disconnected'
-
-    async def _relay(
-        self,
-        reply: Reply,
-        rec: RequestRecord,
-        up: Upstream,
-        scope: Scope,
-        path: str,
-        body: bytes,
-        spec: RouteSpec,
-        client_stream: bool,
-    ) -> None:
-        qs = scope.get('query_string') or b''
-        target = path + ('?' + qs.decode('latin-1') if qs else '')
-        assembly = _Assembly(spec.assemble, rec) if spec.assemble is not None and not client_stream else None
-        try:
-            resp = await self._client().request(
-                scope['method'],
-                up.host,
-                up.port,
-                target,
-                _request_headers(scope, body, up.headers),
-                body,
-                sse_sink=assembly.feed if assembly is not None else None,
-            )
-        except UpstreamError as e:
-            raise _gateway_error(rec, e) from e
-        complete = False
-        try:
-            rec.status = resp.status
-            if reply.started and resp.status >= 400:  # loading progress already opened a 200 stream
-                raise _upstream_error(resp.status, await resp.read())
-            if assembly is not None and resp.sink is not None:  # the stream was read whole, as it came
-                await self._assembled(reply, rec, assembly)
-            else:
-                await self._stream(reply, rec, resp, resp.content_type.startswith(b'text/event-stream'))
-            complete = True
-        except Lost as e:
-            raise _gateway_error(rec, e) from e
-        finally:
-            if complete:
-                resp.release()
-            else:
-                resp.abort()
-
-    async def _stream(self, reply: Reply, rec: RequestRecord, resp: Response, is_sse: bool) -> None:
-        # llama-server's CORS headers allow every origin: CORS is the app's (the cors_origins setting).
-        headers = [h for h in resp.headers if h[0] not in _DROP_RESPONSE and not h[0].startswith(b'access-control-')]
-        if is_sse:
-            headers = [h for h in headers if h[0] not in _SSE_HEADER_NAMES] + SSE_HEADERS
-        if not reply.started:
-            await reply.start(resp.status, headers, sse=is_sse)
-        tail: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
-        n = 0
-        waiting_first = True
-        while chunk := await resp.chunk():
-            if waiting_first and (not is_sse or _has_output(chunk)):
-                rec.mark_first_token()
-                waiting_first = False
-            tail.append(chunk)
-            n += 1
-            if resp.drained:  # the last piece: it ends the reply too, one send fewer
-                break
-            await reply.body(chunk)
-        # `chunk`: the last piece, or b'' when the stream ended after it was sent. Token counts are read once the
-        # client has its answer: not on its clock.
-        try:
-            await reply.body(chunk, more=False)
-        finally:
-            self._record_end(rec, resp, tail, n, is_sse)
-
-    def _record_end(self, rec: RequestRecord, resp: Response, tail: deque[bytes], n: int, is_sse: bool) -> None:
-        if is_sse:
-            self._record_usage(rec, usage_payloads(b''.join(tail)))
-        elif n <= TAIL_CHUNKS and resp.status < 400:
-            self._record_usage(rec, json_usage(b''.join(tail)))
-        if resp.status >= 400:
-            rec.error = _error_message(b''.join(tail)) if n <= TAIL_CHUNKS else f'upstream status {resp.status}'
-
-    async def _assembled(self, reply: Reply, rec: RequestRecord, assembly: _Assembly) -> None:
-        assembler = assembly.close()
-        if assembler.error is not None:
-            err = assembler.error['error']
-            raise ProxyError(
-                int(err.get('code') or 500) if str(err.get('code', '')).isdigit() else 500,
-                str(err.get('message') or 'llama-server error'),
-                str(err.get('type') or 'upstream_error'),
-            )
-        try:
-            await reply.json(200, assembler.result())
-        finally:
-            self._record_usage(rec, assembler.usage_objs)
-
-    @staticmethod
-    def _record_usage(rec: RequestRecord, objs: list[dict[str, Any]]) -> None:
-        for key, value in usage_stats(objs).items():
-            setattr(rec, key, value)
+    try:
+        await call.reply.json(200, assembler.result())
+    finally:
+        _record_usage(call.rec, assembler.usage_objs)
 
 
 class _Assembly:
@@ -513,10 +568,10 @@ def _unusable(model_id: str, error: str) -> ProxyError:
     return ProxyError(409, f'{model_id} cannot be loaded: {error}', 'invalid_request_error', 'model_unusable')
 
 
-def _gateway_error(rec: RequestRecord, e: UpstreamError) -> ProxyError:
+def _gateway_error(model_id: str, e: UpstreamError) -> ProxyError:
     if isinstance(e, Lost):
-        return bad_gateway(f'{rec.model}: llama-server connection lost mid-response ({e})')
-    return bad_gateway(f'{rec.model}: cannot reach llama-server: {e}')
+        return bad_gateway(f'{model_id}: llama-server connection lost mid-response ({e})')
+    return bad_gateway(f'{model_id}: cannot reach llama-server: {e}')
 
 
 def _has_output(sse: bytes) -> bool:

@@ -21,9 +21,12 @@ from collections.abc import Callable, Iterable
 import httptools
 
 CONNECT_TIMEOUT_S = 30.0
-IDLE_KEEP_S = 60.0  # a pooled connection unused this long is closed rather than reused
+# A pooled connection unused this long is closed rather than reused: llama-server (cpp-httplib) closes a kept-alive
+# connection after 5 s idle, and a request written into one it is closing costs a round trip and a retry.
+IDLE_KEEP_S = 4.0
 HIGH_WATER = 1 << 20  # bytes read ahead of the relay before the upstream socket is paused
 MAX_IDLE_PER_HOST = 64
+SSE = b'text/event-stream'
 RETRY_PAUSES_S = (0.005, 0.02, 0.1)  # before each new try of a request a fresh connection dropped unanswered
 
 
@@ -145,8 +148,11 @@ class Response:
         return self._done and not self._chunks and self._error is None
 
     def release(self) -> None:
-        """Done with it: the connection goes back to the pool when the message ended cleanly, else it is closed."""
-        self._conn.finish(reuse=self._done and self.keep_alive and not self._chunks)
+        """Done with it: the connection goes back to the pool when the message ended cleanly, else it is closed.
+        Never after an event stream: llama-server closes the connection then, though its headers say keep-alive,
+        and a request sent before its FIN arrives would be lost and tried again."""
+        reuse = self._done and self.keep_alive and not self._chunks and not self.content_type.startswith(SSE)
+        self._conn.finish(reuse=reuse)
 
     def abort(self) -> None:
         """Drop the connection with a reset, not a FIN: llama-server's next write (a token, or a progress chunk
@@ -157,6 +163,7 @@ class Response:
 class _Connection(asyncio.Protocol):
     def __init__(self, pool: UpstreamClient, key: tuple[str, int], loop: asyncio.AbstractEventLoop) -> None:
         self.pool, self.key, self.loop = pool, key, loop
+        self.max_idle = MAX_IDLE_PER_HOST  # set per request: how many idle connections the pool may keep there
         self.transport: asyncio.Transport | None = None
         self.response: Response | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -216,7 +223,7 @@ class _Connection(asyncio.Protocol):
         if self.head_only:
             resp._done = True
             resp.keep_alive = False  # llhttp cannot be told this response has no body: never reuse
-        elif resp.sse_sink is not None and resp.status < 300 and resp.content_type.startswith(b'text/event-stream'):
+        elif resp.sse_sink is not None and resp.status < 300 and resp.content_type.startswith(SSE):
             resp.sink = resp.sse_sink
             return  # the reader waits for the end
         resp._wake()
@@ -309,8 +316,14 @@ class UpstreamClient:
         headers: Iterable[tuple[bytes, bytes]] = (),
         body: bytes = b'',
         sse_sink: Callable[[bytes], None] | None = None,
+        max_idle: int = MAX_IDLE_PER_HOST,
     ) -> Response:
         """Send one request and wait for the response's status and headers. Raises Unreachable or Lost.
+
+        `max_idle`: once the response is released, its connection is kept for reuse only while fewer than this
+        many wait idle for that host. cpp-httplib serves each kept-alive connection on a thread of its own, and
+        llama-server has `-np` + 2 of them: a pool of more than `-np` idle connections would leave none for the
+        health check and the metrics scrape.
 
         With `sse_sink`, a 2xx `text/event-stream` body is handed to it piece by piece (see `Response`) and this
         returns when it ended; `response.sink` is then set. Any other response is returned at its headers.
@@ -328,6 +341,7 @@ class UpstreamClient:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(key)
+            conn.max_idle = max_idle
             resp = conn.send(head, body, method == 'HEAD')
             resp.sse_sink = sse_sink
             try:
@@ -371,7 +385,7 @@ class UpstreamClient:
 
     def _park(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.key, [])
-        if self.closed or len(idle) >= MAX_IDLE_PER_HOST:
+        if self.closed or len(idle) >= min(conn.max_idle, MAX_IDLE_PER_HOST):
             conn.close()
         else:
             idle.append(conn)

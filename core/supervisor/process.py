@@ -52,6 +52,7 @@ _PROGRESS_MARKERS = (
 )
 _BIND_ERRORS = ('address already in use', "couldn't bind", 'could not bind', 'failed to bind')
 
+AUTO_SLOTS = 4  # what llama-server's -np auto gives in this build (it serves max(-np + 2, cores - 1) connections)
 ACTIVE_STATES = frozenset({'starting', 'ready', 'restarting', 'stopping'})
 
 
@@ -64,6 +65,7 @@ class Upstream:
     pid: int
     api_key: str | None = None  # the server's own key: only the proxy and the sampler send it
     headers: tuple[tuple[bytes, bytes], ...] = ()  # added to every proxied request (the key, as a header)
+    slots: int = AUTO_SLOTS  # its -np: the proxy keeps no more idle connections than this (see UpstreamClient)
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,9 @@ class ServerProcess:
             key = self._api_key
             headers = ((b'authorization', b'Bearer ' + key.encode()),) if key else ()
             base_url = f'http://{HOST}:{self.port}'
-            up = self._upstream = Upstream(self.model_id, HOST, self.port, base_url, self.pid, key, headers)
+            params = self.launch_info.params if self.launch_info is not None else None
+            slots = (params.parallel if params is not None else None) or AUTO_SLOTS
+            up = self._upstream = Upstream(self.model_id, HOST, self.port, base_url, self.pid, key, headers, slots)
         return up
 
     def describe(self) -> dict[str, Any]:
