@@ -463,6 +463,17 @@ def summarise_speedscope(doc: dict[str, Any], top: int = 12) -> dict[str, Any]:
 
 
 NOTES = """
+Against the real llama-server (issue 11): a non-streaming request goes to it as it came, on a kept-alive
+connection, when it should be over within 0.5 s at the model's recent speed; longer ones are streamed and
+assembled so that a disconnect stops them (`core/proxy/slot_time.py`; why: "Cancel latency" below). Assembling
+every one had cost +2.3 ms and 44 % of the req/s at c=4: llama-server closes each streamed response's connection,
+and a stream costs it more than a plain answer (p50 1.68 vs 1.34 ms direct for this chat, by http.client). Each
+request makes llama-server print several log lines, which the app writes to its log file: written in batches
+instead of a handler call each, the c=4 embeddings ratio went from 63 % to ~77 %. What is left there is CPU: an
+embedding takes llama-server ~0.3 ms, the proxy ~0.27 ms of CPU per request competes with it and the load client
+for 2 cores, and nginx (~0.04 ms) keeps 88-98 %. The c=4 stream ratio swings with the window: 24 streams a round
+(~0.1 s) gave 84-100 %; 160 a round (~1 s, as now) 95 %.
+
 Reading it: the proxy costs CPU per request (~0.15-0.2 ms at c=32, ~0.3-0.45 ms at c=1, where the app also wakes
 for each request alone) against nginx's ~0.02-0.08 ms; on this box that CPU is taken from the load client and the
 upstream, hence ~35-45 % of direct req/s at c=32. The machine's speed drifts by up to ~1.6x within minutes (direct
