@@ -16,6 +16,6 @@ for i in $(seq "$rounds"); do
   for side in base head; do
     dir=$root; [ "$side" = base ] && dir=$tree
     echo "== $side round $i"
-    (cd "$dir" && "$py" bench/proxy_overhead.py --only "$steps" --no-profile 2>&1 | grep 'proxy  p50')
+    (cd "$dir" && "$py" bench/proxy_overhead.py --only "$steps" --no-profile 2>&1 | grep -E 'proxy  (p50|[0-9])')
   done
 done

@@ -5,6 +5,7 @@ and written to a rotating file per source in the data dir (by a background threa
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -177,8 +178,13 @@ def file_name(source: str) -> str:
     return re.sub(r'[^A-Za-z0-9._-]', '_', source).strip('.') + '.log'
 
 
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    return time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(whole))
+
+
 def format_line(rec: LogRecord) -> str:
-    stamp = time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(rec.ts)) + f'.{int(rec.ts % 1 * 1000):03d}'
+    stamp = _second(int(rec.ts)) + f'.{int(rec.ts % 1 * 1000):03d}'
     where = f' [{rec.model}]' if rec.model else (f' [{rec.logger}]' if rec.logger else '')
     return f'{stamp} {rec.level.upper():7}{where} {rec.message}'
 
@@ -194,7 +200,8 @@ class _FileWriter:
 
     def __init__(self, log_dir: Path, max_bytes: int, backups: int) -> None:
         self.log_dir, self.max_bytes, self.backups = log_dir, max_bytes, backups
-        self._queue: queue.Queue[LogRecord | None] = queue.Queue()
+        # A SimpleQueue: put() from the loop is one C call, no lock shared with this thread's bookkeeping.
+        self._queue: queue.SimpleQueue[LogRecord | threading.Event | None] = queue.SimpleQueue()
         self._open: dict[str, tuple[BinaryIO, int]] = {}  # source -> (file, its size)
         self._thread = threading.Thread(target=self._run, name='log files', daemon=True)
         self._thread.start()
@@ -203,7 +210,9 @@ class _FileWriter:
         self._queue.put_nowait(rec)
 
     def flush(self) -> None:
-        self._queue.join()
+        done = threading.Event()
+        self._queue.put(done)  # set once everything before it is written
+        done.wait(10)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -216,12 +225,13 @@ class _FileWriter:
                 while len(batch) < self.BATCH:
                     batch.append(self._queue.get_nowait())
             try:
-                self._write([rec for rec in batch if rec is not None])
+                self._write([rec for rec in batch if isinstance(rec, LogRecord)])
             except Exception:  # a full disk must not take the app down; the ring buffer still has the lines
                 pass
             finally:
-                for _ in batch:
-                    self._queue.task_done()
+                for marker in batch:
+                    if isinstance(marker, threading.Event):
+                        marker.set()
             if None in batch:
                 for f, _ in self._open.values():
                     with contextlib.suppress(OSError):
