@@ -468,11 +468,15 @@ connection, when it should be over within 0.5 s at the model's recent speed; lon
 assembled so that a disconnect stops them (`core/proxy/slot_time.py`; why: "Cancel latency" below). Assembling
 every one had cost +2.3 ms and 44 % of the req/s at c=4: llama-server closes each streamed response's connection,
 and a stream costs it more than a plain answer (p50 1.68 vs 1.34 ms direct for this chat, by http.client). Each
-request makes llama-server print several log lines, which the app writes to its log file: written in batches
-instead of a handler call each, the c=4 embeddings ratio went from 63 % to ~77 %. What is left there is CPU: an
-embedding takes llama-server ~0.3 ms, the proxy ~0.27 ms of CPU per request competes with it and the load client
-for 2 cores, and nginx (~0.04 ms) keeps 88-98 %. The c=4 stream ratio swings with the window: 24 streams a round
-(~0.1 s) gave 84-100 %; 160 a round (~1 s, as now) 95 %.
+chat request makes llama-server print ~9 log lines, which the app reads, publishes and writes to its log file:
+batched file writes, output read every 20 ms and a cheaper record took the proxy's CPU per chat request at c=4
+from ~620 to ~380 us and the c=4 embeddings ratio from 63 % to 67-77 % over runs. The c=4 non-streaming ratios
+are still short of 90 % (chat 84-92 % over this session's runs, nginx 93-100 %): at c=4 the proxy adds ~0.8 ms
+per request (~0.25 ms at c=1), since llama-server finishes its slots' answers together and the proxy, one Python
+thread, relays them one after another, and the staggered next requests batch less well in llama-server. Cutting
+~10 % of the proxy's CPU per request (no disconnect-watch task, no log lines) did not move req/s (measured with a
+c=4 loop of 3000 requests, proxy CPU from psutil). The c=4 stream ratio swings with the window: 24 streams a round
+(~0.1 s) gave 84-100 %; 160 a round (~1 s, as now) 95-99 %.
 
 Reading it: the proxy costs CPU per request (~0.15-0.2 ms at c=32, ~0.3-0.45 ms at c=1, where the app also wakes
 for each request alone) against nginx's ~0.02-0.08 ms; on this box that CPU is taken from the load client and the
@@ -832,7 +836,7 @@ def main() -> None:
     ap.add_argument('--stream-chunks', type=int, default=256, help='chunks per scripted stream')
     ap.add_argument('--stream-waves', type=int, default=3, help='waves of 32 streams per target per round')
     ap.add_argument('--real-tokens', type=int, default=64, help='tokens per real llama-server stream')
-    ap.add_argument('--real-requests', type=int, default=400, help='requests at c=4 per real target per round')
+    ap.add_argument('--real-requests', type=int, default=1200, help='requests at c=4 per real target per round')
     ap.add_argument('--profile-seconds', type=float, default=8)
     ap.add_argument('--profile-load', choices=['streams', 'chat', 'embeddings'], default='streams')
     ap.add_argument('--profile-c', type=int, default=32, help='concurrency while profiling')
