@@ -99,6 +99,13 @@ class System:
             'llama_server': None if b is None else {'path': str(b.path), 'version': b.version, 'source': b.source},
         }
 
+    async def apply_config(self) -> dict[str, list[str]]:
+        """After a saved change: restart the running servers whose launch it changed (and only those); published
+        as a `config` event. A stopped model uses the new values when it next starts."""
+        applied = await self.scheduler.apply_config()
+        self.bus.publish('config', 'applied', applied)
+        return applied
+
     def _on_config_change(self, settings: Any, changed: list[str]) -> None:
         self.bus.publish('config', 'changed', {'changed': changed})
         if 'log_level' in changed:

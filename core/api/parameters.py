@@ -3,6 +3,7 @@ and saved through the settings manager so the atomic write and the settings vali
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends
@@ -48,12 +49,13 @@ async def _validated(
     return params
 
 
-def _save(system: System, patch: dict[str, Any]) -> JSONResponse | None:
+async def _save(system: System, patch: dict[str, Any]) -> JSONResponse | dict[str, Any]:
+    """Save, then apply to the running servers: what restarts, what keeps running (see `System.apply_config`)."""
     try:
-        system.config.update(patch)
+        await asyncio.to_thread(system.config.update, patch)
     except ConfigInvalid as e:
         return _field_errors([{'field': err.field, 'message': err.message} for err in e.errors])
-    return None
+    return await system.apply_config()
 
 
 def _descriptions() -> dict[str, str]:
@@ -68,11 +70,13 @@ def get_parameters(system: System = Depends(get_system)) -> dict[str, Any]:
 
 @router.put('/parameters', responses=_422)
 async def put_parameters(body: dict[str, Any] = Body(...), system: System = Depends(get_system)) -> Any:
-    """Replace the global defaults. Running models keep their parameters until they are next started."""
+    """Replace the global defaults. A running model whose launch they change restarts (after its requests drain);
+    `applied` says which."""
     params = await _validated(system, body, system.config.settings.defaults, None)
     if isinstance(params, JSONResponse):
         return params
-    return _save(system, {'defaults': _dump(params)}) or get_parameters(system)
+    applied = await _save(system, {'defaults': _dump(params)})
+    return applied if isinstance(applied, JSONResponse) else {**get_parameters(system), 'applied': applied}
 
 
 @router.get('/models/{model_id:path}/parameters', responses={404: {'description': 'Model not found'}})
@@ -93,7 +97,8 @@ def get_model_parameters(model_id: str, system: System = Depends(get_system)) ->
 
 @router.put('/models/{model_id:path}/parameters', responses={404: {'description': 'Model not found'}, **_422})
 async def put_model_parameters(model_id: str, body: dict[str, Any] = Body(...), system: System = Depends(get_system)):
-    """Replace the model's overrides (an empty object removes them). Applies at the model's next start."""
+    """Replace the model's overrides (an empty object removes them). If the model runs and its launch changes, it
+    restarts after its requests drain; ttl, pinned and request params apply at once. `applied` says which."""
     entry = system.library.get(model_id)
     if entry is None:
         return JSONResponse(status_code=404, content={'detail': f'model {model_id!r} not found'})
@@ -104,4 +109,7 @@ async def put_model_parameters(model_id: str, body: dict[str, Any] = Body(...), 
     models = {mid: _dump(p) for mid, p in s.models.items() if mid != entry.id}
     if _dump(params):
         models[entry.id] = _dump(params)
-    return _save(system, {'models': models}) or get_model_parameters(entry.id, system)
+    applied = await _save(system, {'models': models})
+    if isinstance(applied, JSONResponse):
+        return applied
+    return {**get_model_parameters(entry.id, system), 'applied': applied}

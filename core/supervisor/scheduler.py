@@ -14,7 +14,9 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +37,21 @@ KEYS_DIR = 'server-keys'
 
 
 class _LaunchInfo:
-    def __init__(self, params: ModelParams, need_mb: float | None) -> None:
-        self.params = params
+    def __init__(self, params: ModelParams, need_mb: float | None, signature: tuple[Any, ...] = ()) -> None:
+        self.params = params  # supervisor-only fields (ttl, pinned) are replaced live by `apply_config`
         self.need_mb = need_mb
+        self.signature = signature  # the launch's argv (port 0) and env: what a config change is compared with
+
+
+@dataclass(frozen=True)
+class _Plan:
+    spec: LaunchSpec
+    help_text: str
+    roots: list[Path]
+    env: dict[str, str]
+    flags: AbstractSet[str]
+    key_file: Path | None
+    signature: tuple[Any, ...]
 
 
 class Lease:
@@ -79,6 +93,8 @@ class Scheduler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ttl_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._draining: set[str] = set()  # restarting for a config change: new requests wait for the new server
+        self._restarts: dict[str, asyncio.Task[None]] = {}
 
     @property
     def settings(self) -> Any:
@@ -151,6 +167,9 @@ class Scheduler:
         """Start `model` if needed (evicting others to make room) and return where it listens."""
         entry = self._entry(model)
         proc = self._proc(entry.id)
+        restart = self._restarts.get(entry.id)
+        if restart is not None and restart is not asyncio.current_task():  # a config change is swapping it
+            await asyncio.shield(restart)  # then the new one serves
         for _ in range(3):  # a model evicted right after it came up is started again, within reason
             if proc.state == 'ready':
                 proc.last_used = time.monotonic()
@@ -181,7 +200,7 @@ class Scheduler:
     async def _acquire(self, model: str, on_progress: Callable[[dict[str, Any]], Any] | None) -> ServerProcess:
         entry = self._entry(model)
         proc = self._proc(entry.id)
-        if proc.state == 'ready':  # the common case: no waiting, so nothing to register
+        if proc.state == 'ready' and entry.id not in self._draining:  # the common case: nothing to register
             proc.inflight += 1
             proc.last_used = time.monotonic()
             self._notify()
@@ -228,6 +247,56 @@ class Scheduler:
         self._notify()
         return len(procs)
 
+    # ---- live configuration --------------------------------------------------------------------------------
+    async def apply_config(self) -> dict[str, list[str]]:
+        """Bring the running servers in line with the settings now in force. Each running model's launch (argv
+        and env) is compared with the one it was started with: a changed one restarts with the new launch once
+        its requests have drained (`drain_timeout`; new requests wait for the new server), as one swap, in the
+        background; an unchanged one keeps its process, and its supervisor-only fields (ttl, pinned) apply at
+        once. Stopped models use the new values when they next start. Returns model ids by outcome."""
+        out: dict[str, list[str]] = {'restarting': [], 'unchanged': [], 'kept_invalid': []}
+        for proc in list(self._procs.values()):
+            info = proc.launch_info
+            if proc.state not in ('ready', 'starting') or info is None or proc.model_id in self._restarts:
+                continue
+            entry = self.library.get(proc.model_id)
+            if entry is None or entry.error:
+                continue
+            params = self.params_for(entry.id)
+            try:
+                plan = await self._plan(entry, params)
+            except StartFailed as e:  # the new values cannot start this model: the running server stays
+                log.error('%s keeps running with its old parameters: %s', entry.id, e.message)
+                out['kept_invalid'].append(entry.id)
+                continue
+            if plan.signature == info.signature:
+                info.params = params
+                out['unchanged'].append(entry.id)
+                continue
+            out['restarting'].append(entry.id)
+            why = _launch_diff(info.signature, plan.signature)
+            task = asyncio.create_task(self._restart(proc, why), name=f'restart {entry.id}')
+            self._restarts[entry.id] = task
+            task.add_done_callback(functools.partial(self._restart_done, entry.id))
+        self._notify(states=True)  # a ttl changed meanwhile: the TTL loop looks again
+        return out
+
+    async def _restart(self, proc: ServerProcess, why: str) -> None:
+        model_id = proc.model_id
+        self._draining.add(model_id)
+        try:
+            log.info('%s restarts for a configuration change: %s', model_id, why)
+            self.bus.publish('models', 'restart', {'model': model_id, 'reason': f'configuration changed: {why}'})
+            await self._evict(proc, self.settings.drain_timeout)
+        finally:
+            self._draining.discard(model_id)
+        await self.load(model_id)
+
+    def _restart_done(self, model_id: str, task: asyncio.Task[None]) -> None:
+        self._restarts.pop(model_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error('restart of %s failed: %s', model_id, task.exception())
+
     # ---- admission -----------------------------------------------------------------------------------------
     def _start_done(self, model_id: str, task: asyncio.Task[None]) -> None:
         self._starts.pop(model_id, None)
@@ -236,7 +305,8 @@ class Scheduler:
 
     async def _admit_and_start(self, entry: Any, proc: ServerProcess) -> None:
         params = self.params_for(entry.id)
-        launch = await self._launch(entry, params)  # bad parameters fail here, before anything is evicted
+        plan = await self._plan(entry, params)  # bad parameters fail here, before anything is evicted
+        launch = await self._launch(entry, plan)
         need_mb = self._need_mb(entry, params)
         async with self._admit:
             while proc.state == 'stopping':  # an unload in progress; start again once it is down
@@ -244,11 +314,12 @@ class Scheduler:
             if proc.state not in ('stopped', 'failed'):
                 return  # started meanwhile (e.g. preload); the caller waits on it
             await self._make_room(proc, params, need_mb)
-            proc.launch_info = _LaunchInfo(params, need_mb)
+            proc.launch_info = _LaunchInfo(params, need_mb, plan.signature)
             proc.start(launch)
             await proc.wait_ready()
 
-    async def _launch(self, entry: Any, params: ModelParams) -> Launch:
+    async def _plan(self, entry: Any, params: ModelParams) -> _Plan:
+        """What `entry` would be started with under `params`, without side effects. Raises StartFailed."""
         binary = await asyncio.to_thread(self.binary.resolve)
         if binary is None:
             raise StartFailed(f'llama-server not found: {self.binary.how_to_install()}', model=entry.id)
@@ -266,12 +337,20 @@ class Scheduler:
         spec = LaunchSpec(Path(binary.path), Path(entry.path), Path(mmproj) if mmproj else None, params)
         # The app's environment only in part (LLAMA_ARG_* would set flags we did not choose), then the model's.
         env = policy.child_env(binary.child_env(), params.env)
+        key_file = key_path(self.data_dir, entry.id) if '--api-key-file' in flags else None
+        try:
+            argv = spec.argv(0, help_text, roots, key_file)
+        except ArgvError as e:
+            raise StartFailed(f'{entry.id}: {e}', model=entry.id) from None
+        return _Plan(spec, help_text, roots, env, flags, key_file, (tuple(argv), tuple(sorted(env.items()))))
+
+    async def _launch(self, entry: Any, plan: _Plan) -> Launch:
+        spec, help_text, roots, key_file, flags = plan.spec, plan.help_text, plan.roots, plan.key_file, plan.flags
+        env = dict(plan.env)
         # Each server requires its own key, so its port is no way around the app's keys and Host checks.
         key = secrets.token_urlsafe(32)
         api_key: str | None = key
-        key_file: Path | None = None
-        if '--api-key-file' in flags:
-            key_file = key_path(self.data_dir, entry.id)
+        if key_file is not None:
             await asyncio.to_thread(write_private, key_file, f'{key}\n')
         elif '--api-key' in flags:
             env['LLAMA_API_KEY'] = key  # not on the command line, where `ps` shows it to every user
@@ -416,6 +495,38 @@ class Scheduler:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _launch_diff(old: tuple[Any, ...], new: tuple[Any, ...]) -> str:
+    """What differs between two launch signatures, in words for the log and the event: `--ctx-size 2048 -> 4096`."""
+    before, after = _flag_values(old[0] if old else ()), _flag_values(new[0])
+    parts = [
+        f'{flag} {before.get(flag, "(unset)")} -> {after.get(flag, "(unset)")}'
+        for flag in [*before, *(f for f in after if f not in before)]
+        if before.get(flag) != after.get(flag)
+    ]
+    old_env, new_env = dict(old[1]) if old else {}, dict(new[1])
+    env = sorted(k for k in {*old_env, *new_env} if old_env.get(k) != new_env.get(k))
+    if env:
+        parts.append('environment ' + ', '.join(env))
+    return '; '.join(parts) or 'launch'
+
+
+def _flag_values(argv: Iterable[str]) -> dict[str, str]:
+    """`--flag value` pairs of an argv (a switch maps to ''); the binary, argv[0], is kept under ''."""
+    items = list(argv)
+    out: dict[str, str] = {'': items[0]} if items else {}
+    i = 1
+    while i < len(items):
+        flag = items[i]
+        value = items[i + 1] if i + 1 < len(items) and not _is_flag(items[i + 1]) else None
+        out[flag] = (out[flag] + ',' if flag in out else '') + (value or '')
+        i += 2 if value is not None else 1
+    return out
+
+
+def _is_flag(token: str) -> bool:
+    return token.startswith('-') and not policy.is_number(token)
 
 
 def key_path(data_dir: Path, model_id: str) -> Path:

@@ -1,0 +1,112 @@
+"""Configuration that applies itself, against real llama-servers (two fixture models, both running): a saved change
+restarts exactly the running models whose launch it changes, after their requests drain; the others keep their
+process; supervisor-only fields apply at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import wait_for
+from tests.serving import Served, serve
+from tests.supervisor_helpers import direct
+
+A, B = 'tiny-llama', 'tiny-llama-b'
+
+
+@pytest.fixture
+async def served(system_factory: Any, models_dir: Path, tiny_model: Path, tiny_model_b: Path) -> Any:
+    system = await system_factory(models_dirs=[models_dir], scan_well_known_dirs=False, max_loaded_models=0)
+    async with serve(system) as s:
+        async with s.client() as c:
+            for model in (A, B):
+                assert (await c.post(f'/api/models/{model}/load')).status_code == 200
+        yield s
+
+
+def pid(s: Served, model: str) -> int:
+    return int(s.system.scheduler.describe(model)['pid'])
+
+
+async def n_ctx(s: Served, model: str) -> int:
+    async with direct(s.upstream(model)) as own:
+        return int((await own.get('/props')).json()['default_generation_settings']['n_ctx'])
+
+
+async def test_a_changed_launch_restarts_that_model_only_after_its_stream(served: Served) -> None:
+    pids = {m: pid(served, m) for m in (A, B)}
+    ctx_before = await n_ctx(served, A)
+    events = served.system.bus.queue(['models'])
+    body = {'model': A, 'prompt': 'hi', 'max_tokens': 200, 'ignore_eos': True, 'stream': True}
+    async with served.client() as c, c.stream('POST', '/v1/completions', json=body) as stream:
+        lines = stream.aiter_lines()
+        assert (await anext(lines)).startswith('data: ')  # generating
+        r = await c.put(f'/api/models/{A}/parameters', json={'ctx_size': 1024})
+        assert r.status_code == 200, r.text
+        assert r.json()['applied']['restarting'] == [A] and B in r.json()['applied']['unchanged']
+        rest = [line async for line in lines]  # the stream in flight finishes on the old server
+    assert 'data: [DONE]' in rest and not any('"error"' in line for line in rest)
+    await wait_for(lambda: served.system.scheduler.describe(A)['status'] == 'ready' and pid(served, A) != pids[A], 30)
+    assert await n_ctx(served, A) != ctx_before
+    assert pid(served, B) == pids[B]  # untouched
+    restart = None
+    while restart is None:
+        event = await asyncio.wait_for(events.get(), 5)
+        restart = event.data if event.type == 'restart' else None
+    assert restart['model'] == A and '--ctx-size (unset) -> 1024' in restart['reason']
+
+
+async def test_ttl_and_pin_apply_without_a_restart(served: Served) -> None:
+    before = pid(served, A)
+    async with served.client() as c:
+        r = await c.put(f'/api/models/{A}/parameters', json={'ttl': 1, 'pinned': True})
+        assert r.status_code == 200, r.text
+    assert r.json()['applied']['restarting'] == [] and A in r.json()['applied']['unchanged']
+    assert pid(served, A) == before
+    # The new ttl is in force on the running server: idle, it is unloaded within a few seconds.
+    await wait_for(lambda: served.system.scheduler.describe(A)['status'] == 'stopped', 15)
+
+
+async def test_a_default_restarts_the_models_that_inherit_it(served: Served) -> None:
+    async with served.client() as c:
+        r = await c.put(f'/api/models/{B}/parameters', json={'threads': 1})  # B overrides threads
+        assert r.json()['applied']['restarting'] == [B]
+        await wait_for(lambda: served.system.scheduler.describe(B)['status'] == 'ready', 30)
+        await wait_for(lambda: not served.system.scheduler._restarts, 30)
+        pids = {m: pid(served, m) for m in (A, B)}
+        r = await c.put('/api/parameters', json={'threads': 2})
+        assert r.status_code == 200, r.text
+        assert r.json()['applied']['restarting'] == [A] and r.json()['applied']['unchanged'] == [B]
+    await wait_for(lambda: served.system.scheduler.describe(A)['status'] == 'ready' and pid(served, A) != pids[A], 30)
+    assert pid(served, B) == pids[B]
+    assert ' --threads 2 ' in ' '.join(psutil.Process(pid(served, A)).cmdline()) + ' '
+    assert ' --threads 1 ' in ' '.join(psutil.Process(pid(served, B)).cmdline()) + ' '
+
+
+async def test_a_change_that_touches_no_launch_restarts_nothing(served: Served) -> None:
+    pids = {m: pid(served, m) for m in (A, B)}
+    async with served.client() as c:
+        r = await c.put('/api/config', json={'sse_heartbeat': 20, 'concurrency_limit': 3})
+        assert r.status_code == 200, r.text
+    applied = r.json()['applied']
+    assert applied['restarting'] == [] and sorted(applied['unchanged']) == [A, B]
+    assert {m: pid(served, m) for m in (A, B)} == pids
+    assert json.dumps(applied)
+
+
+async def test_requests_during_a_restart_wait_for_the_new_server(served: Served) -> None:
+    old, ctx_before = pid(served, A), await n_ctx(served, A)
+    async with served.client() as c:
+        r = await c.put(f'/api/models/{A}/parameters', json={'ctx_size': 1024})
+        assert r.json()['applied']['restarting'] == [A]
+        # Sent while A is being swapped: answered by the new server, not refused.
+        answers = await asyncio.gather(
+            *(c.post('/v1/completions', json={'model': A, 'prompt': 'hi', 'max_tokens': 2}) for _ in range(3))
+        )
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert pid(served, A) != old and await n_ctx(served, A) != ctx_before
