@@ -245,19 +245,28 @@ class _FileWriter:
         for rec in records:
             lines.setdefault(rec.source, []).append(format_line(rec).encode('utf-8', 'replace') + b'\n')
         for source, parts in lines.items():
-            f, size = self._file(source)
-            chunk: list[bytes] = []
-            pending = 0
-            for line in parts:
-                if size + pending + len(line) > self.max_bytes and size + pending > 0:
-                    f.write(b''.join(chunk))
-                    f, size = self._rotate(source, f)
-                    chunk, pending = [], 0
-                chunk.append(line)
-                pending += len(line)
-            f.write(b''.join(chunk))
-            f.flush()
-            self._open[source] = (f, size + pending)
+            try:
+                self._write_source(source, parts)
+            except Exception:  # a full disk, a failed rotation: reopened on the next batch; other sources go on
+                f, _ = self._open.pop(source, (None, 0))
+                if f is not None:
+                    with contextlib.suppress(Exception):
+                        f.close()
+
+    def _write_source(self, source: str, parts: list[bytes]) -> None:
+        f, size = self._file(source)
+        chunk: list[bytes] = []
+        pending = 0
+        for line in parts:
+            if size + pending + len(line) > self.max_bytes and size + pending > 0:
+                f.write(b''.join(chunk))
+                f, size = self._rotate(source, f)
+                chunk, pending = [], 0
+            chunk.append(line)
+            pending += len(line)
+        f.write(b''.join(chunk))
+        f.flush()
+        self._open[source] = (f, size + pending)
 
     def _file(self, source: str) -> tuple[BinaryIO, int]:
         if source not in self._open:

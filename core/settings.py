@@ -161,6 +161,7 @@ RESTART_FIELDS = frozenset(
     }
 )
 SECRET_FIELDS = frozenset({'api_keys'})
+REDACTED = '***'  # a secret in an export; importing it keeps the secret in force
 # Set only in the config file, the environment or the command line, never through PUT /api/config or the pages:
 # each names a file or program the app would trust (a key list, a binary to run, where to write its data).
 LOCAL_ONLY_FIELDS = frozenset({'llama_server_path', 'api_keys_file', 'ssl_certfile', 'ssl_keyfile', 'data_dir'})
@@ -244,6 +245,7 @@ class SettingsManager:
         self.warnings: list[FieldError] = []
         self._lock = threading.RLock()
         self._listeners: list[Callable[[Settings, list[str]], None]] = []
+        self.file_errors: list[FieldError] = []  # why the file on disk, edited by hand, is not the one in force
         self.settings = self._load()
 
     # ---- loading -------------------------------------------------------------------------------------------
@@ -339,12 +341,63 @@ class SettingsManager:
             self._notify(old)
             return self.settings
 
+    def reload_file(self) -> list[str]:
+        """The config file changed on disk: take it whole if it is valid (returns the changed fields), else keep
+        the settings in force, remember why in `file_errors` (shown by `describe`) and raise `ConfigInvalid`. The
+        file is left as it is either way."""
+        with self._lock:
+            errors: list[FieldError] = []
+            data: dict[str, Any] = {}
+            try:
+                raw = json.loads(self.config_path.read_text(encoding='utf-8')) if self.config_path.exists() else {}
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                errors = [FieldError('(file)', f'cannot read {self.config_path}: {e}', 'file')]
+            else:
+                if isinstance(raw, dict):
+                    data = raw
+                else:
+                    errors = [FieldError('(file)', f'{self.config_path} must hold a JSON object', 'file')]
+            unknown = [FieldError(k, 'unknown setting', 'file') for k in data if k not in Settings.model_fields]
+            errors = errors or unknown
+            candidate: Settings | None = None
+            file_json: dict[str, Any] = {}
+            if not errors:
+                try:
+                    candidate, file_json = self._validated(data, 'file')
+                except ConfigInvalid as e:
+                    errors = [FieldError(err.field, err.message, 'file') for err in e.errors]
+            if errors or candidate is None:
+                self.file_errors = errors
+                raise ConfigInvalid(errors)
+            self.file_errors = []
+            old = self.settings
+            self._file, self.settings = file_json, candidate
+            for name in Settings.model_fields:
+                if name in self._cli:
+                    self.sources[name] = 'cli'
+                elif name in self._env:
+                    self.sources[name] = 'env'
+                else:
+                    self.sources[name] = 'file' if name in file_json else 'default'
+            self._notify(old)
+            return [n for n in Settings.model_fields if getattr(old, n) != getattr(candidate, n)]
+
     # ---- reading -------------------------------------------------------------------------------------------
     def redacted(self) -> dict[str, Any]:
         data = self.settings.model_dump(mode='json')
         for name in SECRET_FIELDS:
             if data.get(name):
-                data[name] = ['***'] * len(data[name])
+                data[name] = [REDACTED] * len(data[name])
+        return data
+
+    def file_data(self, secrets: bool = False) -> dict[str, Any]:
+        """The config file's settings as saved (what an export holds); secrets as `***` unless asked for."""
+        with self._lock:
+            data = copy.deepcopy(self._file)
+        if not secrets:
+            for name in SECRET_FIELDS:
+                if data.get(name):
+                    data[name] = [REDACTED] * len(data[name])
         return data
 
     def describe(self) -> dict[str, Any]:
@@ -354,6 +407,7 @@ class SettingsManager:
             'sources': dict(self.sources),
             'config_path': str(self.config_path),
             'warnings': [w.as_dict() for w in self.warnings],
+            'file_errors': [e.as_dict() for e in self.file_errors],
             'restart_fields': sorted(RESTART_FIELDS),
             'local_fields': sorted(LOCAL_ONLY_FIELDS),
             'descriptions': {name: f.description or '' for name, f in Settings.model_fields.items()},
@@ -363,34 +417,62 @@ class SettingsManager:
     def update(self, patch: dict[str, Any]) -> UpdateResult:
         """Validate `patch` on top of the saved file, save atomically and apply. Raises `ConfigInvalid`."""
         with self._lock:
-            unknown = [k for k in patch if k not in Settings.model_fields]
-            if unknown:
-                raise ConfigInvalid([FieldError(k, 'unknown setting', 'request') for k in unknown])
-            local = [k for k in patch if k in LOCAL_ONLY_FIELDS and patch[k] != self._file.get(k, _MISSING)]
-            if local:
-                message = 'can be set only in the config file, the environment (LAP_*) or on the command line'
-                raise ConfigInvalid([FieldError(k, message, 'request') for k in local])
-            new_file = {**self._file, **patch}
-            try:
-                Settings(**new_file)  # the file alone must be valid
-                candidate = Settings(**{**new_file, **self._env, **self._cli})
-            except ValidationError as exc:
-                raise ConfigInvalid(_errors(exc, 'request')) from None
-            candidate = self._with_key_file(candidate, strict=True)
-            file_json = Settings(**new_file).model_dump(mode='json', include=set(new_file))
-            atomic_write_text(self.config_path, json.dumps(file_json, indent=2, sort_keys=True) + '\n')
-            old = self.settings
-            self._file = file_json
-            self.settings = candidate
-            for name in new_file:
-                if self.sources.get(name) in (None, 'default'):
-                    self.sources[name] = 'file'
-            changed = [n for n in Settings.model_fields if getattr(old, n) != getattr(candidate, n)]
-            overridden: dict[str, Source] = {
-                k: ('cli' if k in self._cli else 'env') for k in patch if k in self._cli or k in self._env
-            }
-            self._notify(old)
-            return UpdateResult(changed, sorted(set(changed) & RESTART_FIELDS), overridden)
+            self._check_patch(patch)
+            return self._save({**self._file, **patch}, patch)
+
+    def replace(self, data: dict[str, Any]) -> UpdateResult:
+        """Import: `data` becomes the whole config file (validated like a save, written atomically, applied).
+        Local-only fields keep the file's values. Raises `ConfigInvalid`."""
+        with self._lock:
+            data = {k: v for k, v in data.items() if k not in LOCAL_ONLY_FIELDS}
+            self._check_patch(data)
+            kept = {k: v for k, v in self._file.items() if k in LOCAL_ONLY_FIELDS}
+            return self._save({**data, **kept}, data)
+
+    def candidate(self, data: dict[str, Any]) -> Settings:
+        """The settings that `replace(data)` would put in force, without saving anything. Raises `ConfigInvalid`."""
+        with self._lock:
+            data = {k: v for k, v in data.items() if k not in LOCAL_ONLY_FIELDS}
+            self._check_patch(data)
+            kept = {k: v for k, v in self._file.items() if k in LOCAL_ONLY_FIELDS}
+            return self._validated({**data, **kept}, 'request')[0]
+
+    def _check_patch(self, patch: dict[str, Any]) -> None:
+        unknown = [k for k in patch if k not in Settings.model_fields]
+        if unknown:
+            raise ConfigInvalid([FieldError(k, 'unknown setting', 'request') for k in unknown])
+        local = [k for k in patch if k in LOCAL_ONLY_FIELDS and patch[k] != self._file.get(k, _MISSING)]
+        if local:
+            message = 'can be set only in the config file, the environment (LAP_*) or on the command line'
+            raise ConfigInvalid([FieldError(k, message, 'request') for k in local])
+
+    def _validated(self, new_file: dict[str, Any], source: str) -> tuple[Settings, dict[str, Any]]:
+        """(settings in force with `new_file` as the file layer, the file as it is saved). Raises ConfigInvalid."""
+        try:
+            Settings(**new_file)  # the file alone must be valid
+            candidate = Settings(**{**new_file, **self._env, **self._cli})
+        except ValidationError as exc:
+            raise ConfigInvalid(_errors(exc, source)) from None
+        candidate = self._with_key_file(candidate, strict=True)
+        return candidate, Settings(**new_file).model_dump(mode='json', include=set(new_file))
+
+    def _save(self, new_file: dict[str, Any], patch: dict[str, Any]) -> UpdateResult:
+        """Validate, write atomically, put in force and notify (the caller holds the lock)."""
+        candidate, file_json = self._validated(new_file, 'request')
+        atomic_write_text(self.config_path, json.dumps(file_json, indent=2, sort_keys=True) + '\n')
+        old = self.settings
+        self._file = file_json
+        self.file_errors = []  # the user saved: the file is what the app runs with again
+        self.settings = candidate
+        for name in new_file:
+            if self.sources.get(name) in (None, 'default'):
+                self.sources[name] = 'file'
+        changed = [n for n in Settings.model_fields if getattr(old, n) != getattr(candidate, n)]
+        overridden: dict[str, Source] = {
+            k: ('cli' if k in self._cli else 'env') for k in patch if k in self._cli or k in self._env
+        }
+        self._notify(old)
+        return UpdateResult(changed, sorted(set(changed) & RESTART_FIELDS), overridden)
 
     def on_change(self, callback: Callable[[Settings, list[str]], None]) -> None:
         """`callback(new_settings, changed_field_names)` after each successful update or reload."""

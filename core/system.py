@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from core import __version__
+from core.config_watch import ConfigWatcher
 from core.events import EventBus
 from core.frontdoor import FrontDoor
 from core.library import ModelLibrary
@@ -50,6 +51,8 @@ class System:
         self.proxy.register_routes(self.frontdoor)
         self.metrics.register_routes(self.frontdoor)
         self._log_handler: logging.Handler | None = None
+        watchable = hasattr(config, 'reload_file')  # a SettingsManager, not a test's bare settings holder
+        self.config_watch = ConfigWatcher(config, self.apply_config, self.bus) if watchable else None
         self.started = False
         config.on_change(self._on_config_change)
 
@@ -75,10 +78,14 @@ class System:
         await self.scheduler.start()
         await self.proxy.start()
         await self.metrics.start()
+        if self.config_watch is not None:
+            await self.config_watch.start()
         self.started = True
 
     async def stop(self) -> None:
         # Reverse order: stop taking requests, then stop the children, then the rest.
+        if self.config_watch is not None:
+            await self.config_watch.stop()
         for name in ('proxy', 'metrics', 'scheduler', 'library'):
             try:
                 await getattr(self, name).stop()

@@ -110,3 +110,103 @@ async def test_requests_during_a_restart_wait_for_the_new_server(served: Served)
         )
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert pid(served, A) != old and await n_ctx(served, A) != ctx_before
+
+
+# ---- the config file, edited by hand ------------------------------------------------------------------------------
+@pytest.fixture
+async def on_file(system_factory: Any, models_dir: Path, tiny_model: Path, tmp_path: Path) -> Any:
+    """A System whose settings come from its config file (nothing on the command line that would win over it)."""
+    config = tmp_path / 'config.json'
+    config.write_text(json.dumps({'models_dirs': [str(models_dir)], 'scan_well_known_dirs': False}))
+    system = await system_factory()
+    async with serve(system) as s:
+        yield s, config
+
+
+async def test_a_valid_edit_of_the_file_applies_itself(on_file: Any) -> None:
+    served, config = on_file
+    events = served.system.bus.queue(['config'])
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, 'concurrency_limit': 3, 'sse_heartbeat': 7}))
+    await wait_for(lambda: served.system.config.settings.concurrency_limit == 3, 5)
+    async with served.client() as c:
+        described = (await c.get('/api/config')).json()
+    assert described['settings']['sse_heartbeat'] == 7 and described['sources']['concurrency_limit'] == 'file'
+    assert described['file_errors'] == []
+    event = await asyncio.wait_for(events.get(), 5)
+    assert event.type == 'changed' and 'concurrency_limit' in event.data['changed']
+
+
+@pytest.mark.parametrize(
+    'text, field',
+    [('{"concurrency_limit": 3,', '(file)'), ('{"concurrency_limit": -1}', 'concurrency_limit'), ('[1]', '(file)')],
+)
+async def test_an_invalid_edit_keeps_the_config_in_force(on_file: Any, models_dir: Path, text: str, field: str) -> None:
+    served, config = on_file
+    before = served.system.config.settings
+    events = served.system.bus.queue(['config'])
+    config.write_text(text)
+    event = await asyncio.wait_for(events.get(), 5)
+    assert event.type == 'invalid' and event.data['file'] == str(config)
+    assert [e['field'] for e in event.data['errors']] == [field]
+    assert served.system.config.settings == before  # nothing of the bad edit is in force
+    async with served.client() as c:
+        described = (await c.get('/api/config')).json()
+    assert [e['field'] for e in described['file_errors']] == [field]
+    assert config.read_text() == text  # the user's file is left as it is
+    # Fixing the file applies it and clears the error.
+    fixed = {'models_dirs': [str(models_dir)], 'scan_well_known_dirs': False, 'concurrency_limit': 4}
+    config.write_text(json.dumps(fixed))
+    await wait_for(lambda: served.system.config.settings.concurrency_limit == 4, 5)
+    assert served.system.config.file_errors == []
+
+
+async def test_models_dirs_change_live(on_file: Any, tmp_path: Path, models_dir: Path) -> None:
+    from tests.gguf_factory import write_tiny_gguf
+
+    served, _ = on_file
+    other = tmp_path / 'other-models'
+    other.mkdir()
+    write_tiny_gguf(other / 'other-llama.gguf', name='other-llama', seed=7)
+    assert served.system.library.get('other-llama') is None and served.system.library.get(A) is not None
+    async with served.client() as c:
+        r = await c.put('/api/config', json={'models_dirs': [str(other)]})
+        assert r.status_code == 200, r.text
+    await wait_for(lambda: served.system.library.get('other-llama') is not None, 10)
+    await wait_for(lambda: served.system.library.get(A) is None, 10)
+
+
+# ---- import / export ----------------------------------------------------------------------------------------------
+async def test_import_dry_run_shows_the_plan_and_import_applies_it(served: Served) -> None:
+    pids = {m: pid(served, m) for m in (A, B)}
+    async with served.client() as c:
+        exported = (await c.get('/api/config/export')).json()
+        wanted = {**exported, 'models': {A: {'ctx_size': 1024}}, 'concurrency_limit': 5}
+        r = await c.post('/api/config/import', params={'dry_run': 'true'}, json=wanted)
+        assert r.status_code == 200, r.text
+        dry = r.json()
+        assert dry['plan']['restarting'] == [A] and dry['plan']['unchanged'] == [B]
+        assert dry['diff']['concurrency_limit'] == {'from': 10, 'to': 5} and 'models' in dry['diff']
+        assert (await c.get('/api/config/export')).json() == exported  # nothing saved
+        assert {m: pid(served, m) for m in (A, B)} == pids  # nothing restarted
+        r = await c.post('/api/config/import', json=wanted)
+        assert r.status_code == 200, r.text
+        assert r.json()['applied']['restarting'] == [A]
+        assert (await c.get('/api/config/export')).json()['concurrency_limit'] == 5
+        bad = await c.post('/api/config/import', json={**wanted, 'concurrency_limit': 'many'})
+        assert bad.status_code == 422 and bad.json()['detail'][0]['field'] == 'concurrency_limit'
+    await wait_for(lambda: served.system.scheduler.describe(A)['status'] == 'ready' and pid(served, A) != pids[A], 30)
+    assert pid(served, B) == pids[B] and served.system.config.settings.concurrency_limit == 5
+
+
+async def test_export_redacts_keys_unless_asked_with_one(make_served: Any, tmp_path: Path) -> None:
+    key = 'k-' + 'x' * 30
+    async with await make_served(api_keys=[key]) as s, s.client(headers={'Authorization': f'Bearer {key}'}) as c:
+        # The keys given on the command line are not in the file: save one to it first.
+        assert (await c.put('/api/config', json={'api_keys': [key]})).status_code == 200
+        assert (await c.get('/api/config/export')).json()['api_keys'] == ['***']
+        assert (await c.get('/api/config/export', params={'secrets': 'true'})).json()['api_keys'] == [key]
+        # A redacted export imported again keeps the keys in force.
+        exported = (await c.get('/api/config/export')).json()
+        assert (await c.post('/api/config/import', json=exported)).status_code == 200
+        assert s.system.config.settings.api_keys == [key]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from core.events import EventBus
 from core.logs import LogService, llama_line_level
@@ -93,3 +96,37 @@ async def test_rotating_files_and_download(system_factory) -> None:
         missing = await client.get('/api/logs/download', params={'source': 'nope'})
         assert missing.status_code == 404 and 'app' in missing.json()['detail']
         assert (await client.get('/api/logs/download')).status_code == 422
+
+
+def test_rotation_without_backups_starts_the_file_over(tmp_path: Path) -> None:
+    logs = LogService(EventBus(), log_dir=tmp_path, max_bytes=10_000, backups=0)
+    for i in range(400):
+        logs.add_llama_line('alpha', f'line {i:04d} ' + 'x' * 80)
+    logs.flush()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ['llama-server.log'] and (tmp_path / 'llama-server.log').stat().st_size <= 10_000
+    assert 'line 0399' in (tmp_path / 'llama-server.log').read_text()  # the newest lines are kept
+    logs.close()
+
+
+def test_a_failed_rotation_does_not_stop_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    logs = LogService(EventBus(), log_dir=tmp_path, max_bytes=10_000, backups=2)
+    real_replace, failures = os.replace, []
+
+    def failing_once(src: Any, dst: Any) -> None:
+        if not failures:
+            failures.append(src)
+            raise OSError(28, 'No space left on device')
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'replace', failing_once)
+    for i in range(200):
+        logs.add('app', f'first {i:04d} ' + 'y' * 80)
+    logs.flush()
+    assert failures  # a rotation was tried and failed
+    logs.add('app', 'after the failure')
+    logs.add_llama_line('alpha', 'another source')
+    logs.flush()
+    assert 'after the failure' in (tmp_path / 'app.log').read_text()
+    assert 'another source' in (tmp_path / 'llama-server.log').read_text()
+    logs.close()

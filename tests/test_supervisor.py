@@ -151,9 +151,12 @@ async def test_long_output_lines_do_not_break_the_reader(harness: Any, tiny_mode
         llama_server_path=fake_binary(tmp_path, FAKE_LONG_LINE=str(1_000_000)),
     )
     await h.scheduler.load('tiny')
-    lines = h.logs.query(model='tiny', source='llama-server', limit=10_000)
-    assert sum(len(r.message) for r in lines if set(r.message) == {'x'}) == 1_000_000
-    assert any('listening' in r.message for r in lines)
+
+    def lines() -> list[Any]:
+        return h.logs.query(model='tiny', source='llama-server', limit=10_000)
+
+    await wait_for(lambda: any('listening' in r.message for r in lines()), 10)  # output is read in batches
+    assert sum(len(r.message) for r in lines() if set(r.message) == {'x'}) == 1_000_000
 
 
 async def test_hung_ready_server_is_restarted(harness: Any, tiny_model: Path, tmp_path: Path) -> None:

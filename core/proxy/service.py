@@ -184,7 +184,7 @@ class Proxy:
                     await self._relay(call, up)
         except ProxyError as e:
             rec.status, rec.error = e.status, e.message
-            await _tell(reply, rec, e)
+            await _tell(reply, rec, e, gone_is_recorded=True)
         except _Cancelled as c:
             rec.status, rec.error = CLIENT_CLOSED, c.reason
             if c.by != 'client':
@@ -284,6 +284,7 @@ class Proxy:
             raise _Cancelled(by, 'client disconnected' if by == 'client' else f'cancelled ({by})') from None
         finally:
             serving = False
+            rec.task = None  # an operator's cancel from now on would hit the error reply, not the work
             timer.cancel()
             if watch is not None:
                 watch.cancel()
@@ -314,6 +315,7 @@ class Proxy:
         """Send the request (on a kept-alive connection where one is free) and pass the answer on as it arrives,
         or assemble it. On a disconnect the connection is reset, which is how llama-server learns to stop."""
         assembly = _Assembly(call.spec.assemble or '', call.rec) if call.assemble else None
+        self.slot_time.serving(call.model_id, up.pid)
         sent = time.perf_counter()
         try:
             resp = await self._client().request(
@@ -358,10 +360,13 @@ class Proxy:
         tail: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
         n = 0
         waiting_first = is_sse
+        first_s = 0.0
         while chunk := await resp.chunk():
             if waiting_first and _has_output(chunk):
                 rec.mark_first_token()
                 waiting_first = False
+            if not n:
+                first_s = time.perf_counter() - rec.t0
             tail.append(chunk)
             n += 1
             if resp.drained:  # the last piece: it ends the reply too, one send fewer
@@ -372,7 +377,7 @@ class Proxy:
         try:
             await reply.body(chunk, more=False)
         finally:
-            _record_end(rec, resp.status, b''.join(tail), n <= TAIL_CHUNKS, is_sse, sent_s)
+            _record_end(rec, resp.status, b''.join(tail), n <= TAIL_CHUNKS, is_sse, sent_s, first_s)
 
     def _resolve(self, name: Any) -> Any:
         if name is None or name == '':
@@ -406,26 +411,22 @@ class Proxy:
     ) -> tuple[bytes, bool]:
         """What llama-server is sent (the client's bytes where nothing changes), and whether the answer is to be
         assembled from a stream: a non-streaming generation that may hold its slot longer than a moment."""
-        original = data
         if spec.generates:
             params = request_params.for_model(self.config.settings, model_id)
-            data = request_params.apply(data, params, spec.max_tokens_field)
+            applied = request_params.apply(data, params, spec.max_tokens_field)
+            if applied is not data:  # defaults, forced or stripped fields: llama-server gets what is in force
+                data, body = applied, _dumps(applied)
         assemble = False
         if spec.assemble is not None:
-            limit = data.get(spec.max_tokens_field, data.get('max_completion_tokens'))
-            assemble = not stream and not self.slot_time.quick(model_id, len(body), limit)
+            assemble = not stream and not self.slot_time.quick_request(model_id, data, len(body))
             if assemble or (stream and 'return_progress' not in data):
                 data = {**data, 'return_progress': data.get('return_progress', True)}
-            if assemble:
-                data['stream'] = True
-                if spec.assemble in ('chat', 'text'):
-                    data['stream_options'] = {'include_usage': True}
-        if data is original:
-            return body, assemble
-        try:
-            return jsonio.dumps(data), assemble
-        except jsonio.TooDeep as e:
-            raise bad_request(str(e), 'invalid_json') from None
+                if assemble:
+                    data['stream'] = True
+                    if spec.assemble in ('chat', 'text'):
+                        data['stream_options'] = {'include_usage': True}
+                body = _dumps(data)
+        return body, assemble
 
 
 @dataclass(slots=True)
@@ -450,26 +451,35 @@ class _Cancelled(Exception):
         self.by, self.reason = by, reason
 
 
-async def _tell(reply: Reply, rec: RequestRecord, err: ProxyError) -> None:
-    """Send an error the request ends with; a client already gone is recorded as such."""
+async def _tell(reply: Reply, rec: RequestRecord, err: ProxyError, gone_is_recorded: bool = False) -> None:
+    """Send the error the request ends with. A client already gone: recorded as such for a refusal
+    (`gone_is_recorded`); a cancel or an internal error keeps its own record."""
     try:
         await reply.error(err)
     except ClientGone:
-        rec.status, rec.error = CLIENT_CLOSED, 'client disconnected'
+        if gone_is_recorded:
+            rec.status, rec.error = CLIENT_CLOSED, 'client disconnected'
 
 
-def _record_end(rec: RequestRecord, status: int, tail: bytes, whole: bool, is_sse: bool, sent_s: float) -> None:
-    """Token counts and speeds from the answer's last bytes (`whole`: `tail` is all of it); for a JSON reply the
-    first token is dated from llama-server's own prompt time, counted from when the request was sent."""
+def _record_end(
+    rec: RequestRecord, status: int, tail: bytes, whole: bool, is_sse: bool, sent_s: float, first_s: float
+) -> None:
+    """Token counts and speeds from the answer's last bytes (`whole`: `tail` is all of it). A JSON reply comes
+    whole once generation ended: its first token is dated back by llama-server's own generation time (so a wait
+    for a slot counts, as it would in a stream); a reply that generated nothing by its first bytes."""
+    timings: dict[str, Any] = {}
     if is_sse:
         _record_usage(rec, usage_payloads(tail))
     elif whole and status < 400:
         objs = json_usage(tail)
         _record_usage(rec, objs)
-        timings: dict[str, Any] = next((o['timings'] for o in objs if isinstance(o.get('timings'), dict)), {})
-        prompt_ms = timings.get('prompt_ms')
-        if rec.ttft_s is None and isinstance(prompt_ms, (int, float)) and (timings.get('predicted_n') or 0) > 0:
-            rec.ttft_s = round(sent_s + prompt_ms / 1000, 4)
+        timings = next((o['timings'] for o in objs if isinstance(o.get('timings'), dict)), {})
+    if not is_sse and rec.ttft_s is None and first_s:
+        generating_ms = timings.get('predicted_ms')
+        if (timings.get('predicted_n') or 0) > 0 and isinstance(generating_ms, (int, float)):
+            rec.ttft_s = round(max(sent_s, first_s - generating_ms / 1000), 4)
+        else:
+            rec.ttft_s = round(first_s, 4)
     if status >= 400:
         rec.error = _error_message(tail) if whole else f'upstream status {status}'
 
@@ -577,6 +587,13 @@ def _gateway_error(model_id: str, e: UpstreamError) -> ProxyError:
 def _has_output(sse: bytes) -> bool:
     """Whether these SSE bytes hold an event other than llama-server's prompt-processing progress."""
     return sse.count(b'data:') > sse.count(b'"prompt_progress"')
+
+
+def _dumps(data: dict[str, Any]) -> bytes:
+    try:
+        return jsonio.dumps(data)
+    except jsonio.TooDeep as e:
+        raise bad_request(str(e), 'invalid_json') from None
 
 
 def _parse_json(body: bytes, object_only: bool = True) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import itertools
 import logging
 import os
 import random
@@ -177,7 +178,7 @@ class ServerProcess:
             headers = ((b'authorization', b'Bearer ' + key.encode()),) if key else ()
             base_url = f'http://{HOST}:{self.port}'
             params = self.launch_info.params if self.launch_info is not None else None
-            slots = (params.parallel if params is not None else None) or AUTO_SLOTS
+            slots = _slots(params)
             up = self._upstream = Upstream(self.model_id, HOST, self.port, base_url, self.pid, key, headers, slots)
         return up
 
@@ -418,7 +419,8 @@ class ServerProcess:
             while len(buf) > MAX_LINE:
                 self._line(buf[:MAX_LINE])
                 buf = buf[MAX_LINE:]
-            await asyncio.sleep(READ_PAUSE_S)
+            if len(chunk) < READ_CHUNK:  # a trickle: let it gather (a full read means more is waiting: read on)
+                await asyncio.sleep(READ_PAUSE_S)
         if buf:
             self._line(buf)
 
@@ -433,6 +435,18 @@ class ServerProcess:
                 if marker in line and (self.progress or 0) < value:
                     self._set('starting', progress=value)
                     break
+
+
+def _slots(params: Any) -> int:
+    """The server's -np: the typed field, or the value after -np/--parallel in extra_args (the last one wins)."""
+    if params is None:
+        return AUTO_SLOTS
+    slots = params.parallel
+    extra = list(params.extra_args or [])
+    for flag, value in itertools.pairwise(extra):
+        if flag in ('-np', '--parallel') and value.isdigit() and int(value) > 0:
+            slots = int(value)
+    return slots or AUTO_SLOTS
 
 
 def _loopback_client(timeout: httpx.Timeout | float) -> httpx.AsyncClient:

@@ -255,30 +255,77 @@ class Scheduler:
         background; an unchanged one keeps its process, and its supervisor-only fields (ttl, pinned) apply at
         once. Stopped models use the new values when they next start. Returns model ids by outcome."""
         out: dict[str, list[str]] = {'restarting': [], 'unchanged': [], 'kept_invalid': []}
-        for proc in list(self._procs.values()):
+        for proc, params, plan, error in await self._compare(self.settings):
             info = proc.launch_info
-            if proc.state not in ('ready', 'starting') or info is None or proc.model_id in self._restarts:
+            assert info is not None
+            if plan is None:  # the new values cannot start this model: the running server stays
+                log.error('%s keeps running with its old parameters: %s', proc.model_id, error)
+                out['kept_invalid'].append(proc.model_id)
+                continue
+            if plan.signature == info.signature:
+                info.params = params
+                out['unchanged'].append(proc.model_id)
+                continue
+            out['restarting'].append(proc.model_id)
+            why = _launch_diff(info.signature, plan.signature)
+            task = asyncio.create_task(self._restart(proc, why), name=f'restart {proc.model_id}')
+            self._restarts[proc.model_id] = task
+            task.add_done_callback(functools.partial(self._restart_done, proc.model_id))
+        self._notify(states=True)  # a ttl changed meanwhile: the TTL loop looks again
+        self._spawn_task(self._fit_limits())
+        return out
+
+    async def _fit_limits(self) -> None:
+        """max_loaded_models or memory_budget_mb lowered below what runs: evict until within them (idle models
+        first, then the least recently used; never a pinned one), each after draining."""
+        async with self._admit:
+            while True:
+                s = self.settings
+                loaded = [p for p in self._procs.values() if p.active and p.model_id not in self._restarts]
+                budget = s.memory_budget_mb
+                if budget is not None:
+                    for p in loaded:
+                        entry = self.library.get(p.model_id)
+                        if p.launch_info is not None and p.launch_info.need_mb is None and entry is not None:
+                            p.launch_info.need_mb = await asyncio.to_thread(self._need_mb, entry, p.launch_info.params)
+                over_count = s.max_loaded_models > 0 and len(loaded) > s.max_loaded_models
+                used = sum((p.launch_info.need_mb or 0) if p.launch_info else 0 for p in loaded)
+                if not over_count and not (budget is not None and used > budget):
+                    return
+                victims = [p for p in loaded if not (p.launch_info and p.launch_info.params.pinned)]
+                if not victims:
+                    log.warning('over max_loaded_models / memory_budget_mb, but every loaded model is pinned')
+                    return
+                victim = min(victims, key=lambda p: (p.busy, p.last_used))
+                log.info('%s unloaded: the new limits leave no room for it', victim.model_id)
+                await self._evict(victim, s.drain_timeout)
+
+    async def preview(self, settings: Any) -> dict[str, list[str]]:
+        """What `apply_config` would do if `settings` were in force; nothing is changed."""
+        out: dict[str, list[str]] = {'restarting': [], 'unchanged': [], 'kept_invalid': []}
+        for proc, _params, plan, _error in await self._compare(settings):
+            assert proc.launch_info is not None
+            key = 'kept_invalid' if plan is None else 'unchanged'
+            if plan is not None and plan.signature != proc.launch_info.signature:
+                key = 'restarting'
+            out[key].append(proc.model_id)
+        return out
+
+    async def _compare(self, settings: Any) -> list[tuple[ServerProcess, ModelParams, _Plan | None, str]]:
+        """Each running model, its params under `settings`, and the launch they make (None, and why, if they
+        cannot start it)."""
+        out: list[tuple[ServerProcess, ModelParams, _Plan | None, str]] = []
+        for proc in list(self._procs.values()):
+            if proc.state not in ('ready', 'starting') or proc.launch_info is None or proc.model_id in self._restarts:
                 continue
             entry = self.library.get(proc.model_id)
             if entry is None or entry.error:
                 continue
-            params = self.params_for(entry.id)
+            params = effective_params(settings, entry.id)
             try:
-                plan = await self._plan(entry, params)
-            except StartFailed as e:  # the new values cannot start this model: the running server stays
-                log.error('%s keeps running with its old parameters: %s', entry.id, e.message)
-                out['kept_invalid'].append(entry.id)
-                continue
-            if plan.signature == info.signature:
-                info.params = params
-                out['unchanged'].append(entry.id)
-                continue
-            out['restarting'].append(entry.id)
-            why = _launch_diff(info.signature, plan.signature)
-            task = asyncio.create_task(self._restart(proc, why), name=f'restart {entry.id}')
-            self._restarts[entry.id] = task
-            task.add_done_callback(functools.partial(self._restart_done, entry.id))
-        self._notify(states=True)  # a ttl changed meanwhile: the TTL loop looks again
+                out.append((proc, params, await self._plan(entry, params), ''))
+            except StartFailed as e:
+                out.append((proc, params, None, e.message))
         return out
 
     async def _restart(self, proc: ServerProcess, why: str) -> None:
