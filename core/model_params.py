@@ -1,7 +1,8 @@
 """Per-model launch parameters. `Settings.defaults` holds values for every model; per model, `None` inherits.
 
 Every launch field maps to a llama-server flag in `core/supervisor/argv.py`; `None` means "not passed", so the
-binary's own default applies. Supervisor-only fields (`ttl`, `pinned`, `env`) never reach the command line.
+binary's own default applies. Supervisor-only fields (`ttl`, `pinned`, `preload`, `aliases`, `request`) never reach
+the command line, and a change of them applies to a running model without a restart.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ class ModelParams(BaseModel):
     # --- supervisor ---
     ttl: float | None = Field(None, ge=0, description='Seconds idle before the model is unloaded; 0 = never')
     pinned: bool | None = Field(None, description='Never evict this model to make room for another')
+    preload: bool | None = Field(None, description='Start this model when the app starts (and at once when set)')
+    aliases: list[str] | None = Field(
+        None, description='More names clients may ask for this model by (its id always works)'
+    )
 
     request: RequestParams | None = Field(None, description='Applied to each request body by the proxy')
 

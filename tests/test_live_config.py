@@ -104,6 +104,9 @@ async def test_requests_during_a_restart_wait_for_the_new_server(served: Served)
     async with served.client() as c:
         r = await c.put(f'/api/models/{A}/parameters', json={'ctx_size': 1024})
         assert r.json()['applied']['restarting'] == [A]
+        # Asked the moment the save returns: the new server answers.
+        props = (await c.get(f'/upstream/{A}/props')).json()
+        assert props['default_generation_settings']['n_ctx'] != ctx_before
         # Sent while A is being swapped: answered by the new server, not refused.
         answers = await asyncio.gather(
             *(c.post('/v1/completions', json={'model': A, 'prompt': 'hi', 'max_tokens': 2}) for _ in range(3))
@@ -210,3 +213,43 @@ async def test_export_redacts_keys_unless_asked_with_one(make_served: Any, tmp_p
         exported = (await c.get('/api/config/export')).json()
         assert (await c.post('/api/config/import', json=exported)).status_code == 200
         assert s.system.config.settings.api_keys == [key]
+
+
+# ---- per-model aliases and preload ----------------------------------------------------------------------------
+async def test_aliases_and_preload_per_model_apply_at_once(served: Served) -> None:
+    before = pid(served, A)
+    async with served.client() as c:
+        assert (await c.post(f'/api/models/{B}/unload')).status_code == 200
+        r = await c.put(f'/api/models/{A}/parameters', json={'aliases': ['house-model', 'Gossip']})
+        assert r.status_code == 200, r.text
+        assert r.json()['applied']['restarting'] == []  # a name is no launch flag
+        answer = await c.post('/v1/completions', json={'model': 'house-model', 'prompt': 'hi', 'max_tokens': 2})
+        assert answer.status_code == 200 and answer.json()['model'] in (A, 'house-model')
+        assert (await c.post('/v1/completions', json={'model': 'gossip', 'prompt': 'hi', 'max_tokens': 1})).is_success
+        assert pid(served, A) == before
+        # preload: set for the stopped B, it starts now.
+        r = await c.put(f'/api/models/{B}/parameters', json={'preload': True})
+        assert r.json()['applied'].get('starting') == [B]
+    await wait_for(lambda: served.system.scheduler.describe(B)['status'] == 'ready', 30)
+    # Unloaded again by the user, it stays unloaded when something else changes.
+    async with served.client() as c:
+        assert (await c.post(f'/api/models/{B}/unload')).status_code == 200
+        r = await c.put('/api/config', json={'concurrency_limit': 6})
+        assert 'starting' not in r.json()['applied']
+    assert served.system.scheduler.describe(B)['status'] == 'stopped'
+
+
+async def test_a_model_flagged_preload_starts_with_the_app(
+    system_factory: Any, models_dir: Path, tiny_model: Path, tiny_model_b: Path
+) -> None:
+    system = await system_factory(models_dirs=[models_dir], scan_well_known_dirs=False, models={B: {'preload': True}})
+    await wait_for(lambda: system.scheduler.describe(B)['status'] == 'ready', 30)
+    assert system.scheduler.describe(A)['status'] == 'stopped'
+
+
+async def test_a_lease_taken_as_the_change_is_applied_gets_the_new_server(served: Served) -> None:
+    system, old = served.system, pid(served, A)
+    await asyncio.to_thread(system.config.update, {'models': {A: {'ctx_size': 1024}}})
+    assert (await system.apply_config())['restarting'] == [A]
+    async with system.scheduler.lease(A) as up:  # in the same turn of the loop as the restart was scheduled
+        assert up.pid != old

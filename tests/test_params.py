@@ -59,6 +59,8 @@ EVERY_FIELD = ModelParams(
     env={'OMP_NUM_THREADS': '1'},
     ttl=60,
     pinned=True,
+    preload=True,
+    aliases=['house-model'],
 )
 
 

@@ -198,15 +198,7 @@ class ModelLibrary:
         report.added = sorted(set(new) - set(old))
         report.removed = sorted(set(old) - set(new))
         report.changed = sorted(i for i in set(new) & set(old) if new[i].fingerprint != old[i].fingerprint)
-        lookup: dict[str, str] = {}
-        for e in entries:  # ids win over aliases; first alias claim wins
-            lookup[e.id] = e.id
-        for e in entries:
-            for a in e.aliases:
-                lookup.setdefault(a, e.id)
-        for key, value in list(lookup.items()):
-            lookup.setdefault(key.lower(), value)
-        self._entries, self._lookup = new, lookup
+        self._entries, self._lookup = new, self._names(entries)
         self.last_scan = report
         if report.added or report.removed or report.changed:
             log.info('models: %d (+%d -%d ~%d)', len(new), len(report.added), len(report.removed), len(report.changed))
@@ -224,7 +216,27 @@ class ModelLibrary:
     async def _on_files_changed(self, paths: set[str]) -> None:
         await self.rescan()
 
+    def _names(self, entries: list[ModelEntry]) -> dict[str, str]:
+        """Every name a model answers to -> its id. Ids win, then the aliases set in its parameters, then those
+        from its file name; the first claim of a name wins; each also ignoring case."""
+        configured = getattr(getattr(self.config, 'settings', None), 'models', None) or {}
+        lookup: dict[str, str] = {}
+        for e in entries:
+            lookup[e.id] = e.id
+        for e in entries:
+            params = configured.get(e.id)
+            for a in (getattr(params, 'aliases', None) or []) if params is not None else []:
+                lookup.setdefault(a, e.id)
+        for e in entries:
+            for a in e.aliases:
+                lookup.setdefault(a, e.id)
+        for key, value in list(lookup.items()):
+            lookup.setdefault(key.lower(), value)
+        return lookup
+
     def _on_config_change(self, settings: Any, changed: list[str]) -> None:
+        if 'models' in changed:  # per-model aliases: names apply at once
+            self._lookup = self._names(list(self._entries.values()))
         if not {'models_dirs', 'scan_well_known_dirs'} & set(changed):
             return
         loop = self._loop

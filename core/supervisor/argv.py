@@ -52,7 +52,9 @@ SWITCH_FLAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     'jinja': (('--jinja',), ('--no-jinja',)),
 }
 # Fields that never become flags.
-NOT_FLAGS = frozenset({'extra_args', 'env', 'ttl', 'pinned', 'request', 'mmproj', 'mlock', 'no_mmap'})
+NOT_FLAGS = frozenset(
+    {'extra_args', 'env', 'ttl', 'pinned', 'preload', 'aliases', 'request', 'mmproj', 'mlock', 'no_mmap'}
+)
 
 _FLAG_TOKEN = re.compile(r'^--?[A-Za-z][\w-]*$')
 

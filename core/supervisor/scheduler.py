@@ -93,8 +93,10 @@ class Scheduler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ttl_task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._draining: set[str] = set()  # restarting for a config change: new requests wait for the new server
+        # Swapping for a config change: new requests wait for the new server (not counted as busy, so the drain
+        # is for the requests already in flight).
         self._restarts: dict[str, asyncio.Task[None]] = {}
+        self._preloaded: set[str] = set()  # the preloads already started once (by name as configured)
 
     @property
     def settings(self) -> Any:
@@ -107,8 +109,14 @@ class Scheduler:
         if reaped:
             log.warning('reaped %d llama-server process(es) left by an earlier run: %s', len(reaped), reaped)
         self._ttl_task = asyncio.create_task(self._ttl_loop(), name='scheduler ttl')
-        for name in self.settings.preload:
+        self._preloaded = set(self._preloads())
+        for name in self._preloaded:
             self._spawn_task(self._preload(name))
+
+    def _preloads(self) -> list[str]:
+        """The `preload` list, then the models whose parameters say `preload`."""
+        flagged = [mid for mid, p in (self.settings.models or {}).items() if p.preload]
+        return list(dict.fromkeys([*self.settings.preload, *flagged]))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -167,9 +175,7 @@ class Scheduler:
         """Start `model` if needed (evicting others to make room) and return where it listens."""
         entry = self._entry(model)
         proc = self._proc(entry.id)
-        restart = self._restarts.get(entry.id)
-        if restart is not None and restart is not asyncio.current_task():  # a config change is swapping it
-            await asyncio.shield(restart)  # then the new one serves
+        await self._after_restart(entry.id)
         for _ in range(3):  # a model evicted right after it came up is started again, within reason
             if proc.state == 'ready':
                 proc.last_used = time.monotonic()
@@ -200,11 +206,12 @@ class Scheduler:
     async def _acquire(self, model: str, on_progress: Callable[[dict[str, Any]], Any] | None) -> ServerProcess:
         entry = self._entry(model)
         proc = self._proc(entry.id)
-        if proc.state == 'ready' and entry.id not in self._draining:  # the common case: nothing to register
+        if proc.state == 'ready' and entry.id not in self._restarts:  # the common case: nothing to register
             proc.inflight += 1
             proc.last_used = time.monotonic()
             self._notify()
             return proc
+        await self._after_restart(entry.id)
         proc.waiters += 1
         if on_progress is not None:
             self._listeners.setdefault(entry.id, set()).add(on_progress)
@@ -273,6 +280,14 @@ class Scheduler:
             task.add_done_callback(functools.partial(self._restart_done, proc.model_id))
         self._notify(states=True)  # a ttl changed meanwhile: the TTL loop looks again
         self._spawn_task(self._fit_limits())
+        preloads = self._preloads()
+        for name in preloads:  # a preload set just now starts now (one the user unloaded since stays unloaded)
+            entry = self.library.get(name)
+            if name in self._preloaded or entry is None or self._proc(entry.id).state != 'stopped':
+                continue
+            out.setdefault('starting', []).append(entry.id)
+            self._spawn_task(self._preload(entry.id))
+        self._preloaded = set(preloads)
         return out
 
     async def _fit_limits(self) -> None:
@@ -328,15 +343,18 @@ class Scheduler:
                 out.append((proc, params, None, e.message))
         return out
 
+    async def _after_restart(self, model_id: str) -> None:
+        """Wait while a config change swaps the model's server (its failure is the next start's to report)."""
+        restart = self._restarts.get(model_id)
+        if restart is not None and restart is not asyncio.current_task():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(restart)
+
     async def _restart(self, proc: ServerProcess, why: str) -> None:
         model_id = proc.model_id
-        self._draining.add(model_id)
-        try:
-            log.info('%s restarts for a configuration change: %s', model_id, why)
-            self.bus.publish('models', 'restart', {'model': model_id, 'reason': f'configuration changed: {why}'})
-            await self._evict(proc, self.settings.drain_timeout)
-        finally:
-            self._draining.discard(model_id)
+        log.info('%s restarts for a configuration change: %s', model_id, why)
+        self.bus.publish('models', 'restart', {'model': model_id, 'reason': f'configuration changed: {why}'})
+        await self._evict(proc, self.settings.drain_timeout)
         await self.load(model_id)
 
     def _restart_done(self, model_id: str, task: asyncio.Task[None]) -> None:
