@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         # address on every request.
         proxy_headers=False,
         server_header=False,  # one header less on every reply, and nothing said about the server software
-        **uvicorn_options(settings),  # slow clients closed, connections capped, TLS (core/httpguard.py)
+        **uvicorn_options(settings, system.config),  # slow clients closed, connections capped, TLS (core/httpguard.py)
     )
 
 

@@ -158,15 +158,23 @@ def _has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-def protocol_for(settings: Any) -> type[GuardedHttpProtocol]:
-    """The protocol class with this configuration's limits (uvicorn takes a class, not an instance)."""
+def protocol_for(settings: Any, live: Any = None) -> type[GuardedHttpProtocol]:
+    """The protocol class with this configuration's limits (uvicorn takes a class, not an instance). With `live`
+    (the SettingsManager), a saved change of the limits applies to the next connection and request."""
     attrs = {'client_timeout': settings.client_timeout, 'max_connections': settings.max_connections}
-    return type('GuardedHttpProtocol', (GuardedHttpProtocol,), attrs)
+    cls: type[GuardedHttpProtocol] = type('GuardedHttpProtocol', (GuardedHttpProtocol,), attrs)
+    if live is not None:
+
+        def follow(new: Any, changed: list[str]) -> None:
+            cls.client_timeout, cls.max_connections = new.client_timeout, new.max_connections
+
+        live.on_change(follow)
+    return cls
 
 
-def uvicorn_options(settings: Any) -> dict[str, Any]:
+def uvicorn_options(settings: Any, live: Any = None) -> dict[str, Any]:
     """What `uvicorn.Config` (or `ui.run`) gets from the settings: the guarded protocol, and TLS when set."""
-    options: dict[str, Any] = {'http': protocol_for(settings)}
+    options: dict[str, Any] = {'http': protocol_for(settings, live)}
     if settings.ssl_certfile and settings.ssl_keyfile:
         options |= {'ssl_certfile': str(settings.ssl_certfile), 'ssl_keyfile': str(settings.ssl_keyfile)}
     return options

@@ -132,6 +132,14 @@ class LogService:
             except FileNotFoundError:  # rotated away meanwhile
                 continue
 
+    def configure(self, capacity: int, max_bytes: int, backups: int) -> None:
+        """New limits, in force at once: the buffer keeps its newest lines, files rotate at the new size."""
+        with self._lock:
+            if capacity != self._buf.maxlen:
+                self._buf = deque(self._buf, maxlen=capacity)
+        if self._files is not None:
+            self._files.max_bytes, self._files.backups = max_bytes, backups
+
     def add_llama_line(self, model: str, line: str) -> LogRecord:
         return self.add('llama-server', line, llama_line_level(line), model=model)
 

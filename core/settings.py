@@ -154,12 +154,7 @@ class Settings(BaseSettings):
 
 # Changing these only takes effect after the app restarts; everything else is applied live.
 _MISSING = object()
-RESTART_FIELDS = frozenset(
-    {
-        *('host', 'port', 'data_dir', 'log_buffer_lines', 'log_file_max_bytes', 'log_file_backups'),
-        *('ssl_certfile', 'ssl_keyfile', 'client_timeout', 'max_connections'),
-    }
-)
+RESTART_FIELDS = frozenset({'host', 'port', 'data_dir', 'ssl_certfile', 'ssl_keyfile'})
 SECRET_FIELDS = frozenset({'api_keys'})
 REDACTED = '***'  # a secret in an export; importing it keeps the secret in force
 # Set only in the config file, the environment or the command line, never through PUT /api/config or the pages:

@@ -15,8 +15,9 @@ from core.library import ModelLibrary
 from core.llama_binary import BinaryResolver
 from core.logs import LogService
 from core.metrics import MetricsService
+from core.model_params import effective_params
 from core.proxy import Proxy
-from core.settings import SettingsManager
+from core.settings import SettingsManager, UpdateResult
 from core.store import Store
 from core.supervisor import Scheduler
 
@@ -54,6 +55,7 @@ class System:
         watchable = hasattr(config, 'reload_file')  # a SettingsManager, not a test's bare settings holder
         self.config_watch = ConfigWatcher(config, self.apply_config, self.bus) if watchable else None
         self.started = False
+        self._applied_settings = config.settings  # what `apply_config` last brought the servers in line with
         config.on_change(self._on_config_change)
 
     def install_logging(self) -> None:
@@ -106,16 +108,38 @@ class System:
             'llama_server': None if b is None else {'path': str(b.path), 'version': b.version, 'source': b.source},
         }
 
+    async def save_config(self, patch: dict[str, Any]) -> tuple[UpdateResult, dict[str, list[str]]]:
+        """Save `patch` (validated, written atomically; raises ConfigInvalid) and apply it: the one path of the
+        REST API and the pages (a hand edit of the file takes `apply_config` through the watcher)."""
+        result = await asyncio.to_thread(self.config.update, patch)
+        return result, await self.apply_config()
+
     async def apply_config(self) -> dict[str, list[str]]:
-        """After a saved change: restart the running servers whose launch it changed (and only those); published
-        as a `config` event. A stopped model uses the new values when it next starts."""
+        """After a saved change: restart the running servers whose launch it changed (and only those), and say
+        which stopped models will start with new values (`next_start`); published as a `config` event."""
         applied = await self.scheduler.apply_config()
+        applied['next_start'] = self._next_start()
         self.bus.publish('config', 'applied', applied)
         return applied
+
+    def _next_start(self) -> list[str]:
+        """Stopped models whose parameters changed since the last apply."""
+        before, after = self._applied_settings, self.config.settings
+        self._applied_settings = after
+        out = []
+        for entry in self.library.models():
+            state = self.scheduler.describe(entry.id).get('status')
+            if state in ('stopped', 'failed') and effective_params(before, entry.id) != effective_params(
+                after, entry.id
+            ):
+                out.append(entry.id)
+        return out
 
     def _on_config_change(self, settings: Any, changed: list[str]) -> None:
         self.bus.publish('config', 'changed', {'changed': changed})
         if 'log_level' in changed:
             logging.getLogger().setLevel(settings.log_level.upper())
+        if {'log_buffer_lines', 'log_file_max_bytes', 'log_file_backups'} & set(changed):
+            self.logs.configure(settings.log_buffer_lines, settings.log_file_max_bytes, settings.log_file_backups)
         if 'llama_server_path' in changed:
             self.binary.invalidate()

@@ -253,3 +253,27 @@ async def test_a_lease_taken_as_the_change_is_applied_gets_the_new_server(served
     assert (await system.apply_config())['restarting'] == [A]
     async with system.scheduler.lease(A) as up:  # in the same turn of the loop as the restart was scheduled
         assert up.pid != old
+
+
+async def test_next_start_and_the_server_limits_apply_live(make_served: Any) -> None:
+    import socket
+    import time
+
+    async with await make_served() as s, s.client() as c:
+        r = await c.put(f'/api/models/{A}/parameters', json={'ctx_size': 1024})  # A is not running
+        assert r.json()['applied']['next_start'] == [A] and r.json()['applied']['restarting'] == []
+        # A connection limit no longer needs an app restart: the next connection is judged by the new one.
+        r = await c.put('/api/config', json={'client_timeout': 0.5})
+        assert r.status_code == 200 and r.json()['restart_required'] == []
+        port = int(s.base_url.rsplit(':', 1)[1])
+
+        def stalled_is_closed() -> bool:
+            with socket.create_connection(('127.0.0.1', port), timeout=5) as sock:
+                sock.sendall(b'GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ')
+                t0 = time.monotonic()
+                try:
+                    return sock.recv(1) == b'' and time.monotonic() - t0 < 4
+                except ConnectionResetError:
+                    return True
+
+        assert await asyncio.to_thread(stalled_is_closed)

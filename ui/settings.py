@@ -65,7 +65,7 @@ def register(system: System) -> None:
                     ui.label(hint).classes('text-xs text-gray-500 -mt-2')
             status = ui.label().classes('text-sm')
 
-            def save() -> None:
+            async def save() -> None:
                 current = system.config.describe()['settings']
                 patch: dict[str, Any] = {}
                 for name, element in inputs.items():
@@ -76,7 +76,7 @@ def register(system: System) -> None:
                     status.set_text('Nothing changed.')
                     return
                 try:
-                    result = system.config.update(patch)
+                    result, applied = await system.save_config(patch)
                 except ConfigInvalid as e:
                     msg = '; '.join(f'{err.field}: {err.message}' for err in e.errors)
                     status.set_text(f'Not saved. {msg}')
@@ -84,6 +84,8 @@ def register(system: System) -> None:
                     ui.notify(f'Not saved: {msg}', type='negative')
                     return
                 text = f'Saved {", ".join(sorted(patch))}.'
+                if applied['restarting']:
+                    text += f' Restarting {", ".join(applied["restarting"])} with the new values.'
                 if result.restart_required:
                     text += f' Restart the app to apply {", ".join(result.restart_required)}.'
                 status.set_text(text)

@@ -25,10 +25,9 @@ async def put_config(patch: dict[str, Any] = Body(...), system: System = Depends
     """Validate and save the given fields atomically, then apply them: `applied` lists the running models that
     restart for it and those that keep running; `restart_required` the fields that need the app restarted."""
     try:
-        result = await asyncio.to_thread(system.config.update, patch)
+        result, applied = await system.save_config(patch)
     except ConfigInvalid as e:
         return JSONResponse(status_code=422, content={'detail': [err.as_dict() for err in e.errors]})
-    applied = await system.apply_config()
     return {
         'saved': True,
         'changed': result.changed,

@@ -3,7 +3,6 @@ and saved through the settings manager so the atomic write and the settings vali
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends
@@ -52,10 +51,9 @@ async def _validated(
 async def _save(system: System, patch: dict[str, Any]) -> JSONResponse | dict[str, Any]:
     """Save, then apply to the running servers: what restarts, what keeps running (see `System.apply_config`)."""
     try:
-        await asyncio.to_thread(system.config.update, patch)
+        return (await system.save_config(patch))[1]
     except ConfigInvalid as e:
         return _field_errors([{'field': err.field, 'message': err.message} for err in e.errors])
-    return await system.apply_config()
 
 
 def _descriptions() -> dict[str, str]:
