@@ -91,24 +91,28 @@ async def through_scheduler(system: System, model_id: str, client: httpx.AsyncCl
     return elapsed
 
 
+async def tiny_system(tmp: Path) -> tuple[System, Path, str]:
+    """A started System (no web server) over the tiny generated model in `tmp`: (system, model file, model id)."""
+    models = tmp / 'models'
+    models.mkdir()
+    model = write_tiny_gguf(models / 'tiny-llama.gguf', name='tiny-llama', seed=1)
+    config = SettingsManager(
+        config_path=tmp / 'config.json',
+        cli={'data_dir': tmp / 'data', 'models_dirs': [models], 'scan_well_known_dirs': False},
+        env_file=tmp / 'none.env',
+    )
+    system = System(config)
+    await system.start()
+    return system, model, next(e.id for e in system.library.models() if Path(e.path) == model)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument('--runs', type=int, default=15)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp_s:
-        tmp = Path(tmp_s)
-        models = tmp / 'models'
-        models.mkdir()
-        model = write_tiny_gguf(models / 'tiny-llama.gguf', name='tiny-llama', seed=1)
-        config = SettingsManager(
-            config_path=tmp / 'config.json',
-            cli={'data_dir': tmp / 'data', 'models_dirs': [models], 'scan_well_known_dirs': False},
-            env_file=tmp / 'none.env',
-        )
-        system = System(config)
-        await system.start()
+        system, model, model_id = await tiny_system(Path(tmp_s))
         try:
-            model_id = next(e.id for e in system.library.models() if Path(e.path) == model)
             health, direct_tok, sched_tok = [], [], []
             async with httpx.AsyncClient(timeout=30) as client:
                 await direct(system, model, client)  # warm the page cache and the binary

@@ -26,11 +26,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.cold_start import direct, first_token
+from bench.cold_start import direct, first_token, tiny_system
 from bench.report import write_section
-from core.settings import SettingsManager
 from core.system import System
-from tests.gguf_factory import write_tiny_gguf
 
 SECTION = '## Restart on a config change'
 
@@ -54,19 +52,8 @@ async def main() -> None:
     ap.add_argument('--runs', type=int, default=10)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp_s:
-        tmp = Path(tmp_s)
-        models = tmp / 'models'
-        models.mkdir()
-        model = write_tiny_gguf(models / 'tiny-llama.gguf', name='tiny-llama', seed=1)
-        config = SettingsManager(
-            config_path=tmp / 'config.json',
-            cli={'data_dir': tmp / 'data', 'models_dirs': [models], 'scan_well_known_dirs': False},
-            env_file=tmp / 'none.env',
-        )
-        system = System(config)
-        await system.start()
+        system, model, model_id = await tiny_system(Path(tmp_s))
         try:
-            model_id = next(e.id for e in system.library.models() if Path(e.path) == model)
             alone, swaps = [], []
             async with httpx.AsyncClient(timeout=30) as client:
                 await system.scheduler.load(model_id)

@@ -9,14 +9,14 @@ rename over the file, applies once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from watchfiles import Change, awatch
+from watchfiles import Change
 
+from core.library.watch import FolderWatcher
 from core.settings import ConfigInvalid
 
 if TYPE_CHECKING:
@@ -31,40 +31,25 @@ DEBOUNCE_MS = 300
 class ConfigWatcher:
     def __init__(self, config: SettingsManager, apply: Callable[[], Awaitable[Any]], bus: EventBus) -> None:
         self.config, self._apply, self.bus = config, apply, bus
-        self._task: asyncio.Task[None] | None = None
-        self._stop: asyncio.Event | None = None
+        name = config.config_path.name
+
+        def is_config(_: Change, changed: str) -> bool:
+            return Path(changed).name == name
+
+        self._watcher = FolderWatcher(self._changed, is_config, recursive=False, debounce_ms=DEBOUNCE_MS)
 
     async def start(self) -> None:
         path = self.config.config_path
         if not path.parent.is_dir():
             log.info('not watching %s: its folder does not exist', path)
             return
-        self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self._run(path, self._stop), name='config-watch')
-        await asyncio.sleep(0)  # let awatch set up its watch
+        await self._watcher.start([path.parent])
 
     async def stop(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        self._task = self._stop = None
+        await self._watcher.stop()
 
-    async def _run(self, path: Path, stop: asyncio.Event) -> None:
-        def is_config(_: Change, changed: str) -> bool:
-            return Path(changed).name == path.name
-
-        try:
-            async for _changes in awatch(
-                path.parent, watch_filter=is_config, debounce=DEBOUNCE_MS, step=50, stop_event=stop, recursive=False
-            ):
-                await self.reload()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception('watching %s stopped', path)
+    async def _changed(self, _paths: set[str]) -> None:
+        await self.reload()
 
     async def reload(self) -> list[str]:
         """Take the file as it is now (see `SettingsManager.reload_file`); returns the fields that changed."""

@@ -20,10 +20,19 @@ def _is_model_file(change: Change, path: str) -> bool:
 
 
 class FolderWatcher:
-    """One background task around `watchfiles.awatch`; `restart(dirs)` when the folder list changes."""
+    """One background task around `watchfiles.awatch`; `restart(dirs)` when the folder list changes. By default it
+    watches model files below the folders; `watch_filter` and `recursive` make it watch other things (the config
+    file: core/config_watch.py)."""
 
-    def __init__(self, on_change: Callable[[set[str]], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        on_change: Callable[[set[str]], Awaitable[None]],
+        watch_filter: Callable[[Change, str], bool] = _is_model_file,
+        recursive: bool = True,
+        debounce_ms: int = DEBOUNCE_MS,
+    ) -> None:
         self._on_change = on_change
+        self._filter, self._recursive, self._debounce = watch_filter, recursive, debounce_ms
         self._task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
         self.dirs: list[Path] = []
@@ -54,19 +63,19 @@ class FolderWatcher:
         try:
             async for changes in awatch(
                 *dirs,
-                watch_filter=_is_model_file,
-                debounce=DEBOUNCE_MS,
+                watch_filter=self._filter,
+                debounce=self._debounce,
                 step=50,
                 stop_event=stop,
-                recursive=True,
+                recursive=self._recursive,
                 ignore_permission_denied=True,
             ):
                 paths = {p for _, p in changes}
-                log.debug('model folders changed: %s', sorted(paths))
+                log.debug('changed: %s', sorted(paths))
                 try:
                     await self._on_change(paths)
                 except Exception:
-                    log.exception('rescan after a folder change failed')
+                    log.exception('handling a change of %s failed', ', '.join(sorted(paths)))
         except asyncio.CancelledError:
             raise
         except Exception:
