@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import secrets
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core import __version__
-from core.settings import SettingsManager
+from core.settings import SettingsManager, is_loopback
 
 log = logging.getLogger('llama_async_proxy')
 
@@ -42,15 +41,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--log-level', choices=['debug', 'info', 'warning', 'error'], help='app log level (default info)')
     p.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     return p.parse_args(argv)
-
-
-def is_loopback(host: str) -> bool:
-    if host in ('localhost', 'localhost.localdomain'):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def storage_secret(data_dir: Path) -> str:

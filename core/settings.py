@@ -8,6 +8,7 @@ by field and left out, so the app keeps running on the last good configuration.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import logging
 import re
@@ -120,6 +121,13 @@ class Settings(BaseSettings):
             return [p for p in (s.strip() for s in v.split(sep)) if p]
         return v
 
+    @field_validator('api_keys', mode='after')
+    @classmethod
+    def _no_placeholder_keys(cls, v: list[str]) -> list[str]:
+        if any(k == REDACTED for k in v):
+            raise ValueError(f'{REDACTED!r} stands for a key in an export; it cannot be a key itself')
+        return v
+
     @field_validator('cors_origins', mode='before')
     @classmethod
     def _split_origins(cls, v: Any) -> Any:
@@ -156,6 +164,7 @@ class Settings(BaseSettings):
 _MISSING = object()
 RESTART_FIELDS = frozenset({'host', 'port', 'data_dir', 'ssl_certfile', 'ssl_keyfile'})
 SECRET_FIELDS = frozenset({'api_keys'})
+MAX_FILE_BYTES = 4 * 1024 * 1024  # a config file bigger than this is refused, not read
 REDACTED = '***'  # a secret in an export; importing it keeps the secret in force
 # Set only in the config file, the environment or the command line, never through PUT /api/config or the pages:
 # each names a file or program the app would trust (a key list, a binary to run, where to write its data).
@@ -201,6 +210,15 @@ class _LenientDotEnv(DotEnvSettingsSource):
             return super().decode_complex_value(field_name, field, value)
         except ValueError:
             return value
+
+
+def is_loopback(host: str) -> bool:
+    if host in ('localhost', 'localhost.localdomain'):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _drop(data: dict[str, Any], loc: list[str]) -> bool:
@@ -344,8 +362,12 @@ class SettingsManager:
             errors: list[FieldError] = []
             data: dict[str, Any] = {}
             try:
-                raw = json.loads(self.config_path.read_text(encoding='utf-8')) if self.config_path.exists() else {}
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                if self.config_path.stat().st_size > MAX_FILE_BYTES:
+                    raise ValueError(f'over {MAX_FILE_BYTES} bytes')
+                raw = json.loads(self.config_path.read_text(encoding='utf-8'))
+            except FileNotFoundError:  # deleted (or mid-rename): nothing to apply, and no reason to drop all
+                errors = [FieldError('(file)', f'{self.config_path} is gone; the settings in force are kept', 'file')]
+            except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ones
                 errors = [FieldError('(file)', f'cannot read {self.config_path}: {e}', 'file')]
             else:
                 if isinstance(raw, dict):
@@ -415,6 +437,15 @@ class SettingsManager:
             self._check_patch(patch)
             return self._save({**self._file, **patch}, patch)
 
+    def update_model(self, model_id: str, params: dict[str, Any] | None) -> UpdateResult:
+        """Set one model's parameters (None or {} removes them), read and written under the lock so that two
+        models saved at once both stay saved. Raises `ConfigInvalid`."""
+        with self._lock:
+            models = {mid: p for mid, p in (self._file.get('models') or {}).items() if mid != model_id}
+            if params:
+                models[model_id] = params
+            return self.update({'models': models})
+
     def replace(self, data: dict[str, Any]) -> UpdateResult:
         """Import: `data` becomes the whole config file (validated like a save, written atomically, applied).
         Local-only fields keep the file's values. Raises `ConfigInvalid`."""
@@ -449,6 +480,9 @@ class SettingsManager:
         except ValidationError as exc:
             raise ConfigInvalid(_errors(exc, source)) from None
         candidate = self._with_key_file(candidate, strict=True)
+        exposed = not is_loopback(self.settings.host) or not is_loopback(candidate.host)
+        if exposed and not candidate.api_keys:  # the app may listen beyond this machine: never without a key
+            raise ConfigInvalid([FieldError('api_keys', 'a non-loopback host needs an API key', source)])
         return candidate, Settings(**new_file).model_dump(mode='json', include=set(new_file))
 
     def _save(self, new_file: dict[str, Any], patch: dict[str, Any]) -> UpdateResult:

@@ -114,6 +114,13 @@ class System:
         result = await asyncio.to_thread(self.config.update, patch)
         return result, await self.apply_config()
 
+    async def save_model_params(
+        self, model_id: str, params: dict[str, Any] | None
+    ) -> tuple[UpdateResult, dict[str, list[str]]]:
+        """Like `save_config`, for one model's parameters only (the others are read under the same lock)."""
+        result = await asyncio.to_thread(self.config.update_model, model_id, params)
+        return result, await self.apply_config()
+
     async def apply_config(self) -> dict[str, list[str]]:
         """After a saved change: restart the running servers whose launch it changed (and only those), and say
         which stopped models will start with new values (`next_start`); published as a `config` event."""

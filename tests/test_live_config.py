@@ -209,10 +209,10 @@ async def test_export_redacts_keys_unless_asked_with_one(make_served: Any, tmp_p
         assert (await c.put('/api/config', json={'api_keys': [key]})).status_code == 200
         assert (await c.get('/api/config/export')).json()['api_keys'] == ['***']
         assert (await c.get('/api/config/export', params={'secrets': 'true'})).json()['api_keys'] == [key]
-        # A redacted export imported again keeps the keys in force.
+        # A redacted export imported again keeps the saved keys.
         exported = (await c.get('/api/config/export')).json()
         assert (await c.post('/api/config/import', json=exported)).status_code == 200
-        assert s.system.config.settings.api_keys == [key]
+        assert s.system.config.file_data(secrets=True)['api_keys'] == [key]
 
 
 # ---- per-model aliases and preload ----------------------------------------------------------------------------
@@ -277,3 +277,103 @@ async def test_next_start_and_the_server_limits_apply_live(make_served: Any) -> 
                     return True
 
         assert await asyncio.to_thread(stalled_is_closed)
+
+
+# ---- races a user can cause -----------------------------------------------------------------------------------
+def running_ctx(s: Served, model: str) -> str | None:
+    argv = psutil.Process(pid(s, model)).cmdline()
+    return argv[argv.index('--ctx-size') + 1] if '--ctx-size' in argv else None
+
+
+async def settled(s: Served, model: str) -> None:
+    sched = s.system.scheduler
+    await wait_for(lambda: not sched._restarts and sched.describe(model)['status'] == 'ready', 30)
+
+
+async def test_two_saves_at_once_restart_once_and_the_last_wins(served: Served) -> None:
+    events = served.system.bus.queue(['models'])
+    async with served.client() as c:
+        await asyncio.gather(
+            c.put(f'/api/models/{A}/parameters', json={'ctx_size': 1024}),
+            c.put(f'/api/models/{B}/parameters', json={'ctx_size': 1536}),
+        )
+    await settled(served, A)
+    await settled(served, B)
+    # Both saves are kept (each model's parameters read and written under one lock), and each model runs its own.
+    saved = served.system.config.file_data()['models']
+    assert saved[A]['ctx_size'] == 1024 and saved[B]['ctx_size'] == 1536
+    assert running_ctx(served, A) == '1024' and running_ctx(served, B) == '1536'
+    restarts = []
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), 0.3)
+        except TimeoutError:
+            break
+        restarts += [event.data['model']] if event.type == 'restart' else []
+    assert sorted(restarts) == [A, B]
+
+
+async def test_a_save_during_a_restart_is_not_lost(served: Served) -> None:
+    sched = served.system.scheduler
+    async with served.client() as c:
+        assert (await c.put(f'/api/models/{A}/parameters', json={'ctx_size': 1024})).json()['applied']['restarting']
+        await wait_for(lambda: sched.describe(A)['status'] == 'starting', 10, interval=0.001)
+        r = await c.put(f'/api/models/{A}/parameters', json={'ctx_size': 1536})
+        assert r.json()['applied']['restarting'] == [A]
+    await settled(served, A)
+    assert running_ctx(served, A) == '1536'
+
+
+async def test_an_unload_during_a_restart_is_kept(served: Served) -> None:
+    sched = served.system.scheduler
+    body = {'model': A, 'prompt': 'hi', 'max_tokens': 300, 'ignore_eos': True, 'stream': True}
+    async with served.client() as c, c.stream('POST', '/v1/completions', json=body) as stream:
+        lines = stream.aiter_lines()
+        await anext(lines)  # in flight: the restart drains it first
+        assert (await c.put(f'/api/models/{A}/parameters', json={'ctx_size': 1024})).json()['applied']['restarting']
+        assert (await c.post(f'/api/models/{A}/unload')).status_code == 200
+        async for _ in lines:
+            pass
+    await wait_for(lambda: not sched._restarts, 30)
+    assert sched.describe(A)['status'] == 'stopped'
+
+
+async def test_stopping_the_app_during_a_restart_leaves_no_server(system_factory: Any, models_dir: Path) -> None:
+    system = await system_factory(models_dirs=[models_dir], scan_well_known_dirs=False, drain_timeout=3)
+    await system.scheduler.load(A)
+    lease = system.scheduler.lease(A)
+    await lease.__aenter__()  # in flight across the stop
+    await asyncio.to_thread(system.config.update, {'models': {A: {'ctx_size': 1024}}})
+    assert (await system.apply_config())['restarting'] == [A]
+    await system.stop()
+    await lease.__aexit__(None, None, None)
+    assert system.scheduler.describe(A)['status'] == 'stopped'
+    children = [p for p in psutil.Process().children(recursive=True) if 'llama-server' in ' '.join(p.cmdline())]
+    assert children == []
+
+
+# ---- what an edit or an import must not do ------------------------------------------------------------------------
+async def test_deleting_the_file_keeps_the_settings(on_file: Any) -> None:
+    served, config = on_file
+    before = served.system.config.settings
+    events = served.system.bus.queue(['config'])
+    config.unlink()
+    event = await asyncio.wait_for(events.get(), 5)
+    assert event.type == 'invalid' and 'gone' in event.data['errors'][0]['message']
+    assert served.system.config.settings == before
+
+
+async def test_an_exported_placeholder_never_becomes_a_key(on_file: Any) -> None:
+    served, _ = on_file
+    key, new = 'k-' + 'a' * 30, 'k-' + 'b' * 30
+    auth = {'Authorization': f'Bearer {key}'}
+    async with served.client(headers=auth) as c:
+        assert (await c.put('/api/config', json={'api_keys': [key]})).status_code == 200
+        exported = (await c.get('/api/config/export')).json()
+        assert exported['api_keys'] == ['***']
+        r = await c.post('/api/config/import', json={**exported, 'api_keys': [*exported['api_keys'], new]})
+        assert r.status_code == 200, r.text
+        assert served.system.config.file_data(secrets=True)['api_keys'] == [key, new]
+        assert (await c.put('/api/config', json={'api_keys': ['***']})).status_code == 422
+    async with served.client(headers={'Authorization': 'Bearer ***'}) as c:
+        assert (await c.get('/api/config')).status_code == 401

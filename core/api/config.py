@@ -79,14 +79,16 @@ def _has_api_key(request: Request, keys: list[str]) -> bool:
 
 
 def _keep_redacted_secrets(data: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """An export's `***` stands for the saved key at its place (an export lists them in order); one with no
+    saved key there is dropped. Never a key of its own (the settings refuse `***` too)."""
     out = dict(data)
     for name in SECRET_FIELDS:
         value = out.get(name)
-        if isinstance(value, list) and value and all(v == REDACTED for v in value):
-            if name in saved:
-                out[name] = saved[name]
-            else:
-                out.pop(name)
+        if not isinstance(value, list):
+            continue
+        known = saved.get(name) or []
+        keys = [known[i] if v == REDACTED and i < len(known) else v for i, v in enumerate(value)]
+        out[name] = [k for k in keys if k != REDACTED]
     return out
 
 

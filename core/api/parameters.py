@@ -104,10 +104,8 @@ async def put_model_parameters(model_id: str, body: dict[str, Any] = Body(...), 
     params = await _validated(system, body, s.models.get(entry.id), s.defaults)
     if isinstance(params, JSONResponse):
         return params
-    models = {mid: _dump(p) for mid, p in s.models.items() if mid != entry.id}
-    if _dump(params):
-        models[entry.id] = _dump(params)
-    applied = await _save(system, {'models': models})
-    if isinstance(applied, JSONResponse):
-        return applied
+    try:
+        applied = (await system.save_model_params(entry.id, _dump(params) or None))[1]
+    except ConfigInvalid as e:
+        return _field_errors([{'field': err.field, 'message': err.message} for err in e.errors])
     return {**get_model_parameters(entry.id, system), 'applied': applied}

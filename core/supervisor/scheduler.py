@@ -96,6 +96,9 @@ class Scheduler:
         # Swapping for a config change: new requests wait for the new server (not counted as busy, so the drain
         # is for the requests already in flight).
         self._restarts: dict[str, asyncio.Task[None]] = {}
+        self._stale: set[str] = set()  # saved again while restarting: compared again once the new server is up
+        self._unloaded: set[str] = set()  # unloaded while restarting: not started again
+        self._apply_lock = asyncio.Lock()  # one apply at a time (the API, the pages and the file watcher)
         self._preloaded: set[str] = set()  # the preloads already started once (by name as configured)
 
     @property
@@ -120,7 +123,7 @@ class Scheduler:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in [*self._tasks, *self._starts.values(), self._ttl_task]:
+        for task in [*self._tasks, *self._starts.values(), *self._restarts.values(), self._ttl_task]:
             if task is not None:
                 task.cancel()
         await self.unload_all()
@@ -242,6 +245,8 @@ class Scheduler:
         if proc is None:
             entry = self.library.get(model)
             proc = self._procs.get(entry.id) if entry is not None else None
+        if proc is not None and proc.model_id in self._restarts:  # a swap in progress: it ends stopped
+            self._unloaded.add(proc.model_id)
         if proc is None or proc.state == 'stopped':
             return False
         await proc.stop(self.settings.stop_timeout)
@@ -261,7 +266,16 @@ class Scheduler:
         its requests have drained (`drain_timeout`; new requests wait for the new server), as one swap, in the
         background; an unchanged one keeps its process, and its supervisor-only fields (ttl, pinned) apply at
         once. Stopped models use the new values when they next start. Returns model ids by outcome."""
+        async with self._apply_lock:
+            if self._stopping:
+                return {'restarting': [], 'unchanged': [], 'kept_invalid': []}
+            return await self._apply()
+
+    async def _apply(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {'restarting': [], 'unchanged': [], 'kept_invalid': []}
+        for model_id in list(self._restarts):  # mid-swap: the new server is compared again once it is up
+            self._stale.add(model_id)
+            out['restarting'].append(model_id)
         for proc, params, plan, error in await self._compare(self.settings):
             info = proc.launch_info
             assert info is not None
@@ -352,15 +366,39 @@ class Scheduler:
 
     async def _restart(self, proc: ServerProcess, why: str) -> None:
         model_id = proc.model_id
-        log.info('%s restarts for a configuration change: %s', model_id, why)
-        self.bus.publish('models', 'restart', {'model': model_id, 'reason': f'configuration changed: {why}'})
-        await self._evict(proc, self.settings.drain_timeout)
-        await self.load(model_id)
+        while True:
+            self._stale.discard(model_id)
+            log.info('%s restarts for a configuration change: %s', model_id, why)
+            self.bus.publish('models', 'restart', {'model': model_id, 'reason': f'configuration changed: {why}'})
+            await self._evict(proc, self.settings.drain_timeout)
+            if model_id in self._unloaded or self._stopping:
+                return  # unloaded meanwhile: it stays down
+            try:
+                await self.load(model_id)
+            except StartFailed:
+                if model_id in self._unloaded or self._stopping:
+                    return
+                raise
+            if model_id not in self._stale or proc.launch_info is None:
+                return
+            # Saved again while it restarted: the new server may already have the newest values.
+            entry = self._entry(model_id)
+            params = self.params_for(model_id)
+            plan = await self._plan(entry, params)
+            if plan.signature == proc.launch_info.signature:
+                proc.launch_info.params = params
+                return
+            why = _launch_diff(proc.launch_info.signature, plan.signature)
 
     def _restart_done(self, model_id: str, task: asyncio.Task[None]) -> None:
-        self._restarts.pop(model_id, None)
+        if self._restarts.get(model_id) is task:
+            del self._restarts[model_id]
+        self._stale.discard(model_id)
+        self._unloaded.discard(model_id)
         if not task.cancelled() and task.exception() is not None:
-            log.error('restart of %s failed: %s', model_id, task.exception())
+            error = task.exception()
+            log.error('restart of %s failed: %s', model_id, error)
+            self.bus.publish('models', 'restart_failed', {'model': model_id, 'error': str(error)})
 
     # ---- admission -----------------------------------------------------------------------------------------
     def _start_done(self, model_id: str, task: asyncio.Task[None]) -> None:
@@ -369,6 +407,8 @@ class Scheduler:
             task.exception()  # retrieved by the awaiting callers; keep asyncio quiet when there are none
 
     async def _admit_and_start(self, entry: Any, proc: ServerProcess) -> None:
+        if self._stopping:
+            raise StartFailed(f'{entry.id}: the app is shutting down', model=entry.id)
         params = self.params_for(entry.id)
         plan = await self._plan(entry, params)  # bad parameters fail here, before anything is evicted
         launch = await self._launch(entry, plan)
