@@ -377,3 +377,14 @@ async def test_an_exported_placeholder_never_becomes_a_key(on_file: Any) -> None
         assert (await c.put('/api/config', json={'api_keys': ['***']})).status_code == 422
     async with served.client(headers={'Authorization': 'Bearer ***'}) as c:
         assert (await c.get('/api/config')).status_code == 401
+
+
+async def test_an_alias_that_names_another_model_is_refused(served: Served) -> None:
+    async with served.client() as c:
+        r = await c.put(f'/api/models/{A}/parameters', json={'aliases': [B]})
+        assert (
+            r.status_code == 422
+            and r.json()['detail'][0]['field'] == 'aliases'
+            and B in r.json()['detail'][0]['message']
+        )
+        assert served.system.library.get(B).id == B

@@ -104,6 +104,10 @@ async def put_model_parameters(model_id: str, body: dict[str, Any] = Body(...), 
     params = await _validated(system, body, s.models.get(entry.id), s.defaults)
     if isinstance(params, JSONResponse):
         return params
+    owners = {name: system.library.get(name) for name in params.aliases or []}
+    taken = [f'{name!r} ({other.id})' for name, other in owners.items() if other is not None and other.id != entry.id]
+    if taken:
+        return _field_errors([{'field': 'aliases', 'message': f"already another model's name: {', '.join(taken)}"}])
     try:
         applied = (await system.save_model_params(entry.id, _dump(params) or None))[1]
     except ConfigInvalid as e:

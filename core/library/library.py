@@ -234,9 +234,16 @@ class ModelLibrary:
             lookup.setdefault(key.lower(), value)
         return lookup
 
+    def _rename(self) -> None:
+        self._lookup = self._names(list(self._entries.values()))
+
     def _on_config_change(self, settings: Any, changed: list[str]) -> None:
-        if 'models' in changed:  # per-model aliases: names apply at once
-            self._lookup = self._names(list(self._entries.values()))
+        if 'models' in changed:  # per-model aliases: names apply at once (rebuilt on the loop, like a scan)
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._rename)
+            else:
+                self._rename()
         if not {'models_dirs', 'scan_well_known_dirs'} & set(changed):
             return
         loop = self._loop

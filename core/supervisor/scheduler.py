@@ -135,7 +135,7 @@ class Scheduler:
     async def _preload(self, name: str) -> None:
         try:
             await self.load(name)
-        except (ModelNotFound, StartFailed, NoCapacity) as e:
+        except (ModelNotFound, ModelUnusable, StartFailed, NoCapacity) as e:
             log.error('preload of %s failed: %s', name, e.message)
 
     # ---- reading -------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ class Scheduler:
                 continue
             out.setdefault('starting', []).append(entry.id)
             self._spawn_task(self._preload(entry.id))
-        self._preloaded = set(preloads)
+        self._preloaded = {name for name in preloads if self.library.get(name) is not None}  # the rest: once found
         return out
 
     async def _fit_limits(self) -> None:
