@@ -470,13 +470,15 @@ every one had cost +2.3 ms and 44 % of the req/s at c=4: llama-server closes eac
 and a stream costs it more than a plain answer (p50 1.68 vs 1.34 ms direct for this chat, by http.client). Each
 chat request makes llama-server print ~9 log lines, which the app reads, publishes and writes to its log file:
 batched file writes, output read every 20 ms and a cheaper record took the proxy's CPU per chat request at c=4
-from ~620 to ~380 us and the c=4 embeddings ratio from 63 % to 67-77 % over runs. The c=4 non-streaming ratios
-are still short of 90 % (chat 84-92 % over this session's runs, nginx 93-100 %): at c=4 the proxy adds ~0.8 ms
+from ~620 to ~380 us and the c=4 embeddings ratio from 63 % to 64-77 % over runs. The c=4 non-streaming ratios
+are still short of 90 % (chat 81-92 % over this session's runs, nginx 93-100 %): at c=4 the proxy adds ~0.8 ms
 per request (~0.25 ms at c=1), since llama-server finishes its slots' answers together and the proxy, one Python
 thread, relays them one after another, and the staggered next requests batch less well in llama-server. Cutting
 ~10 % of the proxy's CPU per request (no disconnect-watch task, no log lines) did not move req/s (measured with a
 c=4 loop of 3000 requests, proxy CPU from psutil). The c=4 stream ratio swings with the window: 24 streams a round
-(~0.1 s) gave 84-100 %; 160 a round (~1 s, as now) 95-99 %.
+(~0.1 s) gave 84-100 %; 160 a round (~1 s, as now) 89-99 % over this session's runs (an A/B of the same
+step against the run before the last proxy changes, `bench/ab_commits.sh 87ba402 3 real_slots,real_rps_chat`,
+showed no difference in streams: the spread is the machine's).
 
 Reading it: the proxy costs CPU per request (~0.15-0.2 ms at c=32, ~0.3-0.45 ms at c=1, where the app also wakes
 for each request alone) against nginx's ~0.02-0.08 ms; on this box that CPU is taken from the load client and the
