@@ -1,42 +1,147 @@
-"""The shared frame: header with app name and status, left navigation, page title."""
+"""The shared frame and the three helpers every page uses: `page` (auth, title, active nav, frame), `live` (redraw
+when core events fire, at most every N ms, and after each reconnect) and `notify` (a toast that reaches the user
+even when the element that asked for it has been redrawn away).
+
+Lifecycles (see ../shared/reference/ui.md): NiceGUI runs `on_disconnect` on every socket blip and a reconnect does
+not run the page again, so whatever a page opens for its lifetime closes in `client.on_delete`, and a reconnect
+asks each live part for a fresh snapshot through `client.on_connect`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+import logging
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from fastapi.responses import RedirectResponse
-from nicegui import context, ui
+from nicegui import Client, app, background_tasks, context, ui
+
+from ui.components.header import Header
 
 if TYPE_CHECKING:
     from core.events import Event
     from core.system import System
 
+log = logging.getLogger(__name__)
+
+APP_NAME = 'Llama Async Proxy'
 NAV = (
     ('Dashboard', '/', 'dashboard'),
     ('Models', '/models', 'storage'),
+    ('Activity', '/activity', 'history'),
     ('Monitoring', '/monitoring', 'show_chart'),
     ('Logs', '/logs', 'article'),
-    ('Settings', '/settings', 'settings'),
     ('Chat', '/chat', 'chat'),
+    ('Settings', '/settings', 'settings'),
 )
+THEMES = {
+    None: ('brightness_auto', 'Theme: auto'),
+    False: ('light_mode', 'Theme: light'),
+    True: ('dark_mode', 'Theme: dark'),
+}
+THEME_KEY = 'theme'
+
+# Shown while NiceGUI's socket is down: it un-hides its own #popup then, so CSS alone follows the connection.
+CSS = """
+.lap-offline { display: none !important; }
+body:has(#popup[aria-hidden="false"]) .lap-offline { display: flex !important; }
+body:has(#popup[aria-hidden="false"]) .lap-online { display: none !important; }
+.lap-nav-active { background: rgba(79, 70, 229, 0.14); font-weight: 600; }
+.body--dark .lap-muted { color: #9ca3af; }
+.body--light .lap-muted { color: #6b7280; }
+"""
 
 
 def subscribe(system: System, topics: Iterable[str], handler: Callable[[Event], Any]) -> None:
-    """Subscribe this page's client to core events; unsubscribed when the client goes away."""
+    """Subscribe this page's client to core events for as long as the client lives (not the socket)."""
     client = context.client
     sub = system.bus.subscribe(topics, handler)
     client.on_delete(sub.close)
-    client.on_disconnect(sub.close)
 
 
-def page(system: System, path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """`@page(system, '/models')`: a NiceGUI page that, with API keys set, sends a browser without a login to
-    `/login` before anything is built. The path is registered with the auth guard as one that checks for itself."""
+def on_reconnect(handler: Callable[[], Any]) -> None:
+    """Run `handler` each time this client's socket comes back (not on the first connect)."""
+    client = context.client
+    seen = {'connects': 0}
+
+    def connected() -> None:
+        seen['connects'] += 1
+        if seen['connects'] > 1:
+            handler()
+
+    client.on_connect(connected)
+
+
+def live(system: System, topics: Iterable[str], redraw: Callable[[], Any], every_ms: int = 300) -> Callable[[], None]:
+    """Call `redraw()` (sync or async) at most once per `every_ms` after any event on `topics`, and once after each
+    reconnect, inside this client's context. Returns the function that asks for a redraw (for a page's own use).
+
+    Event-driven rather than a polling timer: an idle page costs nothing, and a burst of events is one redraw."""
+    client = context.client
+    loop = asyncio.get_running_loop()
+    pending: dict[str, Any] = {'handle': None, 'last': -1e9}
+
+    def run() -> None:
+        pending['handle'] = None
+        if client.is_deleted:
+            return
+        pending['last'] = loop.time()
+        call_in(client, redraw)
+
+    def poke(_event: Event | None = None) -> None:
+        if pending['handle'] is not None or client.is_deleted:
+            return
+        delay = max(0.0, pending['last'] + every_ms / 1000 - loop.time())
+        pending['handle'] = loop.call_later(delay, run)
+
+    def closed() -> None:
+        if pending['handle'] is not None:
+            pending['handle'].cancel()
+            pending['handle'] = None
+
+    if topics:
+        subscribe(system, topics, poke)
+    on_reconnect(poke)
+    client.on_delete(closed)
+    return poke
+
+
+def call_in(client: Client, fn: Callable[[], Any]) -> None:
+    """Run `fn` in `client`'s context; a coroutine runs as a background task in it."""
+    try:
+        with client:
+            result = fn()
+    except Exception:
+        log.exception('page update failed')
+        return
+    if inspect.isawaitable(result):
+
+        async def finish() -> None:
+            try:
+                with client:
+                    await result
+            except Exception:
+                log.exception('page update failed')
+
+        background_tasks.create(finish(), name='page update')
+
+
+def notify(client: Client, message: str, **options: Any) -> None:
+    """`ui.notify` through the client, never through an element a refresh may have deleted (capture `client` with
+    `context.client` before the first await)."""
+    if not client.is_deleted:
+        with client:
+            ui.notify(message, **options)
+
+
+def page(system: System, path: str, title: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`@page(system, '/models', 'Models')`: a NiceGUI page titled "Models · Llama Async Proxy" inside the frame,
+    with its nav entry marked. With API keys set, a browser without a login is sent to `/login` before anything is
+    built. The path is registered with the auth guard as one that checks for itself."""
     system.proxy.auth.pages.add(path)
 
     def decorate(build: Callable[..., Any]) -> Callable[..., Any]:
@@ -46,50 +151,70 @@ def page(system: System, path: str) -> Callable[[Callable[..., Any]], Callable[.
 
             if not authorised(system):
                 return RedirectResponse(f'/login?next={quote(path)}', status_code=303)
-            result = build(*args, **kwargs)
-            return await result if inspect.isawaitable(result) else result
+            frame(system, title, path)
+            with ui.column().classes('w-full p-4 gap-4 max-w-[1600px] mx-auto'):
+                ui.label(title).classes('text-2xl font-semibold')
+                result = build(*args, **kwargs)
+                return await result if inspect.isawaitable(result) else result
 
-        ui.page(path)(guarded)
+        ui.page(path, title=f'{title} · {APP_NAME}')(guarded)
         return build
 
     return decorate
 
 
-def binary_status(system: System) -> tuple[str, str]:
-    b = system.binary.current
-    if b is None:
-        return 'llama-server missing', 'negative'
-    return f'llama-server {b.version}', 'positive'
-
-
-@contextmanager
-def frame(system: System, title: str) -> Iterator[None]:
+def frame(system: System, title: str, path: str) -> None:
+    """Header, navigation drawer and theme: everything around a page's content."""
     ui.colors(primary='#4f46e5')
-    with ui.header(elevated=True).classes('items-center gap-4 px-4 py-2'):
-        ui.button(on_click=lambda: drawer.toggle(), icon='menu').props('flat color=white dense')
-        ui.label('Llama Async Proxy').classes('text-lg font-semibold')
+    ui.add_css(CSS)
+    stored = app.storage.user.get(THEME_KEY)
+    dark = ui.dark_mode(stored if stored in THEMES else None)
+    with ui.header(elevated=True).classes('items-center gap-3 px-3 py-2 bg-indigo-700'):
+        ui.button(on_click=lambda: drawer.toggle(), icon='menu').props('flat color=white dense').mark('menu')
+        ui.label(APP_NAME).classes('text-lg font-semibold whitespace-nowrap max-sm:hidden')
         ui.space()
-        text, color = binary_status(system)
-        ui.badge(text, color=color).props('outline').classes('text-white').mark('binary-status')
-    with ui.left_drawer(value=True, bordered=True).classes('bg-gray-50') as drawer:
+        header = Header(system)
+        theme = ui.button(on_click=lambda: cycle()).props('flat color=white dense round').mark('theme-toggle')
+
+    def show_theme() -> None:
+        icon, tip = THEMES[dark.value]
+        theme.props(f'icon={icon}')
+        theme.tooltip(tip)
+        theme.props(f'aria-label="{tip}"')
+
+    def cycle() -> None:
+        order = [None, False, True]
+        dark.value = order[(order.index(dark.value) + 1) % 3]
+        app.storage.user[THEME_KEY] = dark.value
+        show_theme()
+
+    show_theme()
+    with ui.element('div').classes('lap-offline w-full justify-center py-1 bg-amber-300 text-black text-sm'):
+        ui.label('Connection lost, reconnecting…').mark('reconnecting')
+    with ui.left_drawer(value=None, bordered=True).props('width=220 breakpoint=1024') as drawer:
         with ui.column().classes('gap-1 w-full'):
-            for label, path, icon in NAV:
-                with ui.link(target=path).classes('no-underline w-full').mark(f'nav-{label.lower()}'):
-                    with ui.row().classes('items-center gap-3 px-3 py-2 rounded hover:bg-indigo-50 w-full'):
-                        ui.icon(icon).classes('text-indigo-600')
-                        ui.label(label).classes('text-gray-800')
-    with ui.column().classes('w-full p-4 gap-4'):
-        ui.label(title).classes('text-2xl font-semibold')
-        yield
+            for label, target, icon in NAV:
+                active = target == path
+                link = ui.link(target=target).classes('no-underline w-full text-inherit').mark(f'nav-{label.lower()}')
+                if active:
+                    link.props('aria-current=page')
+                with (
+                    link,
+                    ui.row().classes('items-center gap-3 px-3 py-2 rounded w-full hover:bg-indigo-500/10') as row,
+                ):
+                    if active:
+                        row.classes('lap-nav-active')
+                    ui.icon(icon).classes('text-indigo-500')
+                    ui.label(label)
+    live(system, ['metrics', 'models'], header.update, every_ms=1000)
 
 
 def fact(label: str, value: str) -> None:
     with ui.row().classes('gap-2 items-baseline'):
-        ui.label(f'{label}:').classes('text-gray-500')
+        ui.label(f'{label}:').classes('lap-muted')
         ui.label(value).classes('font-mono break-all')
 
 
-def coming(text: str) -> None:
-    """For a part of a page whose service is not built yet: say what it will show, never invent numbers."""
-    with ui.card().classes('w-full bg-indigo-50'):
-        ui.label(text).classes('text-gray-700')
+def empty(text: str) -> ui.label:
+    """What an empty list or chart says instead of showing nothing."""
+    return ui.label(text).classes('lap-muted italic')

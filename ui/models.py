@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
 
-from ui.layout import frame, page, subscribe
+from ui.format import human_bytes, human_count
+from ui.layout import page, subscribe
 
 if TYPE_CHECKING:
     from core.events import Event
@@ -21,26 +22,6 @@ STATUS_COLOR = {
     'stopped': 'grey',
 }
 FIT_COLOR = {'fits': 'positive', 'tight': 'warning', 'does not fit': 'negative'}
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return '—'
-    size = float(n)
-    for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
-        if size < 1024 or unit == 'TiB':
-            return f'{size:.0f} {unit}' if unit == 'B' else f'{size:.1f} {unit}'
-        size /= 1024
-    return f'{n} B'
-
-
-def human_count(n: int | None) -> str:
-    if not n:
-        return '—'
-    for div, suffix in ((1e9, 'B'), (1e6, 'M'), (1e3, 'K')):
-        if n >= div:
-            return f'{n / div:.1f}{suffix}'
-    return str(n)
 
 
 def register(system: System) -> None:
@@ -109,34 +90,33 @@ def register(system: System) -> None:
                 ui.label(str(live['error'])).classes('text-xs text-red-700 whitespace-pre-wrap')
             ui.label(str(entry.path)).classes('text-xs text-gray-400 font-mono break-all')
 
-    @page(system, '/models')
+    @page(system, '/models', 'Models')
     def models_page() -> None:
-        with frame(system, 'Models'):
 
-            @ui.refreshable
-            def listing() -> None:
-                found = system.library.models()
-                if not found:
-                    dirs = ', '.join(str(d) for d in system.config.settings.models_dirs)
-                    ui.label(
-                        f'No GGUF models found in {dirs}.' if dirs else 'No model folders yet: add one in Settings.'
-                    ).classes('text-gray-600')
-                for entry in found:
-                    model_card(entry)
+        @ui.refreshable
+        def listing() -> None:
+            found = system.library.models()
+            if not found:
+                dirs = ', '.join(str(d) for d in system.config.settings.models_dirs)
+                ui.label(
+                    f'No GGUF models found in {dirs}.' if dirs else 'No model folders yet: add one in Settings.'
+                ).classes('text-gray-600')
+            for entry in found:
+                model_card(entry)
 
-            with ui.row().classes('items-center gap-2'):
-                ui.button('Rescan', icon='refresh', on_click=lambda: system.library.rescan()).props('outline')
-                ui.button('Unload all', on_click=lambda: system.scheduler.unload_all()).props('outline')
-            listing()
-            dirty = {'flag': False}
+        with ui.row().classes('items-center gap-2'):
+            ui.button('Rescan', icon='refresh', on_click=lambda: system.library.rescan()).props('outline')
+            ui.button('Unload all', on_click=lambda: system.scheduler.unload_all()).props('outline')
+        listing()
+        dirty = {'flag': False}
 
-            def on_models(event: Event) -> None:
-                dirty['flag'] = True
+        def on_models(event: Event) -> None:
+            dirty['flag'] = True
 
-            def refresh() -> None:
-                if dirty['flag']:
-                    dirty['flag'] = False
-                    listing.refresh()
+        def refresh() -> None:
+            if dirty['flag']:
+                dirty['flag'] = False
+                listing.refresh()
 
-            subscribe(system, ['models'], on_models)
-            ui.timer(0.3, refresh)  # coalesce bursts of state events into one redraw
+        subscribe(system, ['models'], on_models)
+        ui.timer(0.3, refresh)  # coalesce bursts of state events into one redraw

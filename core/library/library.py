@@ -117,6 +117,13 @@ class ModelLibrary:
             ram_free, vram_free = free_memory()
         return estimate(entry.meta, params, ram_free=ram_free, vram_free=vram_free)
 
+    async def fits(self, entries: list[ModelEntry] | None = None) -> dict[str, FitEstimate]:
+        """Fit estimates for `entries` (default: all usable), free memory read once and off the loop (NVML and
+        psutil may block)."""
+        ram_free, vram_free = await asyncio.to_thread(free_memory)
+        found = self.models() if entries is None else entries
+        return {e.id: self.fit(e, ram_free=ram_free, vram_free=vram_free) for e in found if not e.error}
+
     def effective_params(self, model_id: str) -> ModelParams:
         """Global launch defaults overlaid by the model's own (`None` inherits)."""
         return effective_params(self.config.settings, model_id)

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 0.5
 STATS_WINDOW_S = 60.0
+LAST_KEPT = 50
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS proxy_requests (
@@ -92,6 +93,7 @@ class Activity:
         self._ids = itertools.count(1)
         self._prefix = f'{int(time.time()):x}{os.getpid() % 0xFFFF:04x}'
         self._recent: deque[tuple[float, float, bool]] = deque(maxlen=10_000)  # (finish ts, duration, error)
+        self._last: deque[dict[str, Any]] = deque(maxlen=LAST_KEPT)  # newest finished rows, for pages: no SQLite read
         self.total = 0
         self.errors_total = 0
         self._flusher: asyncio.Task[None] | None = None
@@ -101,6 +103,8 @@ class Activity:
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._ensure_schema()
+        if not self._last:
+            self._last.extend(reversed(await asyncio.to_thread(self.recent, limit=LAST_KEPT)))
         self._flusher = asyncio.create_task(self._flush_loop(), name='proxy activity flush')
 
     async def stop(self) -> None:
@@ -140,7 +144,12 @@ class Activity:
         self._recent.append((time.time(), rec.duration_s, error))
         row = rec.as_dict()
         self._pending.append(tuple(row.values()))  # as_dict() follows COLUMNS
+        self._last.append(row)
         self.bus.publish('requests', 'finished', row)
+
+    def latest(self, n: int = 15) -> list[dict[str, Any]]:
+        """The newest `n` (at most LAST_KEPT) finished requests, newest first, from memory."""
+        return list(itertools.islice(reversed(self._last), n))
 
     def inflight(self) -> list[dict[str, Any]]:
         now = time.perf_counter()

@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 
 from core.supervisor.errors import StartFailed
+from core.supervisor.states import ACTIVE_STATES, ModelState
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ _PROGRESS_MARKERS = (
 _BIND_ERRORS = ('address already in use', "couldn't bind", 'could not bind', 'failed to bind')
 
 AUTO_SLOTS = 4  # what llama-server's -np auto gives in this build (it serves max(-np + 2, cores - 1) connections)
-ACTIVE_STATES = frozenset({'starting', 'ready', 'restarting', 'stopping'})
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class ServerProcess:
         self.logs = logs
         self._publish = publish
         self.registry = registry
-        self.state = 'stopped'
+        self.state: ModelState = ModelState.STOPPED
         self.pid: int | None = None
         self.port: int | None = None
         self._upstream: Upstream | None = None
@@ -183,7 +183,7 @@ class ServerProcess:
         return up
 
     def describe(self) -> dict[str, Any]:
-        uptime = time.monotonic() - self.ready_since if self.state == 'ready' and self.ready_since else None
+        uptime = time.monotonic() - self.ready_since if self.state == ModelState.READY and self.ready_since else None
         return {
             'status': self.state,
             'pid': self.pid,
@@ -195,7 +195,7 @@ class ServerProcess:
             'progress': self.progress,
         }
 
-    def _set(self, state: str, **changes: Any) -> None:
+    def _set(self, state: ModelState, **changes: Any) -> None:
         self.state = state
         for key, value in changes.items():
             setattr(self, key, value)
@@ -206,7 +206,7 @@ class ServerProcess:
             'port': self.port,
             'progress': self.progress,
             'error': self.error,
-            'log_tail': list(self.tail) if state in ('failed', 'restarting') else [],
+            'log_tail': list(self.tail) if state in (ModelState.FAILED, ModelState.RESTARTING) else [],
         }
         self._publish(data)
 
@@ -223,7 +223,7 @@ class ServerProcess:
         self._run_task = asyncio.create_task(self._run(launch), name=f'llama-server {self.model_id}')
 
     async def wait_ready(self) -> Upstream:
-        if self.state == 'ready':
+        if self.state == ModelState.READY:
             return self.upstream()
         if self._ready is None:
             raise StartFailed(self.error or f'{self.model_id} is not starting', list(self.tail), self.model_id)
@@ -231,20 +231,20 @@ class ServerProcess:
 
     def reset(self) -> None:
         """Leave `failed` so that the next load starts afresh."""
-        if self.state == 'failed':
-            self._set('stopped', error=None, restarts=0)
+        if self.state == ModelState.FAILED:
+            self._set(ModelState.STOPPED, error=None, restarts=0)
 
     async def stop(self, stop_timeout: float) -> None:
         task, self._run_task = self._run_task, None
         if self._proc is not None and self._proc.returncode is None:
-            self._set('stopping')
+            self._set(ModelState.STOPPING)
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._terminate(stop_timeout)
         self._fail_waiters(f'{self.model_id} was stopped')
-        self._set('stopped', pid=None, port=None, progress=None, ready_since=None, error=None)
+        self._set(ModelState.STOPPED, pid=None, port=None, progress=None, ready_since=None, error=None)
 
     # ---- the run loop --------------------------------------------------------------------------------------
     def _new_ready_future(self) -> None:
@@ -267,7 +267,7 @@ class ServerProcess:
                 self._fail_waiters(str(e))
                 reason = str(e)
             else:
-                self._set('ready', progress=1.0, error=None, ready_since=time.monotonic())
+                self._set(ModelState.READY, progress=1.0, error=None, ready_since=time.monotonic())
                 if self._ready is not None and not self._ready.done():
                     self._ready.set_result(self.upstream())
                 reason = await self._watch(t)
@@ -281,21 +281,21 @@ class ServerProcess:
             if len(failures) >= t.max_failures:
                 message = f'{reason} ({len(failures)} failures in {t.failure_window:.0f} s; giving up)'
                 log.error('%s: %s', self.model_id, message, extra={'model': self.model_id})
-                self._set('failed', error=message, pid=None, port=None, progress=None, ready_since=None)
+                self._set(ModelState.FAILED, error=message, pid=None, port=None, progress=None, ready_since=None)
                 self._fail_waiters(message)
                 self._run_task = None
                 return
             delay = t.backoff(len(failures))
             log.warning('%s: %s; restarting in %.2f s', self.model_id, reason, delay, extra={'model': self.model_id})
             self.restarts += 1
-            self._set('restarting', error=reason, pid=None, port=None, progress=None, ready_since=None)
+            self._set(ModelState.RESTARTING, error=reason, pid=None, port=None, progress=None, ready_since=None)
             self._new_ready_future()  # callers arriving during the backoff wait for the next attempt
             await asyncio.sleep(delay)  # the backoff itself; stop() cancels it
 
     async def _start_once(self, launch: Launch) -> None:
         for _ in range(BIND_RETRIES):
             port = free_port()
-            self._set('starting', port=port, pid=None, progress=0.0)
+            self._set(ModelState.STARTING, port=port, pid=None, progress=0.0)
             await self._spawn(launch.argv(port), launch.env)
             try:
                 await self._wait_healthy(launch.timings.load_timeout)
@@ -430,10 +430,10 @@ class ServerProcess:
             return
         self.tail.append(line)
         self.logs.add_llama_line(self.model_id, line)
-        if self.state == 'starting':
+        if self.state == ModelState.STARTING:
             for marker, value in _PROGRESS_MARKERS:
                 if marker in line and (self.progress or 0) < value:
-                    self._set('starting', progress=value)
+                    self._set(ModelState.STARTING, progress=value)
                     break
 
 

@@ -27,6 +27,7 @@ from core.supervisor.argv import LaunchSpec, accepted_flags, check_policy, valid
 from core.supervisor.errors import ArgvError, ModelNotFound, ModelUnusable, NoCapacity, StartFailed
 from core.supervisor.pidfile import PidRegistry
 from core.supervisor.process import Launch, ServerProcess, Timings, Upstream
+from core.supervisor.states import ModelState
 
 log = logging.getLogger(__name__)
 TTL_RECHECK_S = 60.0
@@ -147,7 +148,7 @@ class Scheduler:
             proc = self._procs.get(entry.id) if entry is not None else None
         if proc is None:
             return {
-                'status': 'stopped',
+                'status': ModelState.STOPPED,
                 'pid': None,
                 'port': None,
                 'uptime_s': None,
@@ -159,7 +160,7 @@ class Scheduler:
         return proc.describe()
 
     def running(self) -> list[Upstream]:
-        return [p.upstream() for p in self._procs.values() if p.state == 'ready']
+        return [p.upstream() for p in self._procs.values() if p.state == ModelState.READY]
 
     def params_for(self, model_id: str) -> ModelParams:
         return effective_params(self.settings, model_id)
@@ -180,14 +181,14 @@ class Scheduler:
         proc = self._proc(entry.id)
         await self._after_restart(entry.id)
         for _ in range(3):  # a model evicted right after it came up is started again, within reason
-            if proc.state == 'ready':
+            if proc.state == ModelState.READY:
                 proc.last_used = time.monotonic()
                 return proc.upstream()
-            if proc.state == 'failed':
+            if proc.state == ModelState.FAILED:
                 raise StartFailed(
                     f'{entry.id} failed: {proc.error} (load it again to retry)', list(proc.tail), entry.id
                 )
-            if proc.state in ('starting', 'restarting'):
+            if proc.state in (ModelState.STARTING, ModelState.RESTARTING):
                 await proc.wait_ready()
                 continue
             task = self._starts.get(entry.id)
@@ -209,7 +210,7 @@ class Scheduler:
     async def _acquire(self, model: str, on_progress: Callable[[dict[str, Any]], Any] | None) -> ServerProcess:
         entry = self._entry(model)
         proc = self._proc(entry.id)
-        if proc.state == 'ready' and entry.id not in self._restarts:  # the common case: nothing to register
+        if proc.state == ModelState.READY and entry.id not in self._restarts:  # the common case: nothing to register
             proc.inflight += 1
             proc.last_used = time.monotonic()
             self._notify()
@@ -247,14 +248,14 @@ class Scheduler:
             proc = self._procs.get(entry.id) if entry is not None else None
         if proc is not None and proc.model_id in self._restarts:  # a swap in progress: it ends stopped
             self._unloaded.add(proc.model_id)
-        if proc is None or proc.state == 'stopped':
+        if proc is None or proc.state == ModelState.STOPPED:
             return False
         await proc.stop(self.settings.stop_timeout)
         self._notify()
         return True
 
     async def unload_all(self) -> int:
-        procs = [p for p in self._procs.values() if p.state != 'stopped']
+        procs = [p for p in self._procs.values() if p.state != ModelState.STOPPED]
         await asyncio.gather(*(p.stop(self.settings.stop_timeout) for p in procs), return_exceptions=True)
         self._notify()
         return len(procs)
@@ -268,14 +269,14 @@ class Scheduler:
         once. Stopped models use the new values when they next start. Returns model ids by outcome."""
         async with self._apply_lock:
             if self._stopping:
-                return {'restarting': [], 'unchanged': [], 'kept_invalid': []}
+                return {ModelState.RESTARTING: [], 'unchanged': [], 'kept_invalid': []}
             return await self._apply()
 
     async def _apply(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {'restarting': [], 'unchanged': [], 'kept_invalid': []}
+        out: dict[str, list[str]] = {ModelState.RESTARTING: [], 'unchanged': [], 'kept_invalid': []}
         for model_id in list(self._restarts):  # mid-swap: the new server is compared again once it is up
             self._stale.add(model_id)
-            out['restarting'].append(model_id)
+            out[ModelState.RESTARTING].append(model_id)
         for proc, params, plan, error in await self._compare(self.settings):
             info = proc.launch_info
             assert info is not None
@@ -287,7 +288,7 @@ class Scheduler:
                 info.params = params
                 out['unchanged'].append(proc.model_id)
                 continue
-            out['restarting'].append(proc.model_id)
+            out[ModelState.RESTARTING].append(proc.model_id)
             why = _launch_diff(info.signature, plan.signature)
             task = asyncio.create_task(self._restart(proc, why), name=f'restart {proc.model_id}')
             self._restarts[proc.model_id] = task
@@ -297,9 +298,9 @@ class Scheduler:
         preloads = self._preloads()
         for name in preloads:  # a preload set just now starts now (one the user unloaded since stays unloaded)
             entry = self.library.get(name)
-            if name in self._preloaded or entry is None or self._proc(entry.id).state != 'stopped':
+            if name in self._preloaded or entry is None or self._proc(entry.id).state != ModelState.STOPPED:
                 continue
-            out.setdefault('starting', []).append(entry.id)
+            out.setdefault(ModelState.STARTING, []).append(entry.id)
             self._spawn_task(self._preload(entry.id))
         self._preloaded = {name for name in preloads if self.library.get(name) is not None}  # the rest: once found
         return out
@@ -331,12 +332,12 @@ class Scheduler:
 
     async def preview(self, settings: Any) -> dict[str, list[str]]:
         """What `apply_config` would do if `settings` were in force; nothing is changed."""
-        out: dict[str, list[str]] = {'restarting': [], 'unchanged': [], 'kept_invalid': []}
+        out: dict[str, list[str]] = {ModelState.RESTARTING: [], 'unchanged': [], 'kept_invalid': []}
         for proc, _params, plan, _error in await self._compare(settings):
             assert proc.launch_info is not None
             key = 'kept_invalid' if plan is None else 'unchanged'
             if plan is not None and plan.signature != proc.launch_info.signature:
-                key = 'restarting'
+                key = ModelState.RESTARTING
             out[key].append(proc.model_id)
         return out
 
@@ -345,7 +346,11 @@ class Scheduler:
         cannot start it)."""
         out: list[tuple[ServerProcess, ModelParams, _Plan | None, str]] = []
         for proc in list(self._procs.values()):
-            if proc.state not in ('ready', 'starting') or proc.launch_info is None or proc.model_id in self._restarts:
+            if (
+                proc.state not in (ModelState.READY, ModelState.STARTING)
+                or proc.launch_info is None
+                or proc.model_id in self._restarts
+            ):
                 continue
             entry = self.library.get(proc.model_id)
             if entry is None or entry.error:
@@ -414,9 +419,9 @@ class Scheduler:
         launch = await self._launch(entry, plan)
         need_mb = self._need_mb(entry, params)
         async with self._admit:
-            while proc.state == 'stopping':  # an unload in progress; start again once it is down
+            while proc.state == ModelState.STOPPING:  # an unload in progress; start again once it is down
                 await self._wait_change(None)
-            if proc.state not in ('stopped', 'failed'):
+            if proc.state not in (ModelState.STOPPED, ModelState.FAILED):
                 return  # started meanwhile (e.g. preload); the caller waits on it
             await self._make_room(proc, params, need_mb)
             proc.launch_info = _LaunchInfo(params, need_mb, plan.signature)
@@ -533,7 +538,7 @@ class Scheduler:
             next_at: float | None = None
             for proc in list(self._procs.values()):
                 ttl = proc.launch_info.params.ttl if proc.launch_info else None
-                if not ttl or proc.state != 'ready':
+                if not ttl or proc.state != ModelState.READY:
                     continue
                 if proc.busy:  # look again once it may have gone idle (a request only ever postpones expiry)
                     next_at = now + ttl if next_at is None else min(next_at, now + ttl)

@@ -1,0 +1,66 @@
+"""The header's live chips: llama-server, models loaded of found, CPU, RAM, GPU, and the connection."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nicegui import ui
+
+from core.supervisor import ModelState
+from ui.format import human_bytes, pct
+
+if TYPE_CHECKING:
+    from core.system import System
+
+
+class Chip:
+    def __init__(self, icon: str, marker: str, tooltip: str) -> None:
+        with ui.row().classes(
+            'items-center gap-1 px-2 py-0.5 rounded bg-white/15 text-sm whitespace-nowrap'
+        ) as self.row:
+            ui.icon(icon).classes('text-base')
+            self.label = ui.label('—').mark(marker)
+        self.row.tooltip(tooltip)
+
+    def set(self, text: str) -> None:
+        if self.label.text != text:
+            self.label.set_text(text)
+
+
+class Header:
+    """Built inside the header row; `update()` reads only in-memory state (the sampler's latest sample)."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        with ui.row().classes('items-center gap-2 flex-nowrap overflow-x-auto'):
+            self.binary = ui.badge().props('outline').classes('text-white max-md:hidden').mark('binary-status')
+            self.models = Chip('storage', 'chip-models', 'Models loaded / found')
+            self.cpu = Chip('memory', 'chip-cpu', 'CPU, all cores')
+            self.ram = Chip('developer_board', 'chip-ram', 'RAM in use')
+            self.ram.row.classes('max-sm:hidden')
+            self.gpu = Chip('videogame_asset', 'chip-gpu', 'GPU utilization · memory')
+            with ui.row().classes('items-center gap-1 lap-online').mark('connected'):
+                ui.icon('wifi').classes('text-green-300').tooltip('Live: connected')
+            with ui.row().classes('items-center gap-1 lap-offline'):
+                ui.icon('wifi_off').classes('text-amber-300')
+                ui.label('reconnecting…').classes('text-sm text-amber-200')
+        self.update()
+
+    def update(self) -> None:
+        b = self.system.binary.current
+        text = 'llama-server missing' if b is None else f'llama-server {b.version}'
+        if self.binary.text != text:
+            self.binary.set_text(text)
+            self.binary.props(f'color={"negative" if b is None else "positive"}')
+        found = self.system.library.models()
+        loaded = sum(1 for e in found if self.system.scheduler.describe(e.id).get('status') == ModelState.READY)
+        self.models.set(f'{loaded} / {len(found)}')
+        sample = self.system.metrics.latest or {}
+        s = sample.get('system') or {}
+        self.cpu.set(pct(s.get('cpu_pct')))
+        self.ram.set(f'{human_bytes(s.get("ram_used_bytes"))} · {pct(s.get("ram_pct"))}' if s else '—')
+        g = sample.get('gpu') or {}
+        gpus = g.get('gpus') or []
+        self.gpu.row.set_visibility(bool(g.get('available') and gpus))
+        if gpus:
+            self.gpu.set(' | '.join(f'{pct(x.get("utilization_pct"))} · {pct(x.get("memory_used_pct"))}' for x in gpus))
