@@ -111,23 +111,23 @@ def live(system: System, topics: Iterable[str], redraw: Callable[[], Any], every
 
 
 def call_in(client: Client, fn: Callable[[], Any]) -> None:
-    """Run `fn` in `client`'s context; a coroutine runs as a background task in it."""
-    try:
-        with client:
-            result = fn()
-    except Exception:
-        log.exception('page update failed')
-        return
-    if inspect.isawaitable(result):
+    """Run `fn` in `client`'s context; a coroutine function runs as a background task in it."""
+    if inspect.iscoroutinefunction(fn):
 
-        async def finish() -> None:
+        async def run() -> None:
             try:
                 with client:
-                    await result
+                    await fn()
             except Exception:
                 log.exception('page update failed')
 
-        background_tasks.create(finish(), name='page update')
+        background_tasks.create(run(), name='page update')
+        return
+    try:
+        with client:
+            fn()
+    except Exception:
+        log.exception('page update failed')
 
 
 def notify(client: Client, message: str, **options: Any) -> None:

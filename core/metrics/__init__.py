@@ -136,6 +136,10 @@ class MetricsService:
                 g['models'] = sorted({pid_model[p] for p in g['pids'] if p in pid_model})
                 for m in g['models']:
                     models[m]['gpus'].append(g['index'])
+                for proc in g.get('processes') or []:
+                    m = pid_model.get(proc.get('pid'))
+                    if m is not None and proc.get('used_memory_bytes') is not None:
+                        models[m]['vram_bytes'] = models[m].get('vram_bytes', 0) + proc['used_memory_bytes']
 
             sample = {
                 'ts': time.time(),

@@ -193,6 +193,7 @@ class ServerProcess:
             'inflight': self.inflight,
             'error': self.error,
             'progress': self.progress,
+            'slots': _slots(self.launch_info.params) if self.launch_info is not None else None,
         }
 
     def _set(self, state: ModelState, **changes: Any) -> None:

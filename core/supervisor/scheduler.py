@@ -156,6 +156,7 @@ class Scheduler:
                 'inflight': 0,
                 'error': None,
                 'progress': None,
+                'slots': None,
             }
         return proc.describe()
 
@@ -340,6 +341,13 @@ class Scheduler:
                 key = ModelState.RESTARTING
             out[key].append(proc.model_id)
         return out
+
+    async def command_line(self, model_id: str, params: ModelParams | None = None) -> list[str]:
+        """The llama-server command line `model_id` starts with (`--port 0`: a free port is picked at each start).
+        Raises ModelNotFound, ModelUnusable or StartFailed (with the reason the launch is refused)."""
+        entry = self._entry(model_id)
+        plan = await self._plan(entry, params if params is not None else self.params_for(entry.id))
+        return list(plan.signature[0])
 
     async def _compare(self, settings: Any) -> list[tuple[ServerProcess, ModelParams, _Plan | None, str]]:
         """Each running model, its params under `settings`, and the launch they make (None, and why, if they
