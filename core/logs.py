@@ -132,6 +132,11 @@ class LogService:
             except FileNotFoundError:  # rotated away meanwhile
                 continue
 
+    def read_all(self, source: str) -> bytes:
+        """The source's whole log in memory, for a page's download (blocking: call it off the loop)."""
+        self.flush()
+        return b''.join(self.iter_file_bytes(source))
+
     def configure(self, capacity: int, max_bytes: int, backups: int) -> None:
         """New limits, in force at once: the buffer keeps its newest lines, files rotate at the new size."""
         with self._lock:
