@@ -40,6 +40,23 @@ async def test_dashboard_kpis_and_recent_requests(fast_sampler: Path, user: User
     await wait_for(lambda: any(r['route'] == '/v1/chat/completions' and r['status'] == 200 for r in table.rows))
     loaded = user.find(marker='kpi-loaded').elements.pop()
     await wait_for(lambda: loaded.text.startswith('1 / '))  # one model loaded, as the sampler saw it
+    await user.should_see(marker='loaded-tiny-llama', retries=50)  # in the loaded-models panel, with Unload
+    rps = user.find(marker='spark-proxy.requests_per_s').elements.pop()
+    await wait_for(lambda: rps.text not in ('—', '0.00'), deadline_s=10)
+    # A failed request is marked as one.
+    async with httpx.AsyncClient(transport=transport, base_url='http://127.0.0.1') as client:
+        r = await client.post('/v1/chat/completions', json={'model': 'nope', 'messages': []}, timeout=30)
+    assert r.status_code == 404
+    await wait_for(lambda: any(row['failed'] and row['status'] == 404 for row in table.rows))
+    user.find(marker='dash-unload-tiny-llama').click()
+    await user.should_see('tiny-llama stopped', retries=50)
+    await wait_for(lambda: system.scheduler.describe('tiny-llama')['status'] == 'stopped', deadline_s=20)
+
+
+async def test_dashboard_shows_warnings_and_errors_from_the_log(user: User) -> None:
+    await user.open('/')
+    app.state.system.logs.add('llama-server', 'the GPU is on fire', 'error', model='m1')
+    await user.should_see('the GPU is on fire', retries=30)
 
 
 async def test_monitoring_page_draws_from_history_and_extends(fast_sampler: Path, user: User) -> None:
@@ -48,11 +65,17 @@ async def test_monitoring_page_draws_from_history_and_extends(fast_sampler: Path
     await wait_for(lambda: system.metrics.samples_taken >= 2, deadline_s=20)
     await user.open('/monitoring')
     await user.should_see('no NVIDIA GPU detected', retries=20)
-    assert len(user.find(ui_plotly()).elements) == 5  # the GPU chart is hidden when there is no GPU
+    assert len(user.find(ui_plotly()).elements) == 6  # no GPU charts without a GPU (not hidden ones)
     cpu = user.find(marker='chart-system').elements.pop()
     names = [t['name'] for t in cpu.figure['data']]
     assert names[:2] == ['CPU %', 'RAM %']
-    assert len(cpu.figure['data'][0]['x']) >= 1  # seeded from the sampler's history
+    seeded = len(cpu.figure['data'][0]['x'])
+    assert seeded >= 1  # seeded from the sampler's history
+    await wait_for(lambda: len(cpu.figure['data'][0]['x']) > seeded, deadline_s=10)  # and grows live
+    latency = user.find(marker='chart-latency').elements.pop()
+    assert latency.figure['layout']['annotations'][0]['text'] == 'no data yet'  # no request yet: says so
+    user.find(marker='window').elements.pop().set_value('1h')
+    await wait_for(lambda: len(cpu.figure['data'][0]['x']) >= 1)  # drawn again from the 1 h history
 
 
 def ui_plotly() -> type:

@@ -1,8 +1,9 @@
-"""Monitoring: live charts fed by the one shared metrics sampler (each tab only appends the new point)."""
+"""Monitoring: charts from the metrics history over a chosen window, growing live from the one shared sampler (each
+tab only appends the new point)."""
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
@@ -14,7 +15,10 @@ if TYPE_CHECKING:
     from core.events import Event
     from core.system import System
 
+WINDOWS = {'5m': '5 min', '1h': '1 hour', '24h': '24 hours', '7d': '7 days'}
+WINDOW_S = {'5m': 300, '1h': 3600, '24h': 86400, '7d': 604800}
 SYSTEM_SERIES = {'cpu_pct': 'CPU %', 'ram_pct': 'RAM %', 'swap_pct': 'Swap %'}
+LATENCY = {'proxy.p50_latency_ms': 'p50', 'proxy.p95_latency_ms': 'p95'}
 
 
 def _model_label(key: str) -> str:
@@ -23,8 +27,23 @@ def _model_label(key: str) -> str:
     return '.'.join(parts[1:-1]) if len(parts) > 2 else key
 
 
-def pick(values: dict[str, float], prefix: str, suffix: str) -> dict[str, float]:
+def _gpu_label(key: str) -> str:
+    # gpu.<index>.<metric>
+    parts = key.split('.')
+    return f'GPU {parts[1]}' if len(parts) > 2 else key
+
+
+def pick(values: dict[str, Any], prefix: str, suffix: str) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k.startswith(prefix) and k.endswith(suffix)}
+
+
+def exact(values: dict[str, Any], names: Any) -> dict[str, Any]:
+    return {k: values[k] for k in names if k in values}
+
+
+def mib(values: dict[str, Any]) -> dict[str, Any]:
+    """Bytes as MiB, for points (lists of [ts, v]) or for one sample's values."""
+    return {k: [[t, x / 2**20] for t, x in v] if isinstance(v, list) else v / 2**20 for k, v in values.items()}
 
 
 def register(system: System) -> None:
@@ -32,30 +51,55 @@ def register(system: System) -> None:
 
     @page(system, '/monitoring', 'Monitoring')
     async def monitoring() -> None:
-        ui.label(
-            f'Sampled every {system.config.settings.metrics_interval:g} s by one shared sampler; '
-            'charts show the last 5 minutes and grow live.'
-        ).classes('text-gray-600')
-        gpu_note = ui.label().classes('text-sm text-gray-600').mark('gpu-status')
-        with ui.grid(columns=2).classes('w-full gap-4'):
-            cpu = LiveChart(
-                'CPU and memory', '%', lambda k: SYSTEM_SERIES.get(k, k), y_range=(0, 100), marker='chart-system'
+        with ui.row().classes('items-center gap-4 w-full flex-wrap'):
+            window = ui.toggle(WINDOWS, value='5m').props('dense no-caps').mark('window')
+            ui.label(
+                f'Sampled every {system.config.settings.metrics_interval:g} s by one shared sampler; '
+                'the 5 min and 1 hour views grow live.'
+            ).classes('lap-muted text-sm')
+        gpu_note = ui.label().classes('text-sm lap-muted').mark('gpu-status')
+        sample = system.metrics.latest or {}
+        has_gpu = bool((sample.get('gpu') or {}).get('available'))
+        # (chart, from history or a sample's flattened values -> the chart's series)
+        charts: list[tuple[LiveChart, Callable[[dict[str, Any]], dict[str, Any]]]] = []
+
+        def chart(title: str, unit: str, select: Callable[[dict[str, Any]], dict[str, Any]], **kw: Any) -> None:
+            charts.append((LiveChart(title, unit, **kw), select))
+
+        with ui.grid().classes('grid-cols-1 lg:grid-cols-2 gap-4 w-full'):
+            chart(
+                'CPU and memory',
+                '%',
+                lambda v: exact(v, SYSTEM_SERIES),
+                label=lambda k: SYSTEM_SERIES.get(k, k),
+                y_range=(0, 100),
+                marker='chart-system',
             )
-            gen = LiveChart('Generation tokens/s', 'tokens/s', _model_label)
-            prompt = LiveChart('Prompt tokens/s', 'tokens/s', _model_label)
-            rss = LiveChart('llama-server memory (RSS)', 'MiB', _model_label)
-            proxy = LiveChart('Proxy', 'value', lambda k: k.removeprefix('proxy.'))
-            gpu = LiveChart('GPU utilization and memory', '%', lambda k: k.removeprefix('gpu.'), y_range=(0, 100))
-        # Without a GPU its chart would only be an empty frame: the status line above says why.
-        gpu.plot.bind_visibility_from(gpu_note, 'text', backward=lambda t: t.startswith('GPUs:'))
-        history = await asyncio.to_thread(system.metrics.history.query, '5m')
-        series = history['series']
-        cpu.seed({k: v for k, v in series.items() if k in SYSTEM_SERIES})
-        gen.seed(pick(series, 'model.', '.generation_tokens_per_s'))
-        prompt.seed(pick(series, 'model.', '.prompt_tokens_per_s'))
-        rss.seed({k: [[t, v / 2**20] for t, v in pts] for k, pts in pick(series, 'model.', '.rss_bytes').items()})
-        proxy.seed({k: v for k, v in series.items() if k in ('proxy.requests_per_s', 'proxy.in_flight')})
-        gpu.seed({k: v for k, v in series.items() if k.startswith('gpu.') and k.endswith('_pct')})
+            chart(
+                'Requests/s', 'requests/s', lambda v: exact(v, ['proxy.requests_per_s']), label=lambda k: 'requests/s'
+            )
+            chart(
+                'Latency', 'ms', lambda v: exact(v, LATENCY), label=lambda k: LATENCY.get(k, k), marker='chart-latency'
+            )
+            chart(
+                'Generation tokens/s',
+                'tokens/s',
+                lambda v: pick(v, 'model.', '.generation_tokens_per_s'),
+                label=_model_label,
+            )
+            chart(
+                'Prompt tokens/s', 'tokens/s', lambda v: pick(v, 'model.', '.prompt_tokens_per_s'), label=_model_label
+            )
+            chart(
+                'llama-server memory (RSS)', 'MiB', lambda v: mib(pick(v, 'model.', '.rss_bytes')), label=_model_label
+            )
+            if has_gpu:  # created only with a GPU: a hidden chart is what made plotly throw on resize
+                chart(
+                    'GPU utilization', '%', lambda v: pick(v, 'gpu.', '.util_pct'), label=_gpu_label, y_range=(0, 100)
+                )
+                chart('GPU memory used', '%', lambda v: pick(v, 'gpu.', '.memory_used_pct'), label=_gpu_label)
+                chart('GPU temperature', '°C', lambda v: pick(v, 'gpu.', '.temperature_c'), label=_gpu_label)
+                chart('GPU power', 'W', lambda v: pick(v, 'gpu.', '.power_draw_w'), label=_gpu_label)
 
         def show_gpu(sample: dict[str, Any]) -> None:
             g = sample.get('gpu') or {}
@@ -65,19 +109,24 @@ def register(system: System) -> None:
             else:
                 gpu_note.set_text(g.get('message') or 'no NVIDIA GPU detected')
 
-        if system.metrics.latest:
-            show_gpu(system.metrics.latest)
+        async def load(win: str) -> None:
+            history = await system.metrics.history_query(win, None)
+            series = history['series']
+            for c, select in charts:
+                c.max_points = max(300, WINDOW_S[win] // max(1, int(system.config.settings.metrics_interval)))
+                c.seed(select(series))
+
+        if sample:
+            show_gpu(sample)
+        await load('5m')
+        window.on_value_change(lambda e: load(e.value))
 
         def on_sample(event: Event) -> None:
-            sample = event.data
-            values = flatten(sample)
-            ts = sample['ts']
-            show_gpu(sample)
-            cpu.extend(ts, {k: values[k] for k in SYSTEM_SERIES if k in values})
-            gen.extend(ts, pick(values, 'model.', '.generation_tokens_per_s'))
-            prompt.extend(ts, pick(values, 'model.', '.prompt_tokens_per_s'))
-            rss.extend(ts, {k: v / 2**20 for k, v in pick(values, 'model.', '.rss_bytes').items()})
-            proxy.extend(ts, {k: values[k] for k in ('proxy.requests_per_s', 'proxy.in_flight') if k in values})
-            gpu.extend(ts, {k: v for k, v in values.items() if k.startswith('gpu.') and k.endswith('_pct')})
+            show_gpu(event.data)
+            if window.value not in ('5m', '1h'):  # the long windows are averages: they do not grow per sample
+                return
+            values = flatten(event.data)
+            for c, select in charts:
+                c.extend(event.data['ts'], select(values))
 
         subscribe(system, ['metrics'], on_sample)

@@ -74,7 +74,7 @@ def flatten(sample: dict[str, Any]) -> dict[str, float]:
         ):
             put(f'model.{model}.{k}', llama.get(k))
     proxy = sample.get('proxy') or {}
-    for k in ('requests_per_s', 'in_flight', 'errors_last_minute', 'p50_latency_ms'):
+    for k in ('requests_per_s', 'in_flight', 'errors_last_minute', 'p50_latency_ms', 'p95_latency_ms'):
         put(f'proxy.{k}', proxy.get(k))
     return out
 

@@ -95,7 +95,13 @@ class RequestStats:
             'requests_last_minute': count,
             'errors_last_minute': sum(b[2] for b in self._seconds),
             'p50_latency_ms': round(statistics.median(durations) * 1000, 2) if durations else None,
+            'p95_latency_ms': round(_p95(durations) * 1000, 2) if durations else None,
             'in_flight': in_flight,
             'requests_total': self.total,
             'errors_total': self.errors_total,
         }
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
