@@ -7,14 +7,14 @@ STAMP  := $(VENV)/.installed
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 ARGS ?=
 
-.PHONY: run test lint bench clean browser-deps
+.PHONY: run test lint bench clean browser-deps native-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[dev,llama]"
+	$(PY) -m pip install -q -e ".[dev,llama,native]"
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-test: $(STAMP) lint browser-deps
+test: $(STAMP) lint browser-deps native-deps
 	$(PY) -m pytest $(ARGS)
 
 # A few tests drive the system Chromium (Debian's package). As root it is installed here; otherwise we say how.
@@ -35,6 +35,25 @@ browser-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else \
 	    echo "Chromium not found: install it (apt-get install chromium) or run: make test ARGS='-m \"not browser\"'"; \
+	  fi; }
+
+# `--native` on Linux runs pywebview's Qt backend: PyQt6 + PyQt6-WebEngine wheels from pip (`.[native]`, about
+# 530 MB in the venv, seconds to install) rather than GTK, whose PyGObject a venv cannot take from the system. The
+# wheels need these system libraries (libasound2 is libasound2t64 on Debian 13 / Ubuntu 24.04). Its test
+# (tests/test_native.py) also needs a virtual screen and a window manager to close the window through: xvfb,
+# openbox, wmctrl. As root they are installed here; otherwise we say what to install.
+NATIVE_PKGS := libegl1 libgl1 libgbm1 libnss3 libdbus-1-3 libfontconfig1 libxkbcommon0 libxkbcommon-x11-0 \
+	libx11-xcb1 libxcomposite1 libxdamage1 libxrandr2 libxtst6 libxkbfile1 libxcb-cursor0 libxcb-icccm4 \
+	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xkb1 \
+	xvfb openbox wmctrl
+native-deps:
+	@dpkg -s $(NATIVE_PKGS) >/dev/null 2>&1 && { dpkg -s libasound2t64 || dpkg -s libasound2; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && \
+	    asound=$$(apt-cache show libasound2t64 >/dev/null 2>&1 && echo libasound2t64 || echo libasound2) && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(NATIVE_PKGS) $$asound >/dev/null; \
+	  else \
+	    echo "For --native and its test: apt-get install $(NATIVE_PKGS) libasound2 (or run: make test ARGS='-m \"not native\"')"; \
 	  fi; }
 
 bench: $(STAMP)

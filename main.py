@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import secrets
@@ -14,6 +15,7 @@ from core import __version__
 from core.settings import SettingsManager, is_loopback
 
 log = logging.getLogger('llama_async_proxy')
+RECONNECT_TIMEOUT_S = 15.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +91,30 @@ def build(args: argparse.Namespace) -> Any:
     return system
 
 
+def prepare_native_window() -> None:
+    """`--native`: NiceGUI opens the app in a pywebview window run by a process of its own. When that window
+    closes, NiceGUI runs the shutdown handlers (System.stop, which stops every llama-server child) and exits."""
+    try:
+        import webview  # noqa: F401
+    except ImportError:
+        sys.exit('--native needs pywebview: pip install ".[native]" (or run without --native)')
+    from nicegui import app
+
+    if sys.platform.startswith('linux'):
+        # `.[native]` brings Qt WebEngine on Linux (pip wheels, see pyproject.toml); pywebview would try GTK
+        # first and print a traceback when PyGObject is missing. PYWEBVIEW_GUI still chooses, when set.
+        if not os.environ.get('PYWEBVIEW_GUI') and importlib.util.find_spec('qtpy') is not None:
+            app.native.start_args.setdefault('gui', 'qt')
+        if os.geteuid() == 0:
+            # Chromium (inside Qt WebEngine) refuses to run as root with its sandbox; the window shows only this
+            # app's own pages on loopback.
+            os.environ.setdefault('QTWEBENGINE_DISABLE_SANDBOX', '1')
+    app.native.on('loaded', lambda: log.info('native window: page loaded'))
+    app.on_connect(lambda client: log.info('native: a page connected: %s', client.page.path))
+    app.native.on('closed', lambda: log.info('native window closed: stopping the app and its llama-servers'))
+    app.on_shutdown(lambda: log.info('native window: shutdown done'))  # after System.stop (registered first)
+
+
 def main(argv: list[str] | None = None) -> None:
     simulated = bool(os.environ.get('NICEGUI_USER_SIMULATION'))  # NiceGUI's `User` test fixture runs this file
     args = parse_args([] if simulated else argv)
@@ -109,10 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):
         sys.exit('TLS needs both a certificate and its key: --ssl-certfile and --ssl-keyfile (or neither).')
     if args.native:
-        try:
-            import webview  # noqa: F401
-        except ImportError:
-            sys.exit('--native needs pywebview: pip install ".[native]" (or run without --native)')
+        prepare_native_window()
 
     from nicegui import ui
 
@@ -125,10 +148,14 @@ def main(argv: list[str] | None = None) -> None:
         reload=False,
         show=not args.no_browser,
         native=args.native,
+        window_size=(1280, 800) if args.native else None,  # a size also turns native on: only with --native
         storage_secret=storage_secret(settings.data_dir),
         favicon=str(Path(__file__).parent / 'assets' / 'favicon.svg'),
         fastapi_docs=True,
         show_welcome_message=False,
+        # A browser whose socket drops comes back after socket.io's backoff (1–5 s): within this it keeps its page
+        # and its state; past NiceGUI's default of 3 s a 1.5 s network cut already forced a reload.
+        reconnect_timeout=RECONNECT_TIMEOUT_S,
         uvicorn_logging_level='warning',
         # The app is the endpoint clients talk to, not something behind a reverse proxy: X-Forwarded-For from a
         # local process is not believed (the request log shows the real peer), and no middleware parses an IP

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -26,3 +27,8 @@ def write_private(path: Path, text: str) -> None:
     """`atomic_write_text` for a secret: the folder 0700; the file is 0600 already (mkstemp creates it so)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     atomic_write_text(path, text)
+
+
+def existing_dirs(paths: Iterable[str | Path]) -> dict[str, bool]:
+    """`{path: is a folder}` for each path as given (`~` expanded for the check only); blocking, for a thread."""
+    return {str(p): Path(p).expanduser().is_dir() for p in paths}

@@ -122,6 +122,14 @@ class BinaryResolver:
             self.current = None
             self._help = None
 
+    def recheck(self) -> LlamaBinary | None:
+        """Resolve again (after an install or a changed setting). Unlike `invalidate()` + `resolve()`, `current`
+        keeps the last answer until the new one is known, so nothing reads a missing binary meanwhile."""
+        with self._lock:
+            self._resolved = False
+            self._help = None
+        return self.resolve()
+
     def candidates(self) -> list[tuple[str, Path]]:
         out: list[tuple[str, Path]] = []
         setting = self.config.settings.llama_server_path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,8 @@ class ChatTurn:
     usage: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    tokens: int = 0  # deltas with content or reasoning: llama-server streams one token per delta
+    first_token_at: float | None = None  # time.perf_counter() when the first of them was parsed
 
 
 async def chat_stream(handler: ASGIApp, body: dict[str, Any]) -> AsyncIterator[ChatTurn]:
@@ -63,9 +66,10 @@ async def chat_stream(handler: ASGIApp, body: dict[str, Any]) -> AsyncIterator[C
     parser = SSEObjects()
     status = 200
     raw = b''
+    getter: asyncio.Future[Any] | None = None
     try:
         while True:
-            getter: asyncio.Future[Any] = asyncio.ensure_future(messages.get())
+            getter = asyncio.ensure_future(messages.get())
             waiting: set[asyncio.Future[Any]] = {getter, task}
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if getter not in done:
@@ -90,7 +94,9 @@ async def chat_stream(handler: ASGIApp, body: dict[str, Any]) -> AsyncIterator[C
             turn.error = _error_text(raw) or f'HTTP {status}'
             yield turn
     finally:
-        gone.set()
+        if getter is not None:
+            getter.cancel()  # a cancel (Stop) lands while it waits: it would be left pending
+        gone.set()  # the handler's receive() now reports a disconnect, which cancels the upstream generation
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(task, 10)
 
@@ -100,10 +106,17 @@ def _apply(turn: ChatTurn, obj: dict[str, Any]) -> None:
         err = obj['error']
         turn.error = err.get('message') if isinstance(err, dict) else str(err)
         return
+    if str(obj.get('id', '')).startswith('loading-'):
+        return  # `send_loading_state`'s progress as reasoning: the page shows the load itself
     for choice in obj.get('choices') or []:
         delta = choice.get('delta') or {}
-        turn.content += delta.get('content') or ''
-        turn.reasoning += delta.get('reasoning_content') or ''
+        content, reasoning = delta.get('content') or '', delta.get('reasoning_content') or ''
+        if content or reasoning:
+            turn.tokens += 1
+            if turn.first_token_at is None:
+                turn.first_token_at = time.perf_counter()
+        turn.content += content
+        turn.reasoning += reasoning
         if choice.get('finish_reason'):
             turn.finish_reason = choice['finish_reason']
     if obj.get('usage'):

@@ -29,7 +29,7 @@ def test_health_and_home_page(app_process: AppProcess) -> None:
     assert 'Llama Async Proxy' in home.text
     for label in ('Dashboard', 'Models', 'Monitoring', 'Logs', 'Settings', 'Chat'):
         assert label in home.text
-    for path in ('/models', '/monitoring', '/logs', '/settings', '/chat'):
+    for path in ('/models', '/activity', '/monitoring', '/logs', '/settings', '/chat'):
         assert httpx.get(f'{app_process.base_url}{path}').status_code == 200
 
 

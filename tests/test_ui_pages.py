@@ -12,6 +12,7 @@ from nicegui.testing import User
 PAGES = {
     '/': 'Dashboard',
     '/models': 'Models',
+    '/activity': 'Activity',
     '/monitoring': 'Monitoring',
     '/logs': 'Logs',
     '/settings': 'Settings',
@@ -52,7 +53,7 @@ async def test_settings_page_saves_and_rejects(user: User) -> None:
     assert not config.exists()
     user.find(marker='setting-concurrency_limit').clear().type('6')
     user.find(marker='save-settings').click()
-    await user.should_see('Saved concurrency_limit')
+    await user.should_see('Saved Concurrency limit')
     assert json.loads(config.read_text()) == {'concurrency_limit': 6}
 
 

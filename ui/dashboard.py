@@ -89,7 +89,7 @@ def register(system: System) -> None:
 
     @page(system, '/', 'Dashboard')
     async def dashboard() -> None:
-        with ui.row().classes('gap-3 w-full flex-wrap'):
+        with ui.grid().classes('grid-cols-2 md:grid-cols-4 xl:grid-cols-8 gap-3 w-full'):
             k_loaded = KpiCard('Models loaded', 'kpi-loaded')
             k_rps = KpiCard('Requests/s (1 min)', 'kpi-rps')
             k_p50 = KpiCard('p50 latency (1 min)', 'kpi-p50')
@@ -120,7 +120,7 @@ def register(system: System) -> None:
         ui.label('Recent requests').classes('text-lg font-medium')
         with ui.element('div').classes('w-full overflow-x-auto'):
             table = ui.table(columns=REQUEST_COLUMNS, rows=[], row_key='id').classes('w-full min-w-[720px]')
-            table.props('dense flat').mark('recent-requests')
+            table.props('dense flat no-data-label="No requests yet"').mark('recent-requests')
             table.add_slot('body-cell-status', STATUS_SLOT)
 
         with ui.card().classes('w-full'):

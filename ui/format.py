@@ -60,5 +60,10 @@ def pct(value: Any) -> str:
     return DASH if not isinstance(value, (int, float)) else f'{value:.0f} %'
 
 
+def count(n: int | None) -> str:
+    """A measured count (tokens) as it is, a real zero included; not measured is a dash."""
+    return DASH if n is None else str(n)
+
+
 def rate(value: Any, unit: str = 'tok/s') -> str:
     return DASH if not isinstance(value, (int, float)) else f'{value:.1f} {unit}'

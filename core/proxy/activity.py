@@ -1,18 +1,22 @@
 """The activity recorder: one record per proxied request, in flight in memory, finished rows in SQLite.
 
 Rows are written in small batches off the event loop (the relay never waits on SQLite) and the table is trimmed
-to `requests_keep` rows. Each start and finish is published as a `requests` event; only finished ones carry
-`status`.
+to `requests_keep` rows. Reads (`recent`, `query`, `facets`, `export`) flush first and are meant to run off the
+loop too. Each start and finish is published as a `requests` event; only finished ones carry `status`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
+import io
 import itertools
+import json
 import logging
 import os
 import statistics
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields
@@ -23,6 +27,8 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL_S = 0.5
 STATS_WINDOW_S = 60.0
 LAST_KEPT = 50
+QUERY_LIMIT = 10_000  # rows per page of a query
+EXPORT_LIMIT = 1_000_000  # an export is bounded by `requests_keep` in practice; this only caps a runaway setting
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS proxy_requests (
@@ -97,6 +103,8 @@ class Activity:
         self.total = 0
         self.errors_total = 0
         self._flusher: asyncio.Task[None] | None = None
+        # A read's flush waits for one already writing in another thread, so it never misses rows in transit.
+        self._flush_lock = threading.Lock()
         self._schema_ready = False
         self._ensure_schema()  # pages may ask for recent requests before the app has finished starting
 
@@ -168,18 +176,20 @@ class Activity:
 
     # ---- storage -------------------------------------------------------------------------------------------
     def flush(self) -> None:
-        rows, self._pending = self._pending, []
-        if not rows:
-            return
-        try:
-            self._ensure_schema()
-            self.store.executemany(_INSERT, rows)
-            keep = int(self._keep())
-            self.store.execute(
-                'DELETE FROM proxy_requests WHERE rowid <= (SELECT MAX(rowid) FROM proxy_requests) - ?', (keep,)
-            )
-        except Exception:
-            log.exception('writing %d request rows failed', len(rows))
+        with self._flush_lock:
+            # The swap is safe from a thread: a row the loop appends meanwhile lands in either list, never neither.
+            rows, self._pending = self._pending, []
+            if not rows:
+                return
+            try:
+                self._ensure_schema()
+                self.store.executemany(_INSERT, rows)
+                keep = int(self._keep())
+                self.store.execute(
+                    'DELETE FROM proxy_requests WHERE rowid <= (SELECT MAX(rowid) FROM proxy_requests) - ?', (keep,)
+                )
+            except Exception:
+                log.exception('writing %d request rows failed', len(rows))
 
     async def _flush_loop(self) -> None:
         while True:
@@ -189,26 +199,59 @@ class Activity:
 
     def recent(self, model: str | None = None, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Finished requests, newest first. `status`: ok (< 400), error (>= 400) or an exact code."""
+        return self.query(model=model, status=status, limit=limit, count=False)[0]
+
+    def query(
+        self,
+        model: str | None = None,
+        status: str | None = None,
+        route: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        offset: int = 0,
+        limit: int = 50,
+        count: bool = True,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """One page of finished requests matching every filter, newest first, and how many match in all (-1 when
+        `count` is off). `status`: ok (< 400), error (>= 400) or an exact code; `since`/`until`: Unix times,
+        inclusive. Blocking: call it off the event loop."""
         self.flush()
-        where: list[str] = []
-        args: list[Any] = []
-        if model:
-            where.append('model = ?')
-            args.append(model)
-        if status == 'ok':
-            where.append('status < 400')
-        elif status == 'error':
-            where.append('status >= 400')
-        elif status:
-            where.append('status = ?')
-            args.append(int(status))
-        sql = f'SELECT {", ".join(COLUMNS)} FROM proxy_requests'
-        if where:
-            sql += ' WHERE ' + ' AND '.join(where)
-        sql += ' ORDER BY ts DESC, rowid DESC LIMIT ?'
-        args.append(max(1, min(int(limit), 10_000)))
-        rows = self.store.query(sql, args)
-        return [{**dict(r), 'stream': bool(r['stream'])} for r in rows]
+        where, args = _where(model, status, route, since, until)
+        limit = max(1, min(int(limit), QUERY_LIMIT))
+        rows = self.store.query(
+            f'SELECT {", ".join(COLUMNS)} FROM proxy_requests{where} ORDER BY ts DESC, rowid DESC LIMIT ? OFFSET ?',
+            [*args, limit, max(0, int(offset))],
+        )
+        total = self.store.query(f'SELECT COUNT(*) FROM proxy_requests{where}', args)[0][0] if count else -1
+        return [_row(r) for r in rows], total
+
+    def facets(self) -> dict[str, list[Any]]:
+        """The models, routes and statuses that occur in the history (for filter choices). Blocking."""
+        self.flush()
+        sql = 'SELECT DISTINCT {0} FROM proxy_requests WHERE {0} IS NOT NULL ORDER BY 1'
+        return {name: [r[0] for r in self.store.query(sql.format(name))] for name in ('model', 'route', 'status')}
+
+    def export(self, fmt: str, **filters: Any) -> bytes:
+        """Every finished request matching `filters` (model, status, route, since, until), newest first, as `csv`
+        (a header row, then one line per request) or `json` (a list of objects). Blocking."""
+        if fmt not in ('csv', 'json'):
+            raise ValueError(f'unknown export format {fmt!r}; use csv or json')
+        self.flush()
+        where, args = _where(**filters)
+        rows = [
+            _row(r)
+            for r in self.store.query(
+                f'SELECT {", ".join(COLUMNS)} FROM proxy_requests{where} ORDER BY ts DESC, rowid DESC LIMIT ?',
+                [*args, EXPORT_LIMIT],
+            )
+        ]
+        if fmt == 'json':
+            return json.dumps(rows, indent=1).encode()
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator='\n')
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue().encode()
 
     # ---- counters ------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -224,6 +267,40 @@ class Activity:
             'requests_total': self.total,
             'errors_total': self.errors_total,
         }
+
+
+def _where(
+    model: str | None = None,
+    status: str | None = None,
+    route: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its leading space, or empty) and its arguments for the history filters."""
+    where: list[str] = []
+    args: list[Any] = []
+    for column, value in (('model', model), ('route', route)):
+        if value:
+            where.append(f'{column} = ?')
+            args.append(value)
+    if status == 'ok':
+        where.append('status < 400')
+    elif status == 'error':
+        where.append('status >= 400')
+    elif status:
+        where.append('status = ?')
+        args.append(int(status))
+    if since is not None:
+        where.append('ts >= ?')
+        args.append(float(since))
+    if until is not None:
+        where.append('ts <= ?')
+        args.append(float(until))
+    return (' WHERE ' + ' AND '.join(where) if where else ''), args
+
+
+def _row(r: Any) -> dict[str, Any]:
+    return {**dict(r), 'stream': bool(r['stream'])}
 
 
 def _started(rec: RequestRecord) -> dict[str, Any]:

@@ -32,12 +32,12 @@ class Header:
 
     def __init__(self, system: System) -> None:
         self.system = system
-        with ui.row().classes('items-center gap-2 flex-nowrap overflow-x-auto'):
-            self.binary = ui.badge().props('outline').classes('text-white max-md:hidden').mark('binary-status')
+        with ui.row().classes('items-center gap-2 flex-nowrap overflow-hidden min-w-0'):
+            self.binary = ui.badge().props('outline').classes('text-white gt-xs').mark('binary-status')
             self.models = Chip('storage', 'chip-models', 'Models loaded / found')
             self.cpu = Chip('memory', 'chip-cpu', 'CPU, all cores')
             self.ram = Chip('developer_board', 'chip-ram', 'RAM in use')
-            self.ram.row.classes('max-sm:hidden')
+            self.ram.row.classes('gt-xs')
             self.gpu = Chip('videogame_asset', 'chip-gpu', 'GPU utilization · memory')
             with ui.row().classes('items-center gap-1 lap-online').mark('connected'):
                 ui.icon('wifi').classes('text-green-300').tooltip('Live: connected')

@@ -40,6 +40,7 @@ class LiveChart:
         self.keys: list[str] = []
         self.max_points = max_points
         self.drawn = False
+        self.compact = compact
         axis = {'gridcolor': GRID, 'zerolinecolor': GRID}
         layout: dict[str, Any] = {
             'margin': {'l': 50, 'r': 10, 't': 36, 'b': 30},
@@ -60,7 +61,9 @@ class LiveChart:
             layout['yaxis'] = {'visible': False, 'rangemode': 'tozero'}
         if y_range is not None:
             layout['yaxis']['range'] = list(y_range)
-        config = {'displaylogo': False, 'displayModeBar': not compact, 'staticPlot': compact}
+        for a in ('xaxis', 'yaxis'):
+            layout[a]['visible'] = False  # until there is data
+        config = {'displaylogo': False, 'displayModeBar': False, 'staticPlot': compact}
         self.plot = ui.plotly({'data': [], 'layout': layout, 'config': config}).classes('w-full')
         # Once: it fires after every extend, and each would be a message from every browser.
         self.plot.on('plotly_afterplot', self._drawn, [], throttle=86400, trailing_events=False)
@@ -97,6 +100,8 @@ class LiveChart:
         layout = self.plot.figure['layout']
         was_empty = bool(layout.get('annotations'))
         layout['annotations'] = [NO_DATA] if empty else []
+        for axis in ('xaxis', 'yaxis'):  # an empty date axis would read "Jan 2000"
+            layout[axis]['visible'] = not empty and not self.compact
         return empty != was_empty
 
     def extend(self, ts: float, values: dict[str, float]) -> None:

@@ -83,7 +83,7 @@ class ModelDetails:
                 t_meta = ui.tab('Metadata').mark('tab-metadata')
                 t_tpl = ui.tab('Chat template')
                 t_log = ui.tab('Log').mark('tab-log')
-            with ui.tab_panels(tabs, value=t_params).classes('w-full'):
+            with ui.tab_panels(tabs, value=t_params, animated=False).classes('w-full'):
                 with ui.tab_panel(t_params):
                     self._parameters(entry.id)
                 with ui.tab_panel(t_cmd):
