@@ -236,3 +236,47 @@ async def test_a_parameter_change_shows_in_the_command_line_and_restarts_the_mod
     await dialog.get_by_role('button', name='Reset to defaults').click()
     wait(lambda: not api(shop, 'GET', '/api/models/tiny-llama/parameters').json()['params'], 20)
     assert not console.unexpected(), console.errors
+
+
+async def test_chat_stop_ends_the_generation_and_the_transcript_survives_a_reload(
+    shop: AppProcess, browser: Any
+) -> None:
+    page, console = await new_page(browser)
+    await page.goto(shop.base_url + '/chat')
+    await settle(page)
+    await page.get_by_label('Model').click()
+    await page.get_by_role('option', name=re.compile('^wide-llama')).click()
+    await page.get_by_label('Max tokens').fill('4000')
+    await page.get_by_placeholder('Message').fill('Tell me a long story')
+    await page.get_by_placeholder('Message').press('Enter')  # Enter sends
+    stop = page.get_by_role('button', name='Stop')
+    await stop.wait_for(timeout=60000)
+    await page.get_by_text(re.compile(r'TTFT .* tokens$')).wait_for(timeout=60000)  # live figures: it streams
+    await stop.click()
+    await page.get_by_text('Stopped', exact=True).wait_for(timeout=10000)
+    # The proxy recorded the request as cancelled by the client, and the model's slot is free again.
+    rows = wait(lambda: [r for r in api(shop, 'GET', '/api/requests?limit=5').json()['requests'] if r['status'] == 499])
+    assert rows[0]['model'] == 'wide-llama' and rows[0]['completion_tokens'] != 4000
+    assert not api(shop, 'GET', '/api/requests/inflight').json()['requests']
+    await page.reload()
+    await settle(page)
+    await page.get_by_text('Tell me a long story').wait_for(timeout=10000)  # the transcript is the tab's
+    await page.screenshot(path=str(ARTIFACTS / 'chat-stopped.png'))
+    assert not console.unexpected(), console.errors
+
+
+async def test_a_bad_settings_value_shows_its_field_error_and_saves_nothing(shop: AppProcess, browser: Any) -> None:
+    before = shop.config_path.read_text() if shop.config_path.exists() else None
+    page, console = await new_page(browser, 390, 844)
+    await page.goto(shop.base_url + '/settings')
+    await settle(page)
+    field = page.get_by_label('Concurrency limit')
+    await field.fill('0')
+    await page.get_by_role('button', name='Save').click()
+    await page.get_by_text('Not saved').first.wait_for(timeout=10000)
+    error = page.get_by_text('greater than or equal to 1').first
+    await error.wait_for()
+    assert await error.is_visible() and await field.is_visible()  # scrolled to, at phone width
+    assert (shop.config_path.read_text() if shop.config_path.exists() else None) == before
+    await page.screenshot(path=str(ARTIFACTS / 'settings-error-phone.png'))
+    assert not console.unexpected(), console.errors
