@@ -169,6 +169,7 @@ def frame(system: System, title: str, path: str) -> None:
     ui.add_css(CSS)
     stored = app.storage.user.get(THEME_KEY)
     dark = ui.dark_mode(stored if stored in THEMES else None)
+    drawer: ui.left_drawer  # the menu button toggles it; built below the header
     with ui.header(elevated=True).classes('items-center gap-2 px-3 py-2 bg-indigo-700 flex-nowrap'):
         ui.button(on_click=lambda: drawer.toggle(), icon='menu').props('flat color=white dense').mark('menu')
         ui.label(APP_NAME).classes('text-lg font-semibold whitespace-nowrap max-sm:hidden')

@@ -38,6 +38,7 @@ def register(system: System) -> None:
             '(the download has everything).'
         ).classes('lap-muted text-sm')
         models = [ALL, *(e.id for e in system.library.models())]
+        view: LogView  # built under the toolbar whose Clear button empties it
         with ui.row().classes('items-end gap-3 w-full flex-wrap'):
             level = ui.select(list(LEVELS), value='info', label='Minimum level').classes('w-32').mark('log-level')
             source = ui.select([ALL, 'app', 'llama-server'], value=ALL, label='Source').classes('w-36')

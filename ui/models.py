@@ -29,7 +29,13 @@ STATUS_FILTERS = {
     'unusable': 'Unusable',
 }
 FIT_FILTERS = {'all': 'Any fit', 'fits': 'Fits', 'tight': 'Tight', 'does not fit': 'Does not fit'}
-STATUS_ORDER = [ModelState.READY, ModelState.STARTING, ModelState.RESTARTING, ModelState.STOPPING, ModelState.FAILED]
+STATUS_ORDER: list[str] = [
+    ModelState.READY,
+    ModelState.STARTING,
+    ModelState.RESTARTING,
+    ModelState.STOPPING,
+    ModelState.FAILED,
+]
 RUNNING = {ModelState.READY, ModelState.STARTING, ModelState.RESTARTING, ModelState.STOPPING}
 
 

@@ -27,6 +27,7 @@ def line_text(d: dict[str, Any]) -> str:
 
 class LogView:
     def __init__(self, height: str = 'h-[65vh]', max_lines: int = MAX_LINES, marker: str = 'log-view') -> None:
+        self.max_lines = max_lines
         self.view = ui.log(max_lines=max_lines).classes(f'w-full {height} font-mono text-xs').mark(marker)
         self.pending: list[dict[str, Any]] = []
         self.paused = False
@@ -42,8 +43,8 @@ class LogView:
     def add(self, record: dict[str, Any]) -> None:
         """Queue a new line; `flush()` pushes the queue (unless paused: lines wait, up to the cap)."""
         self.pending.append(record)
-        if len(self.pending) > self.view.max_lines:  # type: ignore[operator]
-            del self.pending[: len(self.pending) - self.view.max_lines]  # type: ignore[operator]
+        if len(self.pending) > self.max_lines:
+            del self.pending[: len(self.pending) - self.max_lines]
 
     def flush(self) -> None:
         if self.pending and not self.paused:
@@ -55,6 +56,6 @@ class LogView:
         self.count = 0
 
     def _push(self, records: list[dict[str, Any]]) -> None:
-        for d in records[-self.view.max_lines :]:  # type: ignore[operator]
+        for d in records[-self.max_lines :]:
             self.view.push(line_text(d), classes=LEVEL_CLASS.get(d['level'], '') or None)
-        self.count = min(self.count + len(records), self.view.max_lines)  # type: ignore[type-var]
+        self.count = min(self.count + len(records), self.max_lines)

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from core.library import ModelEntry
     from core.library.fit import FitEstimate
 
-STATE_COLOR = {
+STATE_COLOR: dict[str, str] = {
     ModelState.READY: 'positive',
     ModelState.STARTING: 'warning',
     ModelState.RESTARTING: 'warning',

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from core.system import System
 
 LOG_TAIL = 200
-META_COLUMNS = [
+META_COLUMNS: list[dict[str, Any]] = [
     {'name': 'key', 'label': 'Key', 'field': 'key', 'align': 'left', 'sortable': True},
     {'name': 'value', 'label': 'Value', 'field': 'value', 'align': 'left', 'style': 'white-space: normal'},
 ]

@@ -103,7 +103,8 @@ class ParamEditor:
         element: Any
         if kind in ('int', 'float'):
             extra: dict[str, Any] = {'precision': 0, 'step': 1} if kind == 'int' else {}
-            element = ui.number(label, value=value, **_bounds(name), **extra).props('clearable')
+            extra.update(_bounds(name))
+            element = ui.number(label, value=value, **extra).props('clearable')
             element.props['hint'] = f'{help_text} ({hint})'
         elif kind in ('bool', 'choice'):
             options = {INHERIT: f'{INHERIT}: {_shown(inherited, kind) or "default"}'}
