@@ -79,6 +79,7 @@ async def test_finished_requests_show_figures_filter_and_export(models_env: Path
     assert shown['200']['tokens'] == f'{good["prompt_tokens"]} / {good["completion_tokens"]}'
     assert good['completion_tokens'] > 0 and shown['200']['ttft'].endswith(' ms')
     assert shown['404']['failed'] and 'nope' in shown['404']['error']  # drawn as an error, with its reason
+    assert shown['404']['model'] == 'nope' and shown['404']['ttft'] == '—'  # what was asked for; no first token
     await user.should_see('1–2 of 2')
 
     # Details: every figure the recorder kept for that request.
@@ -152,8 +153,9 @@ async def test_inflight_request_is_listed_and_cancelled(models_env: Path, user: 
     await user.should_see('Nothing in flight')
     row = system.proxy.activity.recent(limit=1)[0]
     assert row['id'] == inflight[0]['id'] and row['status'] == 499 and 'cancelled' in row['error']
+    assert system.proxy.activity.stats()['errors_last_minute'] == 0  # a stop is not an error in the figures
     table = await wait_for(lambda: rows_of(user, 'activity-table'))
-    assert table[0]['status'] == '499' and table[0]['failed']
+    assert table[0]['status'] == '499' and table[0]['cancelled'] and not table[0]['failed']  # a stop, not a failure
 
 
 # ---- the recorder's query --------------------------------------------------------------------------------------

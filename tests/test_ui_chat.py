@@ -75,7 +75,7 @@ async def test_chat_streams_a_reply_and_records_it(models_env: Path, user: User)
     stats = user.find(marker='chat-stats').elements.pop().text
     assert 'TTFT' in stats and 'tok/s' in stats, stats
     live = user.find(marker='chat-live-stats').elements.pop().text
-    assert live.startswith('TTFT') and 'tokens' in live, live  # what was measured in the page
+    assert live == '', live  # the live figures give way to the reply's own (the browser test sees them stream)
     assert system.scheduler.describe('tiny-llama')['status'] == 'ready'  # started on demand
     rows = system.proxy.activity.recent(limit=5)
     assert rows[0]['client'].startswith('playground') and rows[0]['status'] == 200

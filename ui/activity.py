@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import context, ui
 
+from core.proxy.activity import CLIENT_CLOSED, is_failure
 from ui.format import DASH, clock, count, ms, rate, uptime
 from ui.layout import empty, fact, live, notify, page
 
@@ -28,9 +29,9 @@ def _col(name: str, label: str, align: str = 'left') -> dict[str, str]:
 
 HISTORY_COLUMNS = [
     _col('time', 'Time'),
+    _col('status', 'Status'),  # next to the time: on a phone a failure shows without scrolling sideways
     _col('model', 'Model'),
     _col('route', 'Route'),
-    _col('status', 'Status'),
     _col('ttft', 'TTFT', 'right'),
     _col('duration', 'Duration', 'right'),
     _col('tokens', 'Prompt / gen tokens', 'right'),
@@ -51,7 +52,7 @@ INFLIGHT_COLUMNS = [
 # Failures stand out by colour and keep their reason a hover away.
 STATUS_SLOT = r"""
 <q-td :props="props">
-  <q-badge :color="props.row.failed ? 'negative' : 'positive'" :label="props.value" />
+  <q-badge :color="props.row.cancelled ? 'grey' : props.row.failed ? 'negative' : 'positive'" :label="props.value" />
 </q-td>
 """
 CANCEL_SLOT = r"""
@@ -74,7 +75,8 @@ def history_row(r: dict[str, Any]) -> dict[str, Any]:
         'model': r.get('model') or DASH,
         'route': r.get('route') or '',
         'status': DASH if status is None else str(status),
-        'failed': status is None or status >= 400,
+        'failed': status is None or is_failure(status),
+        'cancelled': status == CLIENT_CLOSED,
         'ttft': ms(r.get('ttft_s')),
         'duration': ms(r.get('duration_s')),
         'tokens': f'{count(r.get("prompt_tokens"))} / {count(r.get("completion_tokens"))}',

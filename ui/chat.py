@@ -19,7 +19,7 @@ from core.playground import ChatTurn, chat_stream
 from core.supervisor import ModelState
 from core.supervisor.errors import SupervisorError
 from ui.components.chat_message import DONE, ERROR, STOPPED, STREAMING, ChatMessage, new_entry
-from ui.format import DASH, ms, rate
+from ui.format import ms, rate
 from ui.layout import empty, live, notify, page
 
 if TYPE_CHECKING:
@@ -267,14 +267,22 @@ class ChatPage:
         self.save()
 
     def request_params(self) -> dict[str, Any]:
-        """Sampling settings within their bounds; an empty field leaves the model's default."""
+        """The sampling settings as typed; an empty field leaves the model's default."""
         params: dict[str, Any] = {}
-        for key, (low, high) in BOUNDS.items():
+        for key in BOUNDS:
             value = self.settings.get(key)
             if isinstance(value, (int, float)):
-                value = min(max(value, low), high)
                 params[key] = int(value) if key == 'max_tokens' else float(value)
         return params
+
+    def out_of_range(self) -> list[str]:
+        """Settings outside their bounds: sent as they are they would be refused or changed, so nothing is sent."""
+        bad = []
+        for key, (low, high) in BOUNDS.items():
+            value = self.settings.get(key)
+            if isinstance(value, (int, float)) and not low <= value <= high:
+                bad.append(f'{key.replace("_", " ")} must be {low:g} to {high:g}')
+        return bad
 
     # ---- sending -------------------------------------------------------------------------------------------
     @property
@@ -288,6 +296,9 @@ class ChatPage:
         model = self.picker.value
         if not model:
             notify(self.client, 'Pick a model first', type='warning')
+            return
+        if bad := self.out_of_range():
+            notify(self.client, f'Not sent: {"; ".join(bad)}', type='warning')
             return
         messages = [*context_messages(self.messages, self.settings['system']), {'role': 'user', 'content': text}]
         asked, reply = new_entry('user', text), new_entry('assistant', model=model)
@@ -364,8 +375,7 @@ class ChatPage:
         entry['status'] = outcome
         entry['stats'] = '' if outcome == ERROR and turn is None else final_figures(turn, sent_at, now, outcome)
         view.render()
-        if turn is not None and sent_at is not None:
-            self.live_stats.set_text(live_figures(turn, sent_at, now) if turn.tokens else DASH)
+        self.live_stats.set_text('')  # the reply's own figures are under it now
         self.busy(False)
         self.save()
         if outcome == ERROR:

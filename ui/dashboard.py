@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any
 from nicegui import context, ui
 
 from core.logs import LEVELS
+from core.proxy.activity import CLIENT_CLOSED, is_failure
 from core.supervisor import ModelState, SupervisorError
 from ui.components.kpi import KpiCard
 from ui.components.live_chart import LiveChart
 from ui.components.log_view import line_text
 from ui.components.model_card import STATE_COLOR
-from ui.format import DASH, clock, human_bytes, ms, pct, rate, uptime
+from ui.format import DASH, clock, count, human_bytes, ms, pct, rate, uptime
 from ui.layout import empty, fact, live, notify, on_reconnect, page, subscribe
 
 if TYPE_CHECKING:
@@ -23,9 +24,9 @@ if TYPE_CHECKING:
 RECENT = 15
 REQUEST_COLUMNS = [
     {'name': 'time', 'label': 'Time', 'field': 'time', 'align': 'left'},
+    {'name': 'status', 'label': 'Status', 'field': 'status'},
     {'name': 'model', 'label': 'Model', 'field': 'model', 'align': 'left'},
     {'name': 'route', 'label': 'Route', 'field': 'route', 'align': 'left'},
-    {'name': 'status', 'label': 'Status', 'field': 'status'},
     {'name': 'ttft', 'label': 'TTFT', 'field': 'ttft'},
     {'name': 'duration', 'label': 'Duration', 'field': 'duration'},
     {'name': 'tokens', 'label': 'Prompt / gen tokens', 'field': 'tokens'},
@@ -34,7 +35,7 @@ REQUEST_COLUMNS = [
 # A failed request's status in red, so a failure stands out in the list.
 STATUS_SLOT = r"""
 <q-td :props="props">
-  <q-badge :color="props.row.failed ? 'negative' : 'positive'" :label="props.value" />
+  <q-badge :color="props.row.cancelled ? 'grey' : props.row.failed ? 'negative' : 'positive'" :label="props.value" />
 </q-td>
 """
 SPARKS = {  # series in the metrics history -> (title, how to show the latest value)
@@ -53,10 +54,11 @@ def request_row(r: dict[str, Any]) -> dict[str, Any]:
         'model': r.get('model') or DASH,
         'route': r.get('route') or '',
         'status': status if status is not None else 'in flight',
-        'failed': status is not None and status >= 400,
+        'failed': is_failure(status),
+        'cancelled': status == CLIENT_CLOSED,
         'ttft': ms(r.get('ttft_s')),
         'duration': ms(r.get('duration_s')),
-        'tokens': f'{r.get("prompt_tokens") or 0} / {r.get("completion_tokens") or 0}',
+        'tokens': f'{count(r.get("prompt_tokens"))} / {count(r.get("completion_tokens"))}',
         'tps': rate(r.get('gen_tps'), ''),
     }
 
@@ -76,6 +78,14 @@ def _generation_series(series: dict[str, list[list[float]]]) -> list[list[float]
             for ts, v in points:
                 total[ts] = total.get(ts, 0.0) + v
     return [[ts, v] for ts, v in sorted(total.items())]
+
+
+def notable_lines(system: System, n: int = 6) -> list[dict[str, Any]]:
+    """The app's own warnings and every error: llama-server's warning lines are routine (a cancelled task, a
+    trimmed cache) and would bury the alerts."""
+    app = [r.as_dict() for r in system.logs.query(level='warning', source='app', limit=n)]
+    errors = [r.as_dict() for r in system.logs.query(level='error', source='llama-server', limit=n)]
+    return sorted(app + errors, key=lambda d: d['seq'])[-n:]
 
 
 def register(system: System) -> None:
@@ -120,8 +130,9 @@ def register(system: System) -> None:
         ui.label('Recent requests').classes('text-lg font-medium')
         with ui.element('div').classes('w-full overflow-x-auto'):
             table = ui.table(columns=REQUEST_COLUMNS, rows=[], row_key='id').classes('w-full min-w-[720px]')
-            table.props('dense flat no-data-label="No requests yet"').mark('recent-requests')
+            table.props('dense flat').mark('recent-requests')
             table.add_slot('body-cell-status', STATUS_SLOT)
+            table.add_slot('no-data', '<div class="lap-muted italic">No requests yet</div>')
 
         with ui.card().classes('w-full'):
             ui.label('This installation').classes('text-lg font-medium')
@@ -139,7 +150,9 @@ def register(system: System) -> None:
             fact('OpenAI endpoint', f'http://{s.host}:{s.port}/v1')
 
         def show(sample: dict[str, Any]) -> None:
-            states = {e.id: system.scheduler.describe(e.id).get('status') for e in system.library.models()}
+            states = {
+                e.id: system.scheduler.describe(e.id).get('status') for e in system.library.models() if not e.error
+            }
             k_loaded.set(f'{sum(1 for st in states.values() if st == ModelState.READY)} / {len(states)}')
             proxy = sample.get('proxy') or {}
             k_rps.set(f'{proxy.get("requests_per_s", 0):.2f}')
@@ -209,7 +222,7 @@ def register(system: System) -> None:
 
         def alerts() -> None:
             snap = system.metrics.alerts.snapshot()
-            lines = [r.as_dict() for r in system.logs.query(level='warning', limit=6)]
+            lines = notable_lines(system)
             alerts_box.clear()
             with alerts_box:
                 for a in snap['active']:
@@ -244,7 +257,8 @@ def register(system: System) -> None:
         poke_alerts = live(system, ['alerts'], alerts, every_ms=1000)
 
         def on_log(event: Event) -> None:
-            if LEVELS.index(event.data.get('level', 'debug')) >= LEVELS.index('warning'):
+            level = LEVELS.index(event.data.get('level', 'debug'))
+            if level >= LEVELS.index('error') or (level >= LEVELS.index('warning') and event.data['source'] == 'app'):
                 poke_alerts()
 
         subscribe(system, ['logs'], on_log)

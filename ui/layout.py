@@ -50,6 +50,8 @@ CSS = """
 .lap-offline { display: none !important; }
 body:has(#popup[aria-hidden="false"]) .lap-offline { display: flex !important; }
 body:has(#popup[aria-hidden="false"]) .lap-online { display: none !important; }
+.lap-wrap pre, .lap-wrap code { white-space: pre-wrap !important; word-break: break-all; }
+.nicegui-log > * { white-space: pre-wrap; word-break: break-word; }
 .lap-nav-active { background: rgba(79, 70, 229, 0.14); font-weight: 600; }
 .body--dark .lap-muted { color: #9ca3af; }
 .body--light .lap-muted { color: #6b7280; }
@@ -130,12 +132,33 @@ def call_in(client: Client, fn: Callable[[], Any]) -> None:
         log.exception('page update failed')
 
 
+TOAST_MS = {'negative': 10000, 'warning': 6000}  # others 3 s: a stack of stale "saved" toasts misleads
+TOAST_DEFAULT_MS = 3000
+
+
 def notify(client: Client, message: str, **options: Any) -> None:
     """`ui.notify` through the client, never through an element a refresh may have deleted (capture `client` with
     `context.client` before the first await)."""
     if not client.is_deleted:
+        options.setdefault('timeout', TOAST_MS.get(options.get('type', ''), TOAST_DEFAULT_MS))
         with client:
             ui.notify(message, **options)
+
+
+class Working:
+    """A toast with a spinner while a long action runs, replaced by its outcome: `done(message, type)`. Lives in the
+    client (not in the element that started it), so a redraw meanwhile does not take it away."""
+
+    def __init__(self, client: Client, message: str) -> None:
+        self.client = client
+        with client:
+            self.note = ui.notification(message, spinner=True, timeout=None)
+
+    def done(self, message: str, **options: Any) -> None:
+        if not self.client.is_deleted:
+            with self.client:
+                self.note.dismiss()
+        notify(self.client, message, **options)
 
 
 def page(system: System, path: str, title: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -177,10 +200,13 @@ def frame(system: System, title: str, path: str) -> None:
         header = Header(system)
         theme = ui.button(on_click=lambda: cycle()).props('flat color=white dense round').mark('theme-toggle')
 
+    with theme:
+        tooltip = ui.tooltip()
+
     def show_theme() -> None:
         icon, tip = THEMES[dark.value]
         theme.props(f'icon={icon}')
-        theme.tooltip(tip)
+        tooltip.set_text(tip)
         theme.props(f'aria-label="{tip}"')
 
     def cycle() -> None:

@@ -28,9 +28,11 @@ def _local_path(target: str) -> bool:
 
 
 def register(system: System) -> None:
-    @ui.page('/login')
+    @ui.page('/login', title='Sign in · Llama Async Proxy')
     def login(next: str = '/') -> None:
         target = next if _local_path(next) else '/'
+        theme = app.storage.user.get('theme')
+        ui.dark_mode(theme if theme in (None, True, False) else None)  # as the pages: the browser's choice
 
         def submit() -> None:
             if key_matches(key.value, system.config.settings.api_keys):
@@ -40,7 +42,8 @@ def register(system: System) -> None:
                 key.value = ''
                 ui.notify('That key is not one of the configured api_keys', type='negative')
 
-        with ui.card().classes('absolute-center w-96 gap-4'):
+        ui.colors(primary='#4f46e5')
+        with ui.card().classes('absolute-center w-[min(24rem,92vw)] gap-4'):
             ui.label('Llama Async Proxy').classes('text-xl font-semibold')
             ui.label('This server asks for an API key (the api_keys setting).').classes('text-gray-600')
             key = ui.input('API key', password=True, password_toggle_button=True).classes('w-full').mark('api-key')

@@ -12,7 +12,7 @@ from core.settings import ConfigInvalid
 from core.supervisor import ModelState, SupervisorError
 from ui.components.model_card import UNUSABLE, ModelCard, shown_state
 from ui.components.model_details import ModelDetails
-from ui.layout import empty, live, notify, page, subscribe
+from ui.layout import Working, empty, live, notify, page, subscribe
 
 if TYPE_CHECKING:
     from core.events import Event
@@ -82,9 +82,13 @@ def register(system: System) -> None:
             if action == 'details':
                 await details.open(model_id)
             elif action == 'load':
-                notify(client, f'Loading {model_id}…')
-                await system.scheduler.load(model_id)
-                notify(client, f'{model_id} is ready', type='positive')
+                working = Working(client, f'Loading {model_id}…')
+                try:
+                    await system.scheduler.load(model_id)
+                except BaseException:
+                    working.done(f'{model_id} did not load', type='warning')
+                    raise
+                working.done(f'{model_id} is ready', type='positive')
             elif action == 'unload':
                 await system.scheduler.unload(model_id)
                 notify(client, f'{model_id} stopped')

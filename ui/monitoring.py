@@ -82,7 +82,7 @@ def register(system: System) -> None:
                 'Latency', 'ms', lambda v: exact(v, LATENCY), label=lambda k: LATENCY.get(k, k), marker='chart-latency'
             )
             chart(
-                'Generation tokens/s',
+                "Generation throughput (tokens/s over each sample; a request's own speed: Activity)",
                 'tokens/s',
                 lambda v: pick(v, 'model.', '.generation_tokens_per_s'),
                 label=_model_label,

@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from core.proxy.activity import CLIENT_CLOSED, is_failure
+
 WINDOW_S = 60.0
 
 
@@ -40,7 +42,8 @@ def from_event(data: dict[str, Any], ts: float) -> FinishedRequest:
     code = status if isinstance(status, int) else None
     if code is None and isinstance(status, str) and status.isdigit():
         code = int(status)
-    error = bool(data.get('error')) or (code is not None and code >= 400) or (code is None and status is not None)
+    cancelled = code == CLIENT_CLOSED  # stopped by its client: not a failure
+    error = not cancelled and (bool(data.get('error')) or is_failure(code) or (code is None and status is not None))
     return FinishedRequest(
         ts=ts,
         model=str(data.get('model') or ''),

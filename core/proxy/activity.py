@@ -25,6 +25,14 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 0.5
+CLIENT_CLOSED = 499  # nginx's code for "client closed the request": a stop, recorded, never sent, not a failure
+
+
+def is_failure(status: int | None) -> bool:
+    """What counts as an error in the figures: a 4xx/5xx answer, not a request its client stopped."""
+    return status is not None and status >= 400 and status != CLIENT_CLOSED
+
+
 STATS_WINDOW_S = 60.0
 LAST_KEPT = 50
 QUERY_LIMIT = 10_000  # rows per page of a query
@@ -146,7 +154,7 @@ class Activity:
         rec.duration_s = round(time.perf_counter() - rec.t0, 4)
         if rec.status is None:
             rec.status = 500
-        error = rec.status >= 400
+        error = is_failure(rec.status)
         self.total += 1
         self.errors_total += error
         self._recent.append((time.time(), rec.duration_s, error))

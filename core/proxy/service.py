@@ -33,7 +33,7 @@ from core.auth import AuthGuard
 from core.cors import CorsGuard
 from core.frontdoor import Receive, Scope, Send
 from core.proxy import jsonio
-from core.proxy.activity import Activity, RequestRecord
+from core.proxy.activity import CLIENT_CLOSED, Activity, RequestRecord
 from core.proxy.asgi import SSE_HEADERS, ClientGone, Reply, read_body, wait_disconnect
 from core.proxy.errors import ProxyError, bad_gateway, bad_request, not_found, unavailable
 from core.proxy.routes import DROP_REQUEST_HEADERS, DROP_RESPONSE_HEADERS, ROOT_PATHS, ROUTES, RouteSpec
@@ -43,9 +43,10 @@ from core.proxy.upstream import Lost, Response, UpstreamClient, UpstreamError
 from core.supervisor.errors import ModelNotFound, ModelUnusable, NoCapacity, StartFailed
 from core.supervisor.process import Upstream
 
+MODEL_NAME_KEPT = 200  # of a model name a client asked for, in the request history
+
 log = logging.getLogger(__name__)
 
-CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; recorded, never sent
 TAIL_CHUNKS = 8  # last chunks kept to read `timings`/`usage` from once the stream ends
 MAX_LISTED_IDS = 50
 WATCH_AFTER_S = 0.002  # a disconnect is noticed this much later at most (the issue allows 100 ms)
@@ -214,10 +215,13 @@ class Proxy:
         body = await read_body(scope, receive, self.config.settings.max_body_bytes)
         if model_in_path is None:
             data = _parse_json(body)
-            entry = self._resolve(data.get('model'))
+            asked = data.get('model')
+            rec.model = asked[:MODEL_NAME_KEPT] if isinstance(asked, str) else None  # a failure names what was asked
+            entry = self._resolve(asked)
             stream = bool(data.get('stream'))
             body, assemble = self._upstream_body(body, data, spec, entry.id, stream)
         else:
+            rec.model = model_in_path[:MODEL_NAME_KEPT]
             entry = self.library.get(model_in_path)
             if entry is None:
                 raise self._unknown_model(model_in_path)
@@ -474,7 +478,7 @@ def _record_end(
         objs = json_usage(tail)
         _record_usage(rec, objs)
         timings = next((o['timings'] for o in objs if isinstance(o.get('timings'), dict)), {})
-    if not is_sse and rec.ttft_s is None and first_s:
+    if not is_sse and rec.ttft_s is None and first_s and status < 400:  # an error has no first token
         generating_ms = timings.get('predicted_ms')
         if (timings.get('predicted_n') or 0) > 0 and isinstance(generating_ms, (int, float)):
             rec.ttft_s = round(max(sent_s, first_s - generating_ms / 1000), 4)

@@ -34,7 +34,7 @@ class Header:
         self.system = system
         with ui.row().classes('items-center gap-2 flex-nowrap overflow-hidden min-w-0'):
             self.binary = ui.badge().props('outline').classes('text-white gt-xs').mark('binary-status')
-            self.models = Chip('storage', 'chip-models', 'Models loaded / found')
+            self.models = Chip('storage', 'chip-models', 'Models loaded / usable models found')
             self.cpu = Chip('memory', 'chip-cpu', 'CPU, all cores')
             self.ram = Chip('developer_board', 'chip-ram', 'RAM in use')
             self.ram.row.classes('gt-xs')
@@ -52,7 +52,7 @@ class Header:
         if self.binary.text != text:
             self.binary.set_text(text)
             self.binary.props(f'color={"negative" if b is None else "positive"}')
-        found = self.system.library.models()
+        found = [e for e in self.system.library.models() if not e.error]  # an unusable file never loads
         loaded = sum(1 for e in found if self.system.scheduler.describe(e.id).get('status') == ModelState.READY)
         self.models.set(f'{loaded} / {len(found)}')
         sample = self.system.metrics.latest or {}

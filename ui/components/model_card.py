@@ -104,7 +104,9 @@ class ModelCard:
                 load.mark(f'load-{mid}').set_enabled(state != ModelState.STOPPING)
             ui.button(icon='push_pin', on_click=lambda: on_action('unpin' if pinned else 'pin', mid)).props(
                 f'flat dense round {"color=primary" if pinned else "color=grey"}'
-            ).tooltip('Unpin' if pinned else 'Pin: never evict for another model').mark(f'pin-{mid}')
+            ).tooltip('Unpin' if pinned else 'Pin: never evict for another model').mark(f'pin-{mid}').props(
+                f'aria-label="{"Unpin" if pinned else "Pin"} {mid}" aria-pressed={str(pinned).lower()}'
+            )
             ui.button('Details', icon='tune', on_click=lambda: on_action('details', mid)).props('flat dense').mark(
                 f'details-{mid}'
             )

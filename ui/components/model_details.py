@@ -172,7 +172,7 @@ class ModelDetails:
                 ui.label('The port is picked free at each start (shown as 0); the key file holds a fresh key.').classes(
                     'text-sm lap-muted'
                 )
-                ui.code(text, language='bash').classes('w-full text-xs').mark('command-line')
+                ui.code(text, language='bash').classes('w-full text-xs lap-wrap').mark('command-line')
             else:
                 ui.label(text).classes('text-red-600').mark('command-line')
 

@@ -102,10 +102,11 @@ class ParamEditor:
         label = label_of(name)
         element: Any
         if kind in ('int', 'float'):
-            extra: dict[str, Any] = {'precision': 0, 'step': 1} if kind == 'int' else {}
-            extra.update(_bounds(name))
-            element = ui.number(label, value=value, **extra).props('clearable')
-            element.props['hint'] = f'{help_text} ({hint})'
+            # No min/max/precision on the input: Quasar would change what was typed (-5 to 0, 1.5 to 2) instead of
+            # letting the core's validation say what is wrong, on this field.
+            element = ui.number(label, value=value, step=1 if kind == 'int' else None).props('clearable')
+            limits = ', '.join(f'{k} {v:g}' for k, v in _bounds(name).items())
+            element.props['hint'] = f'{help_text} ({hint}{"; " + limits if limits else ""})'
         elif kind in ('bool', 'choice'):
             options = {INHERIT: f'{INHERIT}: {_shown(inherited, kind) or "default"}'}
             if kind == 'bool':
