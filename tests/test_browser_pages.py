@@ -97,32 +97,6 @@ async def settle(page: Any) -> None:
     await page.wait_for_function('window.socket && window.socket.connected')
 
 
-async def test_every_page_in_light_dark_and_phone_without_console_errors(shop: AppProcess, browser: Any) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    for scheme, width, height, tag in (
-        ('light', 1440, 900, 'light'),
-        ('dark', 1440, 900, 'dark'),
-        ('light', 390, 844, 'phone'),
-    ):
-        page, console = await new_page(browser, width, height, scheme)
-        for name, (path, title) in PAGES.items():
-            await page.goto(shop.base_url + path)
-            await settle(page)
-            assert await page.title() == f'{title} · Llama Async Proxy'
-            body = await page.get_attribute('body', 'class') or ''
-            assert f'body--{scheme}' in body  # the theme follows the system while set to auto
-            nav = page.locator('.q-drawer a[aria-current=page]')
-            if tag == 'phone':
-                assert not await page.locator('.q-drawer').is_visible()  # the drawer starts closed on a phone
-                width_px = await page.evaluate('document.documentElement.scrollWidth')
-                assert width_px <= width + 1, f'{name} scrolls sideways at {width} px: {width_px}'
-            else:
-                assert (await nav.inner_text()).splitlines()[-1] == title  # after the icon's ligature name
-            await page.screenshot(path=str(ARTIFACTS / f'{name}-{tag}.png'), full_page=True)
-        assert not console.unexpected(), console.errors
-        await page.context.close()
-
-
 async def test_theme_toggle_is_remembered_per_browser(shop: AppProcess, browser: Any) -> None:
     page, console = await new_page(browser, scheme='light')
     await page.goto(shop.base_url + '/models')
@@ -280,3 +254,30 @@ async def test_a_bad_settings_value_shows_its_field_error_and_saves_nothing(shop
     assert (shop.config_path.read_text() if shop.config_path.exists() else None) == before
     await page.screenshot(path=str(ARTIFACTS / 'settings-error-phone.png'))
     assert not console.unexpected(), console.errors
+
+
+# Last: by now the history, the charts and the logs hold what the tests above did, as a user's would.
+async def test_every_page_in_light_dark_and_phone_without_console_errors(shop: AppProcess, browser: Any) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    for scheme, width, height, tag in (
+        ('light', 1440, 900, 'light'),
+        ('dark', 1440, 900, 'dark'),
+        ('light', 390, 844, 'phone'),
+    ):
+        page, console = await new_page(browser, width, height, scheme)
+        for name, (path, title) in PAGES.items():
+            await page.goto(shop.base_url + path)
+            await settle(page)
+            assert await page.title() == f'{title} · Llama Async Proxy'
+            body = await page.get_attribute('body', 'class') or ''
+            assert f'body--{scheme}' in body  # the theme follows the system while set to auto
+            nav = page.locator('.q-drawer a[aria-current=page]')
+            if tag == 'phone':
+                assert not await page.locator('.q-drawer').is_visible()  # the drawer starts closed on a phone
+                width_px = await page.evaluate('document.documentElement.scrollWidth')
+                assert width_px <= width + 1, f'{name} scrolls sideways at {width} px: {width_px}'
+            else:
+                assert (await nav.inner_text()).splitlines()[-1] == title  # after the icon's ligature name
+            await page.screenshot(path=str(ARTIFACTS / f'{name}-{tag}.png'), full_page=True)
+        assert not console.unexpected(), console.errors
+        await page.context.close()

@@ -82,3 +82,48 @@ def ui_plotly() -> type:
     from nicegui import ui
 
     return ui.plotly
+
+
+FAKE_GPU = {  # NVML's answer as core/gpu.status() shapes it; no machine here has a GPU to read
+    'available': True,
+    'message': None,
+    'reason': None,
+    'driver_version': '550.54',
+    'gpus': [
+        {
+            'index': 0,
+            'name': 'NVIDIA Test 24GB',
+            'utilization_pct': 37.0,
+            'memory_used_bytes': 6 * 2**30,
+            'memory_total_bytes': 24 * 2**30,
+            'memory_used_pct': 25.0,
+            'temperature_c': 61.0,
+            'power_draw_w': 142.0,
+            'processes': [],
+            'pids': [],
+        }
+    ],
+}
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch, fast_sampler: Path) -> None:
+    import copy
+
+    from core import gpu
+
+    monkeypatch.setattr(gpu, 'status', lambda: copy.deepcopy(FAKE_GPU))
+
+
+async def test_a_gpu_gets_a_dashboard_card_and_monitoring_charts(fake_gpu: None, user: User) -> None:
+    await user.open('/')
+    system = app.state.system
+    await wait_for(lambda: system.metrics.samples_taken >= 1, deadline_s=20)
+    card = await wait_for(lambda: user.find(marker='kpi-gpu-0').elements)
+    assert card.pop().text == '37 %'
+    await user.should_see('6.0 GiB / 24.0 GiB · 61 °C · 142 W')
+    await user.should_see('GPU 0 · NVIDIA Test 24GB')
+    await user.open('/monitoring')
+    await user.should_see('GPUs: NVIDIA Test 24GB')
+    titles = [p.figure['layout'].get('title', {}).get('text') for p in user.find(ui_plotly()).elements]
+    assert {'GPU utilization', 'GPU memory used', 'GPU temperature', 'GPU power'} <= set(titles)

@@ -252,7 +252,8 @@ def register(system: System) -> None:
         requests()
 
         subscribe(system, ['metrics'], lambda e: show(e.data))
-        live(system, ['models', 'metrics'], loaded_models, every_ms=1000)
+        live(system, ['models'], loaded_models, every_ms=100)  # ready on screen within 100 ms (bench/ui_load.py)
+        live(system, ['metrics'], loaded_models, every_ms=1000)  # uptime and RSS
         live(system, ['requests'], requests, every_ms=500)
         poke_alerts = live(system, ['alerts'], alerts, every_ms=1000)
 

@@ -51,7 +51,18 @@ CSS = """
 body:has(#popup[aria-hidden="false"]) .lap-offline { display: flex !important; }
 body:has(#popup[aria-hidden="false"]) .lap-online { display: none !important; }
 .lap-wrap pre, .lap-wrap code { white-space: pre-wrap !important; word-break: break-all; }
-.nicegui-log > * { white-space: pre-wrap; word-break: break-word; }
+.nicegui-log .q-scrollarea__content { white-space: pre-wrap; word-break: break-word; }
+.nicegui-log .q-scrollarea__content > * { width: 100%; }
+/* Chat bubbles in the app's colours, readable in both themes (Quasar paints a bubble with currentColor). */
+.body--light .q-message-text--received { color: #eef2ff; }
+.body--light .q-message-text-content--received { color: #111827; }
+.body--light .q-message-text--sent { color: #e5e7eb; }
+.body--dark .q-message-text--received { color: #262a40; }
+.body--dark .q-message-text-content--received { color: #e5e7eb; }
+.body--dark .q-message-text--sent { color: #3730a3; }
+.body--dark .q-message-text-content--sent { color: #f9fafb; }
+.body--dark .text-red-600 { color: #f87171; }
+.body--dark .text-amber-600 { color: #fbbf24; }
 .lap-nav-active { background: rgba(79, 70, 229, 0.14); font-weight: 600; }
 .body--dark .lap-muted { color: #9ca3af; }
 .body--light .lap-muted { color: #6b7280; }
@@ -218,7 +229,9 @@ def frame(system: System, title: str, path: str) -> None:
     show_theme()
     with ui.element('div').classes('lap-offline w-full justify-center py-1 bg-amber-300 text-black text-sm'):
         ui.label('Connection lost, reconnecting…').mark('reconnecting')
-    with ui.left_drawer(value=None, bordered=True).props('width=220 breakpoint=1024') as drawer:
+    # Closed, and opened by Quasar itself on a wide screen (show-if-above), which tells the server. NiceGUI's own
+    # value=None asks the browser on every connect with a 1 s timeout that, on a busy machine, logs an ERROR.
+    with ui.left_drawer(value=False, bordered=True).props('width=220 breakpoint=1024 show-if-above') as drawer:
         with ui.column().classes('gap-1 w-full'):
             for label, target, icon in NAV:
                 active = target == path
@@ -233,7 +246,8 @@ def frame(system: System, title: str, path: str) -> None:
                         row.classes('lap-nav-active')
                     ui.icon(icon).classes('text-indigo-500')
                     ui.label(label)
-    live(system, ['metrics', 'models'], header.update, every_ms=1000)
+    live(system, ['models'], header.update, every_ms=100)  # a state change shows at once
+    live(system, ['metrics'], header.update, every_ms=1000)
 
 
 def fact(label: str, value: str) -> None:
