@@ -184,8 +184,8 @@ async def test_monitoring_endpoints(system_factory, models_dir: Path) -> None:
         assert alerts['active'] == [] and alerts['rules']['ram_pct'] == 90
 
 
-async def test_proxy_request_events_feed_figures_and_histograms(system_factory) -> None:
-    system = await system_factory(metrics_interval=60)
+async def test_proxy_request_events_feed_figures_and_histograms(system_factory, models_dir, tiny_model) -> None:
+    system = await system_factory(metrics_interval=60, models_dirs=[models_dir])  # labels name known models only
     for status, duration in ((200, 0.2), (200, 0.4), (502, 1.5)):
         system.bus.publish(
             'requests',
@@ -261,3 +261,19 @@ def test_request_figures_cover_the_last_minute_only() -> None:
     assert s['p50_latency_ms'] == pytest.approx(250)
     assert s['requests_total'] == 800 and s['errors_total'] == 1 and s['in_flight'] == 2
     assert stats.summary(None, now=t0 + 200)['requests_last_minute'] == 0
+
+
+async def test_made_up_model_names_get_no_metrics_series_but_stay_in_the_history(make_served) -> None:
+    """A failed request's row names the model it asked for; /metrics labels it `(unknown)`, so a client sending
+    random names cannot grow the exposition (and the server's memory) without bound."""
+    async with await make_served() as served, served.client() as client:
+        for i in range(5):
+            body = {'model': f'=made-up-{i}', 'messages': [{'role': 'user', 'content': 'hi'}]}
+            assert (await client.post('/v1/chat/completions', json=body)).status_code == 404
+        served.system.proxy.activity.flush()
+        text = (await client.get('/metrics')).text
+        rows = (await client.get('/api/requests', params={'status': 'error'})).json()['requests']
+        csv_text = (await client.get('/api/requests/export', params={'format': 'csv'})).text
+    assert 'made-up' not in text and 'model="(unknown)"' in text
+    assert sorted(r['model'] for r in rows) == [f'=made-up-{i}' for i in range(5)]
+    assert "'=made-up-0" in csv_text and '\n=made-up' not in csv_text and ',=made-up' not in csv_text  # no formula

@@ -157,3 +157,17 @@ async def test_parameter_editor_saves_restarts_only_on_a_changed_command_line_an
     # Reset to defaults removes the overrides.
     user.find(marker='params-reset').click()
     await wait_for(lambda: 'tiny-llama' not in system.config.settings.models, deadline_s=30)
+
+
+async def test_a_file_name_with_quotes_is_text_never_a_prop(shelf: Path, user: User) -> None:
+    """Quasar props parsed from a string would turn `" :title="...` into a bound prop that the browser evaluates:
+    the file name shows as text, and no element carries a bound (`:`) prop."""
+    evil = 'evil" :title="alert(1)'
+    shutil.copy(shelf / 'tiny-llama.gguf', shelf / f'{evil}.gguf')
+    await _open_with_models(user, 4)
+    await user.should_see(evil)
+    assert user.client is not None
+    elements = list(user.client.elements.values())
+    labels = [e.props.get('aria-label') for e in elements if e.props.get('aria-label')]
+    assert 'Pin evil-title-alert-1' in labels, labels  # the library's id for it: quotes and spaces never reach one
+    assert not [(e, k) for e in elements for k in e.props if k.startswith(':')]

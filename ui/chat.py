@@ -345,9 +345,10 @@ class ChatPage:
             drawn = 0.0
             async for turn in chat_stream(self.system.proxy.handle_v1, body):
                 now = time.perf_counter()
-                if now - drawn >= DRAW_EVERY_S:
-                    drawn = now
-                    self.show(view, turn, sent_at, now)
+                if now >= drawn:
+                    took = await view.prerender(turn.content, turn.reasoning)
+                    drawn = now + max(DRAW_EVERY_S, 4 * took)  # a long reply redraws less often, not slower
+                    self.show(view, turn, sent_at, time.perf_counter())
             if turn is not None and turn.error:
                 entry['error'], outcome = turn.error, ERROR
             elif turn is None:

@@ -155,13 +155,14 @@ def register(system: System) -> None:
             }
             k_loaded.set(f'{sum(1 for st in states.values() if st == ModelState.READY)} / {len(states)}')
             proxy = sample.get('proxy') or {}
-            k_rps.set(f'{proxy.get("requests_per_s", 0):.2f}')
+            rps = proxy.get('requests_per_s')
+            k_rps.set(f'{rps:.2f}' if isinstance(rps, (int, float)) else DASH)
             p = proxy.get('p50_latency_ms')
             k_p50.set(DASH if p is None else f'{p:.0f} ms')
-            k_inflight.set(str(proxy.get('in_flight') or 0))
+            k_inflight.set(count(proxy.get('in_flight')))
             gen = generation_total(sample)
             k_gen.set(DASH if gen is None else f'{gen:.1f}')
-            k_errors.set(str(proxy.get('errors_last_minute') or 0))
+            k_errors.set(count(proxy.get('errors_last_minute')))
             sysd = sample.get('system') or {}
             k_cpu.set(pct(sysd.get('cpu_pct')))
             k_ram.set(pct(sysd.get('ram_pct')), human_bytes(sysd.get('ram_used_bytes')))

@@ -96,14 +96,36 @@ def live(system: System, topics: Iterable[str], redraw: Callable[[], Any], every
     Event-driven rather than a polling timer: an idle page costs nothing, and a burst of events is one redraw."""
     client = context.client
     loop = asyncio.get_running_loop()
-    pending: dict[str, Any] = {'handle': None, 'last': -1e9}
+    # busy: an async redraw is still running; again: something fired meanwhile (one more redraw after it, not a
+    # second one alongside it: each would read core again, e.g. free memory in a thread)
+    pending: dict[str, Any] = {'handle': None, 'last': -1e9, 'busy': False, 'again': False}
 
     def run() -> None:
         pending['handle'] = None
         if client.is_deleted:
             return
+        if pending['busy']:
+            pending['again'] = True
+            return
         pending['last'] = loop.time()
-        call_in(client, redraw)
+        if not inspect.iscoroutinefunction(redraw):
+            call_in(client, redraw)
+            return
+        pending['busy'] = True
+
+        async def go() -> None:
+            try:
+                with client:
+                    await redraw()
+            except Exception:
+                log.exception('page update failed')
+            finally:
+                pending['busy'] = False
+                if pending['again']:
+                    pending['again'] = False
+                    poke()
+
+        background_tasks.create(go(), name='page update')
 
     def poke(_event: Event | None = None) -> None:
         if pending['handle'] is not None or client.is_deleted:
@@ -218,7 +240,8 @@ def frame(system: System, title: str, path: str) -> None:
         icon, tip = THEMES[dark.value]
         theme.props(f'icon={icon}')
         tooltip.set_text(tip)
-        theme.props(f'aria-label="{tip}"')
+        theme.props['aria-label'] = tip
+        theme.update()
 
     def cycle() -> None:
         order = [None, False, True]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from nicegui import ui
+from nicegui import context, ui
 
 from core.logs import LEVELS, file_name
 from ui.components.log_view import MAX_LINES, LogView
-from ui.layout import page, subscribe
+from ui.layout import notify, page, subscribe
 
 if TYPE_CHECKING:
     from core.events import Event
@@ -57,8 +57,15 @@ def register(system: System) -> None:
         view = LogView()
 
         async def download(src: str) -> None:
-            data = await asyncio.to_thread(system.logs.read_all, src)
-            ui.download(data, file_name(src), 'text/plain')
+            client = context.client
+            try:
+                data = await asyncio.to_thread(system.logs.read_all, src)
+            except OSError as e:
+                notify(client, f'Cannot read the {src} log: {e}', type='negative')
+                return
+            if not client.is_deleted:
+                with client:
+                    ui.download(data, file_name(src), 'text/plain')
 
         def filters() -> dict[str, Any]:
             return {

@@ -85,8 +85,11 @@ def register(system: System) -> None:
                 working = Working(client, f'Loading {model_id}…')
                 try:
                     await system.scheduler.load(model_id)
+                except SupervisorError as e:
+                    working.done(f'load {model_id} failed: {e}', type='negative', multi_line=True)
+                    return
                 except BaseException:
-                    working.done(f'{model_id} did not load', type='warning')
+                    working.done(f'{model_id} did not load')
                     raise
                 working.done(f'{model_id} is ready', type='positive')
             elif action == 'unload':

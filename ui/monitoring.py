@@ -109,8 +109,14 @@ def register(system: System) -> None:
             else:
                 gpu_note.set_text(g.get('message') or 'no NVIDIA GPU detected')
 
+        loads = {'n': 0}
+
         async def load(win: str) -> None:
+            loads['n'] += 1
+            mine = loads['n']
             history = await system.metrics.history_query(win, None)
+            if mine != loads['n']:  # the window was changed again meanwhile: that answer is the one to draw
+                return
             series = history['series']
             for c, select in charts:
                 c.max_points = max(300, WINDOW_S[win] // max(1, int(system.config.settings.metrics_interval)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -22,6 +23,8 @@ from core.metrics.history import History, flatten
 from core.metrics.host import HostSampler
 from core.metrics.llama import LlamaScraper
 from core.metrics.requests import RequestStats, from_event
+
+UNKNOWN_MODEL = '(unknown)'  # the metrics label of a request for a model that does not exist
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +191,10 @@ class MetricsService:
         while self._finished:
             data, ts = self._finished.popleft()
             req = from_event(data, ts)
+            if req.model and self.library is not None and self.library.get(req.model) is None:
+                # A failed request keeps the name it asked for in its row; as a metrics label every made-up name
+                # would be a new series, kept forever.
+                req = dataclasses.replace(req, model=UNKNOWN_MODEL)
             self.requests.add(req)
             self.exposition.observe(req)
 

@@ -6,6 +6,7 @@ only the event, never the proxy, so the two stay independent.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import deque
@@ -106,5 +107,5 @@ class RequestStats:
 
 
 def _p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    ordered = sorted(values)  # nearest rank: the smallest value with at least 95 % of them at or below it
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]

@@ -35,6 +35,7 @@ def is_failure(status: int | None) -> bool:
 
 STATS_WINDOW_S = 60.0
 LAST_KEPT = 50
+FACETS = ('model', 'route', 'status')
 QUERY_LIMIT = 10_000  # rows per page of a query
 EXPORT_LIMIT = 1_000_000  # an export is bounded by `requests_keep` in practice; this only caps a runaway setting
 
@@ -103,7 +104,9 @@ class Activity:
         self.bus = bus
         self._keep = keep  # callable: rows to keep (read live from settings)
         self._inflight: dict[str, RequestRecord] = {}
-        self._pending: list[tuple[Any, ...]] = []
+        # Appended on the loop, drained by `flush` in a thread: deque's append and popleft are atomic, so no row is
+        # dropped between the two (swapping a list is not: an append can land in the list just written).
+        self._pending: deque[tuple[Any, ...]] = deque()
         self._ids = itertools.count(1)
         self._prefix = f'{int(time.time()):x}{os.getpid() % 0xFFFF:04x}'
         self._recent: deque[tuple[float, float, bool]] = deque(maxlen=10_000)  # (finish ts, duration, error)
@@ -113,6 +116,7 @@ class Activity:
         self._flusher: asyncio.Task[None] | None = None
         # A read's flush waits for one already writing in another thread, so it never misses rows in transit.
         self._flush_lock = threading.Lock()
+        self._facets: dict[str, set[Any]] | None = None  # filter choices, read once (see `facets`)
         self._schema_ready = False
         self._ensure_schema()  # pages may ask for recent requests before the app has finished starting
 
@@ -160,6 +164,10 @@ class Activity:
         self._recent.append((time.time(), rec.duration_s, error))
         row = rec.as_dict()
         self._pending.append(tuple(row.values()))  # as_dict() follows COLUMNS
+        if self._facets is not None:
+            for name in FACETS:
+                if row[name] is not None:
+                    self._facets[name].add(row[name])
         self._last.append(row)
         self.bus.publish('requests', 'finished', row)
 
@@ -185,19 +193,24 @@ class Activity:
     # ---- storage -------------------------------------------------------------------------------------------
     def flush(self) -> None:
         with self._flush_lock:
-            # The swap is safe from a thread: a row the loop appends meanwhile lands in either list, never neither.
-            rows, self._pending = self._pending, []
-            if not rows:
-                return
-            try:
-                self._ensure_schema()
-                self.store.executemany(_INSERT, rows)
-                keep = int(self._keep())
-                self.store.execute(
-                    'DELETE FROM proxy_requests WHERE rowid <= (SELECT MAX(rowid) FROM proxy_requests) - ?', (keep,)
-                )
-            except Exception:
-                log.exception('writing %d request rows failed', len(rows))
+            self.flush_unlocked()
+
+    def flush_unlocked(self) -> None:
+        """`flush` for a caller that holds `_flush_lock`."""
+        rows = []
+        while self._pending:
+            rows.append(self._pending.popleft())
+        if not rows:
+            return
+        try:
+            self._ensure_schema()
+            self.store.executemany(_INSERT, rows)
+            keep = int(self._keep())
+            self.store.execute(
+                'DELETE FROM proxy_requests WHERE rowid <= (SELECT MAX(rowid) FROM proxy_requests) - ?', (keep,)
+            )
+        except Exception:
+            log.exception('writing %d request rows failed', len(rows))
 
     async def _flush_loop(self) -> None:
         while True:
@@ -234,10 +247,16 @@ class Activity:
         return [_row(r) for r in rows], total
 
     def facets(self) -> dict[str, list[Any]]:
-        """The models, routes and statuses that occur in the history (for filter choices). Blocking."""
-        self.flush()
-        sql = 'SELECT DISTINCT {0} FROM proxy_requests WHERE {0} IS NOT NULL ORDER BY 1'
-        return {name: [r[0] for r in self.store.query(sql.format(name))] for name in ('model', 'route', 'status')}
+        """The models, routes and statuses that occur in the history (for filter choices). Blocking the first time:
+        read from SQLite once, then kept up to date by `finish` (every Activity page asks on each redraw, and three
+        DISTINCT scans of the table each time would hold the store's lock against the writer)."""
+        with self._flush_lock:
+            if self._facets is None:
+                self.flush_unlocked()
+                sql = 'SELECT DISTINCT {0} FROM proxy_requests WHERE {0} IS NOT NULL'
+                self._facets = {name: {r[0] for r in self.store.query(sql.format(name))} for name in FACETS}
+            # list() of a set is one C call under the GIL: safe against `finish` adding on the loop meanwhile
+            return {name: sorted(list(values)) for name, values in self._facets.items()}
 
     def export(self, fmt: str, **filters: Any) -> bytes:
         """Every finished request matching `filters` (model, status, route, since, until), newest first, as `csv`
@@ -258,7 +277,7 @@ class Activity:
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator='\n')
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
         return out.getvalue().encode()
 
     # ---- counters ------------------------------------------------------------------------------------------
@@ -293,8 +312,8 @@ def _where(
             args.append(value)
     if status == 'ok':
         where.append('status < 400')
-    elif status == 'error':
-        where.append('status >= 400')
+    elif status == 'error':  # failures, as the figures count them: a stop by its client (499) is not one
+        where.append(f'status >= 400 AND status != {CLIENT_CLOSED}')
     elif status:
         where.append('status = ?')
         args.append(int(status))
@@ -321,3 +340,11 @@ def _started(rec: RequestRecord) -> dict[str, Any]:
         'method': rec.method,
         'stream': rec.stream,
     }
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: model names and errors come from clients, and a cell starting
+    with = + - @ (or a tab/CR) is a formula to Excel and LibreOffice."""
+    if isinstance(value, str) and value[:1] in ('=', '+', '-', '@', '\t', '\r'):
+        return "'" + value
+    return value

@@ -270,14 +270,14 @@ class Scheduler:
         once. Stopped models use the new values when they next start. Returns model ids by outcome."""
         async with self._apply_lock:
             if self._stopping:
-                return {ModelState.RESTARTING: [], 'unchanged': [], 'kept_invalid': []}
+                return {'restarting': [], 'unchanged': [], 'kept_invalid': []}
             return await self._apply()
 
     async def _apply(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {ModelState.RESTARTING: [], 'unchanged': [], 'kept_invalid': []}
+        out: dict[str, list[str]] = {'restarting': [], 'unchanged': [], 'kept_invalid': []}
         for model_id in list(self._restarts):  # mid-swap: the new server is compared again once it is up
             self._stale.add(model_id)
-            out[ModelState.RESTARTING].append(model_id)
+            out['restarting'].append(model_id)
         for proc, params, plan, error in await self._compare(self.settings):
             info = proc.launch_info
             assert info is not None
@@ -289,7 +289,7 @@ class Scheduler:
                 info.params = params
                 out['unchanged'].append(proc.model_id)
                 continue
-            out[ModelState.RESTARTING].append(proc.model_id)
+            out['restarting'].append(proc.model_id)
             why = _launch_diff(info.signature, plan.signature)
             task = asyncio.create_task(self._restart(proc, why), name=f'restart {proc.model_id}')
             self._restarts[proc.model_id] = task
@@ -301,7 +301,7 @@ class Scheduler:
             entry = self.library.get(name)
             if name in self._preloaded or entry is None or self._proc(entry.id).state != ModelState.STOPPED:
                 continue
-            out.setdefault(ModelState.STARTING, []).append(entry.id)
+            out.setdefault('starting', []).append(entry.id)
             self._spawn_task(self._preload(entry.id))
         self._preloaded = {name for name in preloads if self.library.get(name) is not None}  # the rest: once found
         return out
@@ -333,7 +333,7 @@ class Scheduler:
 
     async def preview(self, settings: Any) -> dict[str, list[str]]:
         """What `apply_config` would do if `settings` were in force; nothing is changed."""
-        out: dict[str, list[str]] = {ModelState.RESTARTING: [], 'unchanged': [], 'kept_invalid': []}
+        out: dict[str, list[str]] = {'restarting': [], 'unchanged': [], 'kept_invalid': []}
         for proc, _params, plan, _error in await self._compare(settings):
             assert proc.launch_info is not None
             key = 'kept_invalid' if plan is None else 'unchanged'

@@ -76,8 +76,9 @@ class ModelCard:
                 with ui.column().classes('gap-1 w-full').mark(f'failure-{mid}'):
                     ui.label(str(live['error'])).classes('text-sm text-red-600 whitespace-pre-wrap break-all')
                     if failure_log:
-                        ui.code('\n'.join(failure_log[-LOG_LINES_ON_FAILURE:]), language='text').classes(
-                            'w-full text-xs'
+                        # A label, not ui.code: each ui.code runs a server timer, and cards are redrawn often.
+                        ui.label('\n'.join(failure_log[-LOG_LINES_ON_FAILURE:])).classes(
+                            'w-full text-xs font-mono whitespace-pre-wrap break-all p-2 rounded bg-gray-500/10'
                         )
             self._facts(entry)
             if fit is not None:
@@ -105,8 +106,8 @@ class ModelCard:
             ui.button(icon='push_pin', on_click=lambda: on_action('unpin' if pinned else 'pin', mid)).props(
                 f'flat dense round {"color=primary" if pinned else "color=grey"}'
             ).tooltip('Unpin' if pinned else 'Pin: never evict for another model').mark(f'pin-{mid}').props(
-                f'aria-label="{"Unpin" if pinned else "Pin"} {mid}" aria-pressed={str(pinned).lower()}'
-            )
+                f'aria-pressed={str(pinned).lower()}'
+            ).props['aria-label'] = f'{"Unpin" if pinned else "Pin"} {mid}'  # a dict item: a file name is not parsed
             ui.button('Details', icon='tune', on_click=lambda: on_action('details', mid)).props('flat dense').mark(
                 f'details-{mid}'
             )

@@ -10,7 +10,7 @@ from nicegui import context, ui
 
 from core import parameters
 from core.settings import ConfigInvalid
-from core.supervisor import SupervisorError
+from core.supervisor import ModelState, SupervisorError
 from ui.components.log_view import LogView
 from ui.components.param_editor import ParamEditor
 from ui.format import DASH, human_bytes, uptime
@@ -135,24 +135,30 @@ class ModelDetails:
     async def save(self, model_id: str, reset: bool = False) -> None:
         client = context.client
         assert self.editor is not None
-        body = {} if reset else self.editor.body()
+        editor = self.editor  # the dialog may open on another model while this saves
+        body = {'request': None} if reset else editor.body()
         try:
             applied = await parameters.save_model(self.system, model_id, body)
+        except KeyError:
+            notify(client, f'{model_id} is gone (its file was removed)', type='warning')
+            return
         except ConfigInvalid as e:
-            first = self.editor.show_errors([(x.field, x.message) for x in e.errors])
+            first = editor.show_errors([(x.field, x.message) for x in e.errors])
             if first is not None:
                 first.run_method('focus')
             message = '; '.join(f'{x.field}: {x.message}' for x in e.errors)
             notify(client, f'Not saved: {message}', type='negative', multi_line=True)
             return
-        self.editor.clear_errors()
+        editor.clear_errors()
         text = 'Parameters saved.'
         if model_id in applied.get('restarting', []):
             text += ' The running server restarts with the new command line.'
-        elif self.system.scheduler.describe(model_id).get('status') == 'ready':
+        elif self.system.scheduler.describe(model_id).get('status') == ModelState.READY:
             text += ' The command line is unchanged: the running server keeps running.'
         notify(client, text, type='positive')
-        if reset and self.model_id == model_id:
+        if self.model_id != model_id:
+            return
+        if reset:
             await self.open(model_id)
         else:
             await self.show_command()
@@ -160,14 +166,17 @@ class ModelDetails:
     async def show_command(self) -> None:
         if self.command is None or self.model_id is None:
             return
+        box, model_id = self.command, self.model_id
         try:
-            argv = await self.system.scheduler.command_line(self.model_id)
+            argv = await self.system.scheduler.command_line(model_id)
         except SupervisorError as e:
             text, ok = f'Cannot start with these parameters: {e}', False
         else:
             text, ok = shlex.join(argv), True
-        self.command.clear()
-        with self.command:
+        if box.is_deleted or self.model_id != model_id:  # another model's details were opened meanwhile
+            return
+        box.clear()
+        with box:
             if ok:
                 ui.label('The port is picked free at each start (shown as 0); the key file holds a fresh key.').classes(
                     'text-sm lap-muted'

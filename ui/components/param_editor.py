@@ -129,7 +129,9 @@ class ParamEditor:
     def body(self) -> dict[str, Any]:
         """The overrides as typed in: only fields with a value (empty = inherit). Unparseable text is passed on as
         text, so the core's validation names the field."""
-        out: dict[str, Any] = {}
+        # `request` always goes: left out, the core would keep the saved block (what an API caller wants), so an
+        # emptied field could never clear it.
+        out: dict[str, Any] = {'request': None}
         for name, element in self.inputs.items():
             kind, raw = self.kinds[name], element.value
             if raw in (None, '', INHERIT):
