@@ -171,3 +171,38 @@ async def test_a_file_name_with_quotes_is_text_never_a_prop(shelf: Path, user: U
     labels = [e.props.get('aria-label') for e in elements if e.props.get('aria-label')]
     assert 'Pin evil-title-alert-1' in labels, labels  # the library's id for it: quotes and spaces never reach one
     assert not [(e, k) for e in elements for k in e.props if k.startswith(':')]
+
+
+@pytest.fixture
+def refused_value(shelf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value llama-server itself refuses (the flag exists, so the launch policy lets it through)."""
+    monkeypatch.setenv('LAP_RESTART_BACKOFF', '0.05')  # its retries, quickly, before it gives up
+    bad = {'models': {'tiny-llama': {'extra_args': ['--rope-scaling', 'sideways']}}}
+    Path(os.environ['LAP_CONFIG']).write_text(json.dumps(bad))
+
+
+async def test_a_failed_load_shows_its_reason_and_the_last_log_lines(
+    refused_value: None, user: User, caplog: pytest.LogCaptureFixture
+) -> None:
+    await _open_with_models(user)
+    system = app.state.system
+    user.find(marker='load-tiny-llama').click()
+    await user.should_see('load tiny-llama failed', retries=100)  # one toast, with the reason
+    await wait_for(lambda: system.scheduler.describe('tiny-llama')['status'] == 'failed', deadline_s=30)
+
+    def failure_texts() -> list[str]:
+        try:
+            found = user.find(marker='failure-tiny-llama').elements
+        except AssertionError:  # not drawn yet
+            return []
+        return [e.text for box in found for e in box.descendants() if hasattr(e, 'text')]
+
+    error = system.scheduler.describe('tiny-llama')['error']
+    texts = await wait_for(lambda: (t := failure_texts()) and t[0] == error and t, deadline_s=10)  # the final reason
+    assert 'giving up' in texts[0] and any('rope' in t.lower() for t in texts[1:]), texts  # and llama-server's lines
+    await user.should_see(marker='load-tiny-llama')  # it can be tried again
+    records = caplog.get_records('call')  # the one ERROR this test causes: the supervisor giving up
+    expected = [r for r in records if r.levelname == 'ERROR' and 'giving up' in r.getMessage()]
+    assert expected
+    for r in expected:
+        records.remove(r)
