@@ -199,7 +199,8 @@ async def test_a_failed_load_shows_its_reason_and_the_last_log_lines(
 
     error = system.scheduler.describe('tiny-llama')['error']
     texts = await wait_for(lambda: (t := failure_texts()) and t[0] == error and t, deadline_s=10)  # the final reason
-    assert 'giving up' in texts[0] and any('rope' in t.lower() for t in texts[1:]), texts  # and llama-server's lines
+    assert 'error while handling argument "--rope-scaling": invalid value' in texts[0], texts  # its own words
+    assert 'giving up' in texts[0] and any('rope' in t.lower() for t in texts[1:]), texts  # and its last lines
     await user.should_see(marker='load-tiny-llama')  # it can be tried again
     records = caplog.get_records('call')  # the one ERROR this test causes: the supervisor giving up
     expected = [r for r in records if r.levelname == 'ERROR' and 'giving up' in r.getMessage()]

@@ -339,7 +339,7 @@ class ServerProcess:
                 while True:
                     if exited.done():
                         await self._drain_readers()
-                        tail = ' | '.join(list(self.tail)[-3:])
+                        tail = _exit_reason(list(self.tail))
                         bind_race = any(b in tail.lower() for b in _BIND_ERRORS)
                         raise _Exited(
                             f'llama-server exited with code {proc.returncode} while loading: {tail}', bind_race
@@ -436,6 +436,13 @@ class ServerProcess:
                 if marker in line and (self.progress or 0) < value:
                     self._set(ModelState.STARTING, progress=value)
                     break
+
+
+def _exit_reason(tail: list[str]) -> str:
+    """What to say about a server that exited while loading: its error lines when it printed some (a refused
+    argument is followed by its usage text, which says nothing), else its last three lines."""
+    errors = [line.strip() for line in tail if 'error' in line.lower() or 'invalid' in line.lower()]
+    return ' | '.join(errors[-3:] or [line.strip() for line in tail[-3:]])
 
 
 def _slots(params: Any) -> int:
