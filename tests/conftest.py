@@ -95,6 +95,17 @@ def tiny_model_b(models_dir: Path) -> Path:
     return write_tiny_gguf(models_dir / 'tiny-llama-b.gguf', name='tiny-llama-b', seed=2)
 
 
+SLOW_MODEL = 'slow-llama'
+
+
+@pytest.fixture(scope='session')
+def slow_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with one model slow enough per token (n_embd 384) that a generation can be stopped mid-way."""
+    folder = tmp_path_factory.mktemp('slow-models')
+    write_tiny_gguf(folder / f'{SLOW_MODEL}.gguf', name=SLOW_MODEL, seed=5, ctx=16384, n_embd=384, n_ff=1536)
+    return folder
+
+
 @pytest.fixture
 def models_env(monkeypatch: pytest.MonkeyPatch, models_dir: Path, tiny_model: Path) -> Path:
     """For page tests: the app that NiceGUI's `user` fixture starts scans the tiny models (request it first)."""

@@ -15,12 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import wait_for
-from tests.gguf_factory import write_tiny_gguf
+from tests.conftest import SLOW_MODEL, wait_for
 from tests.proxy_helpers import Served, serve, slot_busy
 from tests.supervisor_helpers import direct
 
-SLOW = 'slow-llama'
+SLOW = SLOW_MODEL  # tests.conftest.slow_models
 # One slot, one thread, a long context and small batches: the long prompt takes ~5 s to process here (~10 s on a
 # loaded CI box) and generation lasts seconds, and llama-server can act on a cancel after every 64-token batch.
 # llama-server serves each connection on one of max(parallel + 2, cores - 1) HTTP threads for as long as it is kept
@@ -39,13 +38,6 @@ PARAMS = {
 # seconds more (the prompt alone: ~5 s). How fast a cancel lands is a benchmark's question (bench/cancel_latency.py).
 CANCELLED_WITHIN_S = 2.5
 LONG_PROMPT = ' '.join(f'w{i}' for i in range(3000))  # ~9k tokens
-
-
-@pytest.fixture(scope='module')
-def slow_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp('slow-models')
-    write_tiny_gguf(folder / f'{SLOW}.gguf', name=SLOW, seed=5, ctx=16384, n_embd=384, n_ff=1536)
-    return folder
 
 
 @pytest.fixture

@@ -16,24 +16,16 @@ from nicegui.testing import User
 
 from core.playground import ChatTurn
 from core.supervisor.errors import StartFailed
-from tests.conftest import wait_for
-from tests.gguf_factory import write_tiny_gguf
+from tests.conftest import SLOW_MODEL, wait_for
 from tests.supervisor_helpers import direct
 from ui.chat import STORE_KEY, context_messages, final_figures
 from ui.components.chat_message import ChatMessage, new_entry
 
-SLOW = 'slow-llama'
+SLOW = SLOW_MODEL  # tests.conftest.slow_models
 # As in test_proxy_disconnect: one slot and one thread make 4000 tokens last ~5 s here; spare HTTP threads let the
 # test's own /slots probes through while the proxy, the health check and the sampler hold theirs.
 SLOW_PARAMS = {SLOW: {'ctx_size': 16384, 'parallel': 1, 'threads': 1, 'extra_args': ['--threads-http', '8']}}
 IDLE_WITHIN_S = 1.0  # asserted; the goal (100 ms) is reported, as CI machines are noisy
-
-
-@pytest.fixture(scope='module')
-def slow_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp('chat-slow-models')
-    write_tiny_gguf(folder / f'{SLOW}.gguf', name=SLOW, seed=5, ctx=16384, n_embd=384, n_ff=1536)
-    return folder
 
 
 @pytest.fixture
