@@ -108,24 +108,14 @@ def live(system: System, topics: Iterable[str], redraw: Callable[[], Any], every
             pending['again'] = True
             return
         pending['last'] = loop.time()
-        if not inspect.iscoroutinefunction(redraw):
-            call_in(client, redraw)
-            return
-        pending['busy'] = True
+        pending['busy'] = inspect.iscoroutinefunction(redraw)
+        call_in(client, redraw, done=finished)
 
-        async def go() -> None:
-            try:
-                with client:
-                    await redraw()
-            except Exception:
-                log.exception('page update failed')
-            finally:
-                pending['busy'] = False
-                if pending['again']:
-                    pending['again'] = False
-                    poke()
-
-        background_tasks.create(go(), name='page update')
+    def finished() -> None:
+        pending['busy'] = False
+        if pending['again']:
+            pending['again'] = False
+            poke()
 
     def poke(_event: Event | None = None) -> None:
         if pending['handle'] is not None or client.is_deleted:
@@ -145,8 +135,9 @@ def live(system: System, topics: Iterable[str], redraw: Callable[[], Any], every
     return poke
 
 
-def call_in(client: Client, fn: Callable[[], Any]) -> None:
-    """Run `fn` in `client`'s context; a coroutine function runs as a background task in it."""
+def call_in(client: Client, fn: Callable[[], Any], done: Callable[[], Any] | None = None) -> None:
+    """Run `fn` in `client`'s context; a coroutine function runs as a background task in it. `done()` runs after
+    `fn` has finished, whatever the outcome."""
     if inspect.iscoroutinefunction(fn):
 
         async def run() -> None:
@@ -155,6 +146,9 @@ def call_in(client: Client, fn: Callable[[], Any]) -> None:
                     await fn()
             except Exception:
                 log.exception('page update failed')
+            finally:
+                if done is not None:
+                    done()
 
         background_tasks.create(run(), name='page update')
         return
@@ -163,6 +157,9 @@ def call_in(client: Client, fn: Callable[[], Any]) -> None:
             fn()
     except Exception:
         log.exception('page update failed')
+    finally:
+        if done is not None:
+            done()
 
 
 TOAST_MS = {'negative': 10000, 'warning': 6000}  # others 3 s: a stack of stale "saved" toasts misleads
