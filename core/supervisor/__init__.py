@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from core.supervisor.errors import ModelNotFound, NoCapacity, StartFailed, SupervisorError
+from core.supervisor.errors import ModelNotFound, NoCapacity, StartFailed, SupervisorError, Unloaded
 from core.supervisor.process import Upstream
 from core.supervisor.scheduler import Scheduler
 from core.supervisor.states import ModelState
 
-__all__ = ['ModelNotFound', 'ModelState', 'NoCapacity', 'Scheduler', 'StartFailed', 'SupervisorError', 'Upstream']
+__all__ = ['ModelNotFound', 'ModelState', 'NoCapacity', 'Scheduler', 'StartFailed', 'SupervisorError', 'Unloaded', 'Upstream']

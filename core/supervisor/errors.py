@@ -12,6 +12,7 @@ __all__ = [
     'ParamsRefused',
     'StartFailed',
     'SupervisorError',
+    'Unloaded',
 ]
 
 
@@ -46,6 +47,12 @@ class StartFailed(SupervisorError):
         super().__init__(message)
         self.log_tail = list(log_tail or [])
         self.model = model
+
+
+class Unloaded(StartFailed):
+    """Unloaded while it was loading: the load was cancelled, not failed (409)."""
+
+    status = 409
 
 
 class NoCapacity(SupervisorError):

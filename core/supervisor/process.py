@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from core.supervisor.errors import StartFailed
+from core.supervisor.errors import StartFailed, Unloaded
 from core.supervisor.states import ACTIVE_STATES, ModelState
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,9 @@ class ServerProcess:
         if self.state == ModelState.FAILED:
             self._set(ModelState.STOPPED, error=None, restarts=0)
 
-    async def stop(self, stop_timeout: float) -> None:
+    async def stop(self, stop_timeout: float, *, unload: bool = False) -> None:
+        """Stop the server. `unload`: a user's unload, so whoever waits for it to load is told that, not that it
+        failed."""
         task, self._run_task = self._run_task, None
         if self._proc is not None and self._proc.returncode is None:
             self._set(ModelState.STOPPING)
@@ -244,7 +246,10 @@ class ServerProcess:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._terminate(stop_timeout)
-        self._fail_waiters(f'{self.model_id} was stopped')
+        if unload:
+            self._fail_waiters(f'{self.model_id} was unloaded while loading', Unloaded)
+        else:
+            self._fail_waiters(f'{self.model_id} was stopped')
         self._set(ModelState.STOPPED, pid=None, port=None, progress=None, ready_since=None, error=None)
 
     # ---- the run loop --------------------------------------------------------------------------------------
@@ -253,9 +258,9 @@ class ServerProcess:
             self._ready = asyncio.get_running_loop().create_future()
             self._ready.add_done_callback(_consume)
 
-    def _fail_waiters(self, message: str) -> None:
+    def _fail_waiters(self, message: str, error: type[StartFailed] = StartFailed) -> None:
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(StartFailed(message, list(self.tail), self.model_id))
+            self._ready.set_exception(error(message, list(self.tail), self.model_id))
 
     async def _run(self, launch: Launch) -> None:
         t = launch.timings

@@ -236,10 +236,20 @@ class Scheduler:
         self._notify()
 
     async def load(self, model: str) -> Upstream:
-        """Explicit load (API, preload): like ensure_ready, but also retries a model that had `failed`."""
+        """Explicit load (API, preload): like ensure_ready, but also retries a model that had `failed`. Raises
+        Unloaded when an unload comes first.
+
+        The caller counts as waiting, so a second load that needs the slot waits for this one to be ready and
+        answered before it evicts it: two loads for one slot are served in order, not both failed."""
         entry = self._entry(model)
-        self._proc(entry.id).reset()
-        return await self.ensure_ready(entry.id)
+        proc = self._proc(entry.id)
+        proc.reset()
+        proc.waiters += 1
+        try:
+            return await self.ensure_ready(entry.id)
+        finally:
+            proc.waiters -= 1
+            self._notify()
 
     async def unload(self, model: str) -> bool:
         """Stop the model now (requests in flight are cut). Returns whether anything was running."""
@@ -251,7 +261,7 @@ class Scheduler:
             self._unloaded.add(proc.model_id)
         if proc is None or proc.state == ModelState.STOPPED:
             return False
-        await proc.stop(self.settings.stop_timeout)
+        await proc.stop(self.settings.stop_timeout, unload=True)
         self._notify()
         return True
 
