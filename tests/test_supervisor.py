@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
-from core.supervisor import ModelNotFound, NoCapacity, StartFailed
+from core.supervisor import ModelNotFound, NoCapacity, StartFailed, Unloaded
 from tests.conftest import wait_for
 from tests.supervisor_helpers import Entry, FakeLibrary, Harness, chat, fake_binary, make_harness, stream_chat
 
@@ -143,6 +143,30 @@ async def test_hung_child_is_killed_after_stop_timeout(harness: Any, tiny_model:
     elapsed = time.monotonic() - started
     assert not alive(up.pid)
     assert 0.5 <= elapsed < 5
+
+
+async def test_a_child_still_loading_that_ignores_sigterm_is_not_waited_out(
+    harness: Any, tiny_model: Path, tmp_path: Path
+) -> None:
+    """An eviction or unload of a server that is still loading (so has no request to finish) kills it after a short
+    grace instead of waiting the whole stop_timeout (issue 14, item 7); its load's caller is told it was unloaded."""
+    hang = tmp_path / 'hang'
+    hang.touch()  # its /health never answers: it stays loading
+    # The long line is printed after SIGTERM is ignored: seeing it means the child is past that point.
+    binary = fake_binary(tmp_path, FAKE_IGNORE_TERM='1', FAKE_HANG_FILE=str(hang), FAKE_LONG_LINE='12')
+    h = await harness({'tiny': tiny_model}, llama_server_path=binary, stop_timeout=30)
+    s = h.scheduler
+    load = asyncio.create_task(s.load('tiny'))
+    await wait_for(lambda: any(r.message == 'x' * 12 for r in h.logs.query(model='tiny', source='llama-server')), 10)
+    assert s.describe('tiny')['status'] == 'starting'
+    pid = s.describe('tiny')['pid']
+    started = time.monotonic()
+    await s.unload('tiny')
+    elapsed = time.monotonic() - started
+    assert not alive(pid)
+    assert elapsed < 10, elapsed  # the short grace, not stop_timeout=30
+    with pytest.raises(Unloaded):
+        await load
 
 
 async def test_long_output_lines_do_not_break_the_reader(harness: Any, tiny_model: Path, tmp_path: Path) -> None:

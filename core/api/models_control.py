@@ -15,7 +15,7 @@ router = APIRouter(prefix='/api', tags=['models'])
 
 _ERRORS = {
     404: 'Model not found',
-    409: 'The file cannot be served (the library says why)',
+    409: 'The file cannot be served (the library says why), or it was unloaded while loading',
     502: 'llama-server did not start (with its last log lines)',
     503: 'No capacity',
 }

@@ -45,6 +45,7 @@ HEALTH_POLL_S = 0.02  # while starting: llama-server is healthy ~20 ms after spa
 LIVENESS_FAILURES = 3  # consecutive failed liveness checks before a ready server counts as hung
 BIND_RETRIES = 5
 TERM_RESEND_S = 1.0
+LOADING_STOP_S = 2.0  # how long a stop waits for a server that is still loading before it kills it
 
 # Load progress from llama-server's log: (marker, progress). It prints no percentage, only these stages.
 _PROGRESS_MARKERS = (
@@ -239,13 +240,15 @@ class ServerProcess:
         """Stop the server. `unload`: a user's unload, so whoever waits for it to load is told that, not that it
         failed."""
         task, self._run_task = self._run_task, None
+        loading = self.state in (ModelState.STARTING, ModelState.RESTARTING)
         if self._proc is not None and self._proc.returncode is None:
             self._set(ModelState.STOPPING)
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._terminate(stop_timeout)
+        # A server still loading has no request to finish, and may ignore SIGTERM until it is up: a short grace.
+        await self._terminate(min(stop_timeout, LOADING_STOP_S) if loading else stop_timeout)
         if unload:
             self._fail_waiters(f'{self.model_id} was unloaded while loading', Unloaded)
         else:
