@@ -7,4 +7,13 @@ from core.supervisor.process import Upstream
 from core.supervisor.scheduler import Scheduler
 from core.supervisor.states import ModelState
 
-__all__ = ['ModelNotFound', 'ModelState', 'NoCapacity', 'Scheduler', 'StartFailed', 'SupervisorError', 'Unloaded', 'Upstream']
+__all__ = [
+    'ModelNotFound',
+    'ModelState',
+    'NoCapacity',
+    'Scheduler',
+    'StartFailed',
+    'SupervisorError',
+    'Unloaded',
+    'Upstream',
+]

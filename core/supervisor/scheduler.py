@@ -92,6 +92,8 @@ class Scheduler:
         self._states_changed = asyncio.Event()
         self._listeners: dict[str, set[Callable[[dict[str, Any]], Any]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._retiring: set[str] = set()  # models being stopped because their file went away or changed
+        self._library_sub: Any = None
         self._ttl_task: asyncio.Task[None] | None = None
         self._stopping = False
         # Swapping for a config change: new requests wait for the new server (not counted as busy, so the drain
@@ -113,6 +115,7 @@ class Scheduler:
         if reaped:
             log.warning('reaped %d llama-server process(es) left by an earlier run: %s', len(reaped), reaped)
         self._ttl_task = asyncio.create_task(self._ttl_loop(), name='scheduler ttl')
+        self._library_sub = self.bus.subscribe(['models'], self._on_library)
         self._preloaded = set(self._preloads())
         for name in self._preloaded:
             self._spawn_task(self._preload(name))
@@ -124,6 +127,9 @@ class Scheduler:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._library_sub is not None:
+            self._library_sub.close()
+            self._library_sub = None
         for task in [*self._tasks, *self._starts.values(), *self._restarts.values(), self._ttl_task]:
             if task is not None:
                 task.cancel()
@@ -132,6 +138,30 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ttl_task
             self._ttl_task = None
+
+    def _on_library(self, event: Any) -> None:
+        """A running model whose file went away or changed is stopped (after its requests drain): it would keep
+        serving a file that is no longer there, or the old one. The next request starts the new file."""
+        if event.type != 'library' or self._stopping:
+            return
+        for why, ids in (
+            ('its file was removed', event.data.get('removed')),
+            ('its file changed', event.data.get('changed')),
+        ):
+            for model_id in ids or []:
+                proc = self._procs.get(model_id)
+                if proc is not None and proc.active and model_id not in self._retiring:
+                    self._retiring.add(model_id)
+                    self._spawn_task(self._retire(proc, why))
+
+    async def _retire(self, proc: ServerProcess, why: str) -> None:
+        try:
+            log.warning('stopping %s: %s', proc.model_id, why)
+            self.bus.publish('models', 'retired', {'model': proc.model_id, 'reason': why})
+            await self._evict(proc, self.settings.drain_timeout)
+            self._notify()
+        finally:
+            self._retiring.discard(proc.model_id)
 
     async def _preload(self, name: str) -> None:
         try:

@@ -1,0 +1,58 @@
+"""A running model whose file goes away or is replaced is stopped (after its requests drain), with an event that
+says why; the next request starts the file that is there now (issue 14, item 5)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from core.events import Event
+from core.supervisor import ModelState
+from tests.conftest import wait_for
+from tests.gguf_factory import write_tiny_gguf
+
+
+async def _running(system_factory: Callable[..., Any], folder: Path, tiny_model: Path) -> tuple[Any, list[Event]]:
+    folder.mkdir()
+    shutil.copy(tiny_model, folder / 'moving.gguf')
+    system = await system_factory(models_dirs=[folder], scan_well_known_dirs=False)
+    events: list[Event] = []
+    system.bus.subscribe(['models'], events.append)
+    await wait_for(lambda: system.library.get('moving'), deadline_s=10)
+    await system.scheduler.load('moving')
+    return system, events
+
+
+def _retired(events: list[Event]) -> list[dict[str, Any]]:
+    return [e.data for e in events if e.type == 'retired']
+
+
+async def test_a_replaced_file_stops_the_old_server_and_the_next_load_serves_the_new_one(
+    system_factory: Callable[..., Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    system, events = await _running(system_factory, tmp_path / 'shelf', tiny_model)
+    old_pid = system.scheduler.describe('moving')['pid']
+    replacement = write_tiny_gguf(tmp_path / 'new.gguf', name='moving', seed=9, n_layer=3)
+    shutil.move(replacement, tmp_path / 'shelf' / 'moving.gguf')  # a rename over it, as a download tool does
+    await wait_for(lambda: _retired(events), deadline_s=20)  # the watcher saw it, the scheduler acted
+    assert _retired(events) == [{'model': 'moving', 'reason': 'its file changed'}]
+    await wait_for(lambda: system.scheduler.describe('moving')['status'] == ModelState.STOPPED, deadline_s=20)
+    assert system.library.get('moving').meta.block_count == 3
+    up = await system.scheduler.load('moving')
+    assert up.pid != old_pid
+
+
+async def test_a_removed_file_stops_its_server(
+    system_factory: Callable[..., Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    system, events = await _running(system_factory, tmp_path / 'shelf', tiny_model)
+    pid = system.scheduler.describe('moving')['pid']
+    (tmp_path / 'shelf' / 'moving.gguf').unlink()
+    await wait_for(lambda: _retired(events), deadline_s=20)
+    assert _retired(events) == [{'model': 'moving', 'reason': 'its file was removed'}]
+    await wait_for(lambda: not system.scheduler.running(), deadline_s=20)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
