@@ -16,6 +16,7 @@ from core.settings import SettingsManager, is_loopback
 
 log = logging.getLogger('llama_async_proxy')
 RECONNECT_TIMEOUT_S = 15.0
+EXIT_DATA_DIR = 2  # the data dir cannot be created or written (a message says which and what to do)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,15 +47,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def storage_secret(data_dir: Path) -> str:
-    """A per-installation secret for NiceGUI's browser storage, kept in the data dir."""
-    path = data_dir / 'storage_secret'
-    if path.exists():
-        return path.read_text().strip()
+    """A per-installation secret for NiceGUI's browser storage, kept in the data dir. Raises DataDirError."""
     from core.fsutil import atomic_write_text
+    from core.system import data_dir_errors
 
-    secret = secrets.token_urlsafe(32)
-    atomic_write_text(path, secret)
-    path.chmod(0o600)
+    path = data_dir / 'storage_secret'
+    with data_dir_errors(data_dir):
+        if path.exists():
+            return path.read_text().strip()
+        secret = secrets.token_urlsafe(32)
+        atomic_write_text(path, secret)
+        path.chmod(0o600)
     return secret
 
 
@@ -77,11 +80,13 @@ def build(args: argparse.Namespace) -> Any:
     from nicegui import app
 
     from core.api import include_all
-    from core.system import System
+    from core.system import System, data_dir_errors
     from ui import register_pages
 
-    system = System(config)
-    Path(os.environ['NICEGUI_STORAGE_PATH']).mkdir(mode=0o700, parents=True, exist_ok=True)
+    system = System(config)  # creates and checks the data dir first (DataDirError)
+    storage_path = Path(os.environ['NICEGUI_STORAGE_PATH'])
+    with data_dir_errors(storage_path):
+        storage_path.mkdir(mode=0o700, parents=True, exist_ok=True)
     app.state.system = system
     app.on_startup(system.start)
     app.on_shutdown(system.stop)
@@ -121,7 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=(args.log_level or 'info').upper(), format='%(asctime)s %(levelname)s %(name)s: %(message)s'
     )
-    system = build(args)
+    from core.system import DataDirError
+
+    try:
+        system = build(args)
+        secret = storage_secret(system.config.settings.data_dir)
+    except DataDirError as e:  # one line saying which folder and what to do, not a traceback
+        print(f'llama-async-proxy: {e}', file=sys.stderr)
+        sys.exit(EXIT_DATA_DIR)
     settings = system.config.settings
     for warning in system.config.warnings:
         print(f'config: {warning.field} (from {warning.source}) ignored: {warning.message}', file=sys.stderr)
@@ -149,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         show=not args.no_browser,
         native=args.native,
         window_size=(1280, 800) if args.native else None,  # a size also turns native on: only with --native
-        storage_secret=storage_secret(settings.data_dir),
+        storage_secret=secret,
         favicon=str(Path(__file__).parent / 'assets' / 'favicon.svg'),
         fastapi_docs=True,
         show_welcome_message=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,6 +22,30 @@ def atomic_write_text(path: Path, text: str, encoding: str = 'utf-8') -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def keep_copy(path: Path, tag: str) -> Path:
+    """Copy `path` byte for byte to `<name>.<tag>-<YYYYmmdd-HHMMSS>` beside it (never over an existing file) and
+    return the copy; raises OSError when it cannot be read or the copy cannot be written in full. The copy is 0600:
+    a config file may hold API keys."""
+    data = path.read_bytes()
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    for n in range(100):
+        copy = path.with_name(f'{path.name}.{tag}-{stamp}' + (f'-{n}' if n else ''))
+        try:
+            fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            copy.unlink(missing_ok=True)
+            raise
+        return copy
+    raise FileExistsError(f'{path.name}.{tag}-{stamp}: 100 copies already')
 
 
 def write_private(path: Path, text: str) -> None:

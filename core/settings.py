@@ -23,7 +23,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, DotEnvSettingsSource, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from core.fsutil import atomic_write_text
+from core.fsutil import atomic_write_text, keep_copy
 from core.model_params import ModelParams
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,7 @@ RESTART_FIELDS = frozenset({'host', 'port', 'data_dir', 'ssl_certfile', 'ssl_key
 SECRET_FIELDS = frozenset({'api_keys'})
 MAX_FILE_BYTES = 4 * 1024 * 1024  # a config file bigger than this is refused, not read
 REDACTED = '***'  # a secret in an export; importing it keeps the secret in force
+CORRUPT_TAG = 'corrupt'  # a config file the app could not use is kept as `config.json.corrupt-<time>` before a save
 # Set only in the config file, the environment or the command line, never through PUT /api/config or the pages:
 # each names a file or program the app would trust (a key list, a binary to run, where to write its data).
 LOCAL_ONLY_FIELDS = frozenset({'llama_server_path', 'api_keys_file', 'ssl_certfile', 'ssl_keyfile', 'data_dir'})
@@ -259,19 +260,29 @@ class SettingsManager:
         self._lock = threading.RLock()
         self._listeners: list[Callable[[Settings, list[str]], None]] = []
         self.file_errors: list[FieldError] = []  # why the file on disk, edited by hand, is not the one in force
+        # Why the file on disk is not what a save would build on (unparsable at start, or a hand edit not in force):
+        # a save would destroy it, so the save keeps a copy first. None = the file is the app's own.
+        self._unusable: str | None = None
+        self.kept_copies: list[dict[str, str]] = []  # {file, copy, reason} of each copy kept, for `describe`
         self.settings = self._load()
 
     # ---- loading -------------------------------------------------------------------------------------------
     def _read_file(self) -> dict[str, Any]:
+        self._unusable = None
         if not self.config_path.exists():
             return {}
+        keep = f'; it is kept as {self.config_path.name}.{CORRUPT_TAG}-<time> before the first save over it'
         try:
             data = json.loads(self.config_path.read_text(encoding='utf-8'))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            self.warnings.append(FieldError('(file)', f'cannot read {self.config_path}: {e}; using defaults', 'file'))
+            self._unusable = f'cannot read it: {e}'
+            self.warnings.append(
+                FieldError('(file)', f'cannot read {self.config_path}: {e}; using defaults{keep}', 'file')
+            )
             return {}
         if not isinstance(data, dict):
-            self.warnings.append(FieldError('(file)', f'{self.config_path} must hold a JSON object', 'file'))
+            self._unusable = 'it does not hold a JSON object'
+            self.warnings.append(FieldError('(file)', f'{self.config_path} must hold a JSON object{keep}', 'file'))
             return {}
         return data
 
@@ -385,8 +396,11 @@ class SettingsManager:
                     errors = [FieldError(err.field, err.message, 'file') for err in e.errors]
             if errors or candidate is None:
                 self.file_errors = errors
+                if self.config_path.exists():  # the next save would overwrite this edit: it keeps a copy first
+                    self._unusable = '; '.join(f'{e.field}: {e.message}' for e in errors)
                 raise ConfigInvalid(errors)
             self.file_errors = []
+            self._unusable = None
             old = self.settings
             self._file, self.settings = file_json, candidate
             for name in Settings.model_fields:
@@ -425,6 +439,7 @@ class SettingsManager:
             'config_path': str(self.config_path),
             'warnings': [w.as_dict() for w in self.warnings],
             'file_errors': [e.as_dict() for e in self.file_errors],
+            'kept_copies': [dict(k) for k in self.kept_copies],
             'restart_fields': sorted(RESTART_FIELDS),
             'local_fields': sorted(LOCAL_ONLY_FIELDS),
             'descriptions': {name: f.description or '' for name, f in Settings.model_fields.items()},
@@ -488,7 +503,14 @@ class SettingsManager:
     def _save(self, new_file: dict[str, Any], patch: dict[str, Any]) -> UpdateResult:
         """Validate, write atomically, put in force and notify (the caller holds the lock)."""
         candidate, file_json = self._validated(new_file, 'request')
+        kept = self._keep_unusable_file()
         atomic_write_text(self.config_path, json.dumps(file_json, indent=2, sort_keys=True) + '\n')
+        if kept is not None:
+            self._unusable = None
+            # The load-time warning about the file ("using defaults") is stale now: say where the old file went.
+            self.warnings = [w for w in self.warnings if not (w.field == '(file)' and w.source == 'file')]
+            message = f'{kept["file"]} could not be used ({kept["reason"]}); it was kept as {kept["copy"]} before'
+            self.warnings.append(FieldError('(file)', f'{message} a save replaced it', 'file'))
         old = self.settings
         self._file = file_json
         self.file_errors = []  # the user saved: the file is what the app runs with again
@@ -502,6 +524,25 @@ class SettingsManager:
         }
         self._notify(old)
         return UpdateResult(changed, sorted(set(changed) & RESTART_FIELDS), overridden)
+
+    def _keep_unusable_file(self) -> dict[str, str] | None:
+        """Before a save replaces a file the app could not use, copy it aside (the caller holds the lock); if the
+        copy fails, refuse the save rather than destroy the only copy of the user's file. Raises ConfigInvalid."""
+        reason, path = self._unusable, self.config_path
+        if reason is None or not path.exists():  # gone: nothing to lose
+            return None
+        try:
+            copy = keep_copy(path, CORRUPT_TAG)
+        except OSError as e:
+            message = (
+                f'{path} could not be used ({reason}) and cannot be kept as a copy ({e}); nothing was saved so that '
+                'it is not lost: fix it, or move it away, then save again'
+            )
+            raise ConfigInvalid([FieldError('(file)', message, 'request')]) from None
+        kept = {'file': str(path), 'copy': str(copy), 'reason': reason}
+        self.kept_copies.append(kept)
+        log.warning('config: %s could not be used (%s); kept as %s before saving over it', path, reason, copy)
+        return kept
 
     def on_change(self, callback: Callable[[Settings, list[str]], None]) -> None:
         """`callback(new_settings, changed_field_names)` after each successful update or reload."""

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,47 @@ from core.store import Store
 from core.supervisor import Scheduler
 
 log = logging.getLogger(__name__)
+PROBE_PREFIX = '.write-test-'  # the file written (and removed) to check that the data dir takes writes
+
+
+class DataDirError(Exception):
+    """The data dir cannot be created or written, so the app cannot start. The message is one line for the user
+    (main.py prints it and exits with 2, no traceback)."""
+
+
+def data_dir_message(path: Path, e: BaseException) -> str:
+    if not isinstance(e, OSError):  # sqlite3.Error: "unable to open database file", ...
+        why = str(e)
+    else:
+        why = e.strerror or str(e)
+        name = str(e.filename or '')
+        # A parent that is a file, a subfolder that cannot be made, ... (the probe's own name says nothing).
+        if name and name != str(path) and not Path(name).name.startswith(PROBE_PREFIX):
+            why = f'{why}: {name}'
+    return (
+        f'cannot use the data dir {path} ({why}). Set LAP_DATA_DIR (or "data_dir" in the config file) to a writable '
+        'folder, or fix its permissions.'
+    )
+
+
+@contextlib.contextmanager
+def data_dir_errors(path: Path, os_errors: bool = True) -> Iterator[None]:
+    """Turn a failed write in the data dir (OSError; sqlite3.Error from the Store) into a DataDirError."""
+    caught: tuple[type[Exception], ...] = (OSError, sqlite3.Error) if os_errors else (sqlite3.Error,)
+    try:
+        yield
+    except caught as e:
+        raise DataDirError(data_dir_message(path, e)) from None
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Create the data dir (0700: keys, logs and request history are the user's) and write a file in it: a folder
+    on a read-only mount passes mkdir(exist_ok=True) and would fail only at the first write. Raises DataDirError."""
+    with data_dir_errors(path):
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=path)
+        os.close(fd)
+        os.unlink(probe)
 
 
 class System:
@@ -31,21 +77,23 @@ class System:
         self.version = __version__
         self.bus = EventBus()
         self.data_dir: Path = s.data_dir
-        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, logs, request history: the user's
-        self.logs = LogService(
-            self.bus,
-            capacity=s.log_buffer_lines,
-            log_dir=s.data_dir / 'logs',
-            max_bytes=s.log_file_max_bytes,
-            backups=s.log_file_backups,
-        )
-        self.store = Store(self.data_dir / 'lap.sqlite3')
+        prepare_data_dir(self.data_dir)
+        with data_dir_errors(self.data_dir):  # the logs folder, the SQLite file (a read-only one, a folder there)
+            self.logs = LogService(
+                self.bus,
+                capacity=s.log_buffer_lines,
+                log_dir=s.data_dir / 'logs',
+                max_bytes=s.log_file_max_bytes,
+                backups=s.log_file_backups,
+            )
+            self.store = Store(self.data_dir / 'lap.sqlite3')
         self.binary = BinaryResolver(config, self.data_dir)
         self.binary.resolve()  # once, before any page renders its status
-        self.library = ModelLibrary(config, self.store, self.bus)
-        self.scheduler = Scheduler(config, self.library, self.binary, self.logs, self.bus, self.data_dir)
-        self.proxy = Proxy(config, self.scheduler, self.library, self.store, self.bus)
-        self.metrics = MetricsService(config, self.scheduler, self.library, self.store, self.bus, logs=self.logs)
+        with data_dir_errors(self.data_dir, os_errors=False):  # the services create their SQLite tables
+            self.library = ModelLibrary(config, self.store, self.bus)
+            self.scheduler = Scheduler(config, self.library, self.binary, self.logs, self.bus, self.data_dir)
+            self.proxy = Proxy(config, self.scheduler, self.library, self.store, self.bus)
+            self.metrics = MetricsService(config, self.scheduler, self.library, self.store, self.bus, logs=self.logs)
         # Raw ASGI routes and guards that run before NiceGUI's middleware (see core/frontdoor.py).
         self.frontdoor = FrontDoor()
         self.frontdoor.body_limit = lambda: self.config.settings.max_body_bytes

@@ -508,6 +508,9 @@ class SettingsForm:
                     'text-negative text-sm'
                 )
             for w in desc['warnings']:
+                if w['field'] == '(file)':  # the whole file: unreadable, and where the copy kept of it is
+                    ui.label(f'Config file: {w["message"]}').classes('text-negative text-sm').mark('config-file-notice')
+                    continue
                 ui.label(f'Ignored {w["field"]} from {w["source"]}: {w["message"]}').classes('text-negative text-sm')
 
     # ---- state ---------------------------------------------------------------------------------------------
