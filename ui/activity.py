@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import context, ui
 
-from core.proxy.activity import CLIENT_CLOSED, is_failure
+from core.proxy.activity import CLIENT_CLOSED, INTERRUPTED, is_failure
 from ui.format import DASH, clock, count, ms, rate, uptime
 from ui.layout import empty, fact, live, notify, page
 
@@ -20,7 +20,13 @@ if TYPE_CHECKING:
 
 PAGE_SIZES = {25: '25 / page', 50: '50 / page', 100: '100 / page'}
 RANGES = {0: 'Any time', 300: 'Last 5 min', 3600: 'Last hour', 86_400: 'Last 24 h', 604_800: 'Last 7 days'}
-STATUSES = {'': 'Any status', 'ok': 'OK (< 400)', 'error': 'Errors (≥ 400)'}
+STATUSES = {'': 'Any status', 'ok': 'OK (< 400)', 'error': 'Errors (≥ 400, interrupted)'}
+STATUS_LABELS = {str(INTERRUPTED): 'interrupted'}  # a filter choice by its name, not its code
+
+
+def status_text(status: int | None) -> str:
+    """A row's status as shown: the code, 'interrupted' (the app stopped before the request ended) or a dash."""
+    return DASH if status is None else STATUS_LABELS.get(str(status), str(status))
 
 
 def _col(name: str, label: str, align: str = 'left') -> dict[str, str]:
@@ -74,7 +80,7 @@ def history_row(r: dict[str, Any]) -> dict[str, Any]:
         'time': _when(r.get('ts')),
         'model': r.get('model') or DASH,
         'route': r.get('route') or '',
-        'status': DASH if status is None else str(status),
+        'status': status_text(status),
         'failed': status is None or is_failure(status),
         'cancelled': status == CLIENT_CLOSED,
         'ttft': ms(r.get('ttft_s')),
@@ -218,15 +224,16 @@ class History:
         self.next.set_enabled(offset + len(rows) < total)
         self._offer(self.model, {'': 'Any model'}, facets['model'])
         self._offer(self.route, {'': 'Any route'}, facets['route'])
-        self._offer(self.status, STATUSES, [str(s) for s in facets['status']])
+        self._offer(self.status, STATUSES, [str(s) for s in facets['status']], STATUS_LABELS)
 
     def _read(self, filters: dict[str, Any], offset: int, size: int) -> Any:
         return self.activity.query(**filters, offset=offset, limit=size), self.activity.facets()
 
     @staticmethod
-    def _offer(select: ui.select, base: dict[str, str], seen: list[str]) -> None:
-        """Filter choices: what the history holds, plus the current choice even if it was trimmed away."""
-        options = {**base, **{v: v for v in seen}}
+    def _offer(select: ui.select, base: dict[str, str], seen: list[str], labels: dict[str, str] | None = None) -> None:
+        """Filter choices: what the history holds (shown by `labels` where one has a name), plus the current
+        choice even if it was trimmed away."""
+        options = {**base, **{v: (labels or {}).get(v, v) for v in seen}}
         options.setdefault(select.value, str(select.value))
         if options != select.options:
             select.set_options(options, value=select.value)
@@ -241,7 +248,7 @@ class History:
             fact('Request', r['id'])
             fact('Time', clock(r.get('ts'), date=True))
             fact('Model', r.get('model') or DASH)
-            fact('Status', DASH if r.get('status') is None else str(r['status']))
+            fact('Status', status_text(r.get('status')))
             fact('Client', r.get('client') or DASH)
             fact('Stream', 'yes' if r.get('stream') else 'no')
             fact('Time to first token', ms(r.get('ttft_s')))

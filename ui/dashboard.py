@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from nicegui import context, ui
 
 from core.logs import LEVELS
-from core.proxy.activity import CLIENT_CLOSED, is_failure
+from core.proxy.activity import CLIENT_CLOSED, INTERRUPTED, is_failure
 from core.supervisor import ModelState, SupervisorError
 from ui.components.kpi import KpiCard
 from ui.components.live_chart import LiveChart
@@ -53,7 +53,7 @@ def request_row(r: dict[str, Any]) -> dict[str, Any]:
         'time': clock(r.get('ts')),
         'model': r.get('model') or DASH,
         'route': r.get('route') or '',
-        'status': status if status is not None else 'in flight',
+        'status': 'in flight' if status is None else 'interrupted' if status == INTERRUPTED else status,
         'failed': is_failure(status),
         'cancelled': status == CLIENT_CLOSED,
         'ttft': ms(r.get('ttft_s')),

@@ -20,7 +20,9 @@ class _Filters:
     def __init__(
         self,
         model: str | None = None,
-        status: str | None = Query(None, pattern=r'^(ok|error|\d{3})$', description='ok, error or an HTTP status'),
+        status: str | None = Query(
+            None, pattern=r'^(ok|error|0|\d{3})$', description='ok, error, 0 (interrupted) or an HTTP status'
+        ),
         route: str | None = Query(None, description='Exact route, e.g. /v1/chat/completions'),
         since: float | None = Query(None, ge=0, description='Only requests started at or after this Unix time'),
         until: float | None = Query(None, ge=0, description='Only requests started at or before this Unix time'),

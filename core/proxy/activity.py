@@ -1,8 +1,17 @@
-"""The activity recorder: one record per proxied request, in flight in memory, finished rows in SQLite.
+"""The activity recorder: one record per proxied request, in flight in memory, every row in SQLite.
 
 Rows are written in small batches off the event loop (the relay never waits on SQLite) and the table is trimmed
-to `requests_keep` rows. Reads (`recent`, `query`, `facets`, `export`) flush first and are meant to run off the
-loop too. Each start and finish is published as a `requests` event; only finished ones carry `status`.
+to `requests_keep` rows. A request's row is queued when it starts (at `announce`, once its model is known: status
+NULL) and again when it ends (`finish`: its status and figures replace the start's row); one that starts and ends
+within one flush interval is written once, finished. So a crash or a kill leaves the rows of the requests it cut
+short, and the next recorder, when it is built (before the app serves anything), marks those (status NULL, ids of
+an earlier recorder: another id prefix) as interrupted: status `INTERRUPTED` (0: no HTTP status was recorded) and
+error `INTERRUPTED_ERROR`. An interrupted request is a failure (`is_failure`, the `error` filter); the pages show
+it as "interrupted".
+
+Reads (`recent`, `query`, `facets`, `export`) see finished and interrupted rows only (status not NULL; this
+process's requests in flight are `inflight()`), flush first and are meant to run off the loop too. Each start and
+finish is published as a `requests` event; only finished ones carry `status`.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import io
 import itertools
 import json
 import logging
+import operator
 import os
 import statistics
 import threading
@@ -25,12 +35,18 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 0.5
+_INSTANCES = itertools.count()  # recorders built in this process (see `Activity._prefix`)
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request": a stop, recorded, never sent, not a failure
+# The status of a request the app stopped (killed, crashed) before it ended: no HTTP status was recorded, maybe none
+# was sent. Set on the rows an earlier run left unfinished when the next recorder is built; a failure.
+INTERRUPTED = 0
+INTERRUPTED_ERROR = 'interrupted: the app stopped before the request ended'
 
 
 def is_failure(status: int | None) -> bool:
-    """What counts as an error in the figures: a 4xx/5xx answer, not a request its client stopped."""
-    return status is not None and status >= 400 and status != CLIENT_CLOSED
+    """What counts as an error in the figures: a 4xx/5xx answer or an interrupted request, not a request its
+    client stopped (nor one still in flight: None)."""
+    return status is not None and (status == INTERRUPTED or (status >= 400 and status != CLIENT_CLOSED))
 
 
 STATS_WINDOW_S = 60.0
@@ -60,6 +76,7 @@ CREATE TABLE IF NOT EXISTS proxy_requests (
 );
 CREATE INDEX IF NOT EXISTS proxy_requests_ts ON proxy_requests (ts);
 CREATE INDEX IF NOT EXISTS proxy_requests_model ON proxy_requests (model, ts);
+CREATE INDEX IF NOT EXISTS proxy_requests_open ON proxy_requests (id) WHERE status IS NULL;
 """
 
 
@@ -96,6 +113,9 @@ class RequestRecord:
 
 COLUMNS = tuple(f.name for f in fields(RequestRecord) if f.name not in ('t0', 'task', 'cancelled_by'))
 _INSERT = f'INSERT OR REPLACE INTO proxy_requests ({", ".join(COLUMNS)}) VALUES ({", ".join("?" * len(COLUMNS))})'
+_values = operator.attrgetter(*COLUMNS)  # a record's row as a tuple in COLUMNS order, in one C call
+_STATUS = COLUMNS.index('status')
+_FINISHED = 'status IS NOT NULL'  # finished or interrupted: what reads show (NULL: in flight)
 
 
 class Activity:
@@ -105,10 +125,14 @@ class Activity:
         self._keep = keep  # callable: rows to keep (read live from settings)
         self._inflight: dict[str, RequestRecord] = {}
         # Appended on the loop, drained by `flush` in a thread: deque's append and popleft are atomic, so no row is
-        # dropped between the two (swapping a list is not: an append can land in the list just written).
-        self._pending: deque[tuple[Any, ...]] = deque()
+        # dropped between the two (swapping a list is not: an append can land in the list just written). A finished
+        # row is a tuple of its values; a start is the record itself (see `_start_row`).
+        self._pending: deque[tuple[Any, ...] | RequestRecord] = deque()
         self._ids = itertools.count(1)
-        self._prefix = f'{int(time.time()):x}{os.getpid() % 0xFFFF:04x}'
+        # Ids: req-<prefix>-<n>. The prefix tells this recorder's rows from those of earlier ones (see
+        # `mark_interrupted`): start time and pid, and a count when one process builds several (tests).
+        n = next(_INSTANCES)
+        self._prefix = f'{int(time.time()):x}{os.getpid() % 0xFFFF:04x}' + (f'x{n:x}' if n else '')
         self._recent: deque[tuple[float, float, bool]] = deque(maxlen=10_000)  # (finish ts, duration, error)
         self._last: deque[dict[str, Any]] = deque(maxlen=LAST_KEPT)  # newest finished rows, for pages: no SQLite read
         self.total = 0
@@ -119,6 +143,7 @@ class Activity:
         self._facets: dict[str, set[Any]] | None = None  # filter choices, read once (see `facets`)
         self._schema_ready = False
         self._ensure_schema()  # pages may ask for recent requests before the app has finished starting
+        self.mark_interrupted()  # so their first read already shows the requests the last run cut short
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -140,6 +165,27 @@ class Activity:
             self.store.ensure_schema(SCHEMA)
             self._schema_ready = True
 
+    def mark_interrupted(self) -> int:
+        """Rows still in flight (status NULL) that an earlier recorder wrote (ids without this one's prefix) get
+        status `INTERRUPTED` and `INTERRUPTED_ERROR` (an error they had is kept after it). Returns how many. Run when
+        the recorder is built; blocking, and quick: a partial index holds the open rows only."""
+        with self._flush_lock:
+            self.flush_unlocked()
+            try:
+                n = self.store.execute(
+                    "UPDATE proxy_requests SET status = ?, error = ? || COALESCE(': ' || error, '') "
+                    'WHERE status IS NULL AND id NOT LIKE ?',
+                    (INTERRUPTED, INTERRUPTED_ERROR, f'req-{self._prefix}-%'),
+                )
+            except Exception:
+                log.exception('marking interrupted requests failed')
+                return 0
+            if n:
+                log.warning('%d request(s) were in flight when the app last stopped: recorded as interrupted', n)
+                if self._facets is not None:
+                    self._facets['status'].add(INTERRUPTED)
+            return n
+
     # ---- recording -----------------------------------------------------------------------------------------
     def begin(self, client: str, route: str, method: str) -> RequestRecord:
         rec = RequestRecord(
@@ -149,7 +195,9 @@ class Activity:
         return rec
 
     def announce(self, rec: RequestRecord) -> None:
-        """Publish the start once the model is known (so listeners see which model is busy)."""
+        """Publish the start once the model is known (so listeners see which model is busy), and queue its row
+        (status NULL) so that a crash before `finish` leaves it to be marked interrupted."""
+        self._pending.append(rec)  # its row is read in the flush: nothing is copied on the loop
         self.bus.publish('requests', 'started', _started(rec))
 
     def finish(self, rec: RequestRecord) -> None:
@@ -197,11 +245,14 @@ class Activity:
 
     def flush_unlocked(self) -> None:
         """`flush` for a caller that holds `_flush_lock`."""
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         while self._pending:
-            rows.append(self._pending.popleft())
+            item = self._pending.popleft()
+            rows.append(_start_row(item) if isinstance(item, RequestRecord) else item)
         if not rows:
             return
+        # A request's finish replaces its start (same id, later in the queue): one row each, the last values.
+        rows = list({row[0]: row for row in rows}.values())
         try:
             self._ensure_schema()
             self.store.executemany(_INSERT, rows)
@@ -219,7 +270,7 @@ class Activity:
                 await asyncio.to_thread(self.flush)
 
     def recent(self, model: str | None = None, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Finished requests, newest first. `status`: ok (< 400), error (>= 400) or an exact code."""
+        """Finished (and interrupted) requests, newest first. `status`: ok, error or an exact code (see `query`)."""
         return self.query(model=model, status=status, limit=limit, count=False)[0]
 
     def query(
@@ -233,9 +284,9 @@ class Activity:
         limit: int = 50,
         count: bool = True,
     ) -> tuple[list[dict[str, Any]], int]:
-        """One page of finished requests matching every filter, newest first, and how many match in all (-1 when
-        `count` is off). `status`: ok (< 400), error (>= 400) or an exact code; `since`/`until`: Unix times,
-        inclusive. Blocking: call it off the event loop."""
+        """One page of finished (and interrupted) requests matching every filter, newest first, and how many match
+        in all (-1 when `count` is off). `status`: ok (1-399), error (`is_failure`: >= 400 but 499, and
+        interrupted: 0) or an exact code; `since`/`until`: Unix times, inclusive. Blocking: call it off the loop."""
         self.flush()
         where, args = _where(model, status, route, since, until)
         limit = max(1, min(int(limit), QUERY_LIMIT))
@@ -253,14 +304,14 @@ class Activity:
         with self._flush_lock:
             if self._facets is None:
                 self.flush_unlocked()
-                sql = 'SELECT DISTINCT {0} FROM proxy_requests WHERE {0} IS NOT NULL'
+                sql = f'SELECT DISTINCT {{0}} FROM proxy_requests WHERE {{0}} IS NOT NULL AND {_FINISHED}'
                 self._facets = {name: {r[0] for r in self.store.query(sql.format(name))} for name in FACETS}
             # list() of a set is one C call under the GIL: safe against `finish` adding on the loop meanwhile
             return {name: sorted(list(values)) for name, values in self._facets.items()}
 
     def export(self, fmt: str, **filters: Any) -> bytes:
-        """Every finished request matching `filters` (model, status, route, since, until), newest first, as `csv`
-        (a header row, then one line per request) or `json` (a list of objects). Blocking."""
+        """Every finished (or interrupted) request matching `filters` (model, status, route, since, until), newest
+        first, as `csv` (a header row, then one line per request) or `json` (a list of objects). Blocking."""
         if fmt not in ('csv', 'json'):
             raise ValueError(f'unknown export format {fmt!r}; use csv or json')
         self.flush()
@@ -303,17 +354,17 @@ def _where(
     since: float | None = None,
     until: float | None = None,
 ) -> tuple[str, list[Any]]:
-    """The WHERE clause (with its leading space, or empty) and its arguments for the history filters."""
-    where: list[str] = []
+    """The WHERE clause (with its leading space) and its arguments for the history filters."""
+    where: list[str] = [_FINISHED]  # rows in flight (this process's) are not history yet
     args: list[Any] = []
     for column, value in (('model', model), ('route', route)):
         if value:
             where.append(f'{column} = ?')
             args.append(value)
     if status == 'ok':
-        where.append('status < 400')
-    elif status == 'error':  # failures, as the figures count them: a stop by its client (499) is not one
-        where.append(f'status >= 400 AND status != {CLIENT_CLOSED}')
+        where.append('status BETWEEN 1 AND 399')
+    elif status == 'error':  # failures, as `is_failure` counts them: a stop by its client (499) is not one
+        where.append(f'(status = {INTERRUPTED} OR (status >= 400 AND status != {CLIENT_CLOSED}))')
     elif status:
         where.append('status = ?')
         args.append(int(status))
@@ -323,11 +374,19 @@ def _where(
     if until is not None:
         where.append('ts <= ?')
         args.append(float(until))
-    return (' WHERE ' + ' AND '.join(where) if where else ''), args
+    return ' WHERE ' + ' AND '.join(where), args
 
 
 def _row(r: Any) -> dict[str, Any]:
     return {**dict(r), 'stream': bool(r['stream'])}
+
+
+def _start_row(rec: RequestRecord) -> tuple[Any, ...]:
+    """The row of a request in flight, read in the flush thread while the loop may be filling its figures in: the
+    status is written NULL whatever it holds by now (the request has not ended until `finish` queues its row, which
+    comes later in the queue and replaces this one), the figures are whatever they are this moment."""
+    values = _values(rec)
+    return (*values[:_STATUS], None, *values[_STATUS + 1 :])
 
 
 def _started(rec: RequestRecord) -> dict[str, Any]:
