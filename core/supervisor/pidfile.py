@@ -32,9 +32,15 @@ def start_time(pid: int) -> float | None:
 
 
 class PidRegistry:
+    """Kept in memory and written through to `path`. A failed write (a full or read-only disk) is logged once and
+    never raised: the servers must still start and stop (a stop that raised left the scheduler wedged in
+    `stopping`), and the next change writes the whole registry again, so it catches up when space returns."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._data: dict[str, dict[str, Any]] | None = None  # this run's servers, read from the file once
+        self.write_error: str | None = None  # why the file is behind, while it is
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
@@ -49,20 +55,40 @@ class PidRegistry:
     def _write(self, data: dict[str, dict[str, Any]]) -> None:
         atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True) + '\n')
 
+    def _current(self) -> dict[str, dict[str, Any]]:
+        if self._data is None:
+            self._data = self._read()
+        return self._data
+
+    def _save(self) -> None:
+        try:
+            self._write(self._current())
+        except OSError as e:
+            if self.write_error is None:
+                log.warning(
+                    'pid registry %s not written (%s): if the app dies now, the next start cannot reap its '
+                    'llama-servers; it is written again at the next start or stop',
+                    self.path,
+                    e,
+                )
+            self.write_error = str(e)
+            return
+        if self.write_error is not None:
+            log.info('pid registry %s written again', self.path)
+            self.write_error = None
+
     def add(self, pid: int, model: str) -> None:
         created = start_time(pid)
         if created is None:
             return  # already gone
         with self._lock:
-            data = self._read()
-            data[str(pid)] = {'start_time': created, 'model': model}
-            self._write(data)
+            self._current()[str(pid)] = {'start_time': created, 'model': model}
+            self._save()
 
     def remove(self, pid: int) -> None:
         with self._lock:
-            data = self._read()
-            if data.pop(str(pid), None) is not None:
-                self._write(data)
+            if self._current().pop(str(pid), None) is not None or self.write_error is not None:
+                self._save()
 
     def reap(self, timeout: float = 5.0) -> list[int]:
         """Kill every registered process that is still the one we started. Returns the pids killed."""
@@ -81,7 +107,8 @@ class PidRegistry:
                 except (ValueError, psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
             psutil.wait_procs(killed, timeout=timeout)
-            self._write({})
+            self._data = {}
+            self._save()
             return [p.pid for p in killed]
 
 

@@ -509,7 +509,14 @@ class Scheduler:
         key = secrets.token_urlsafe(32)
         api_key: str | None = key
         if key_file is not None:
-            await asyncio.to_thread(write_private, key_file, f'{key}\n')
+            try:
+                await asyncio.to_thread(write_private, key_file, f'{key}\n')
+            except OSError as e:  # a full or read-only data dir: a clear refusal, not a plain 500
+                raise StartFailed(
+                    f'{entry.id}: cannot write its key file in the data dir ({e.strerror or e}); free some space '
+                    f'in {self.data_dir} or make it writable',
+                    model=entry.id,
+                ) from e
         elif '--api-key' in flags:
             env['LLAMA_API_KEY'] = key  # not on the command line, where `ps` shows it to every user
         else:
