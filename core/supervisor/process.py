@@ -348,7 +348,8 @@ class ServerProcess:
                     if exited.done():
                         await self._drain_readers()
                         tail = _exit_reason(list(self.tail))
-                        bind_race = any(b in tail.lower() for b in _BIND_ERRORS)
+                        output = ' '.join(self.tail).lower()  # all of it: the reason may leave the bind line out
+                        bind_race = any(b in output for b in _BIND_ERRORS)
                         raise _Exited(
                             f'llama-server exited with code {proc.returncode} while loading: {tail}', bind_race
                         )
