@@ -39,7 +39,7 @@ from core.proxy.errors import ProxyError, bad_gateway, bad_request, not_found, u
 from core.proxy.routes import DROP_REQUEST_HEADERS, DROP_RESPONSE_HEADERS, ROOT_PATHS, ROUTES, RouteSpec
 from core.proxy.slot_time import SlotTime
 from core.proxy.sse import Assembler, SSEObjects, json_usage, usage_payloads, usage_stats
-from core.proxy.upstream import Lost, Response, UpstreamClient, UpstreamError
+from core.proxy.upstream import Lost, Response, Unreachable, UpstreamClient, UpstreamError
 from core.supervisor.errors import ModelNotFound, ModelUnusable, NoCapacity, StartFailed
 from core.supervisor.process import Upstream
 
@@ -181,8 +181,8 @@ class Proxy:
             call = await self._route(scope, receive, reply, rec, spec, upstream_path, model_in_path)
             with self._admitted(call):
                 self.activity.announce(rec)
-                async with self._watching(call), self._leased(call) as up:
-                    await self._relay(call, up)
+                async with self._watching(call):
+                    await self._lease_and_relay(call)
         except ProxyError as e:
             rec.status, rec.error = e.status, e.message
             await _tell(reply, rec, e, gone_is_recorded=True)
@@ -293,6 +293,20 @@ class Proxy:
             if watch is not None:
                 watch.cancel()
 
+    async def _lease_and_relay(self, call: _Call) -> None:
+        """Relay on the model's server; once more on its successor if the server turns out to have died just before
+        (its port refused us and nothing reached the client yet): the supervisor restarts it within a second or
+        two, and a request that came in that moment should not be the one that fails."""
+        for attempt in (1, 2):
+            async with self._leased(call) as up:
+                try:
+                    await self._relay(call, up)
+                    return
+                except _ServerDied as died:
+                    if attempt == 2 or not await self.scheduler.server_gone(call.model_id, up.pid):
+                        raise died.error from died
+                    log.info('%s: its llama-server (pid %d) had died; trying its successor', call.model_id, up.pid)
+
     @contextlib.asynccontextmanager
     async def _leased(self, call: _Call) -> AsyncIterator[Upstream]:
         """The model's llama-server, started if need be (a streaming chat client may watch it load); the
@@ -333,6 +347,8 @@ class Proxy:
                 max_idle=up.slots,
             )
         except UpstreamError as e:
+            if isinstance(e, Unreachable) and not call.reply.started:
+                raise _ServerDied(_gateway_error(call.model_id, e)) from e
             raise _gateway_error(call.model_id, e) from e
         complete = False
         try:
@@ -580,6 +596,14 @@ class _LoadingState:
 
 def _unusable(model_id: str, error: str) -> ProxyError:
     return ProxyError(409, f'{model_id} cannot be loaded: {error}', 'invalid_request_error', 'model_unusable')
+
+
+class _ServerDied(Exception):
+    """The server refused the connection before any answer: maybe dead; `error` is what the client gets if so."""
+
+    def __init__(self, error: ProxyError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def _gateway_error(model_id: str, e: UpstreamError) -> ProxyError:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from core import launch_policy as policy
 from core.fsutil import write_private
 from core.model_params import ModelParams, effective_params
@@ -229,6 +231,21 @@ class Scheduler:
                 task.add_done_callback(functools.partial(self._start_done, entry.id))
             await asyncio.shield(task)
         raise NoCapacity(f'{entry.id} was evicted repeatedly while starting; too many models are being requested')
+
+    async def server_gone(self, model_id: str, pid: int, timeout: float = 5.0) -> bool:
+        """Whether the server with `pid` has died (a request found its port closed). If so, wait (up to `timeout`)
+        until the supervisor has seen it go, so that the next lease waits for its successor instead of handing out
+        the dead one again. Blocking only for a /proc read."""
+        if _alive(pid):
+            return False
+        proc = self._procs.get(model_id)
+        deadline = time.monotonic() + timeout
+        while proc is not None and proc.state == ModelState.READY and proc.pid == pid:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await self._wait_change(left)
+        return True
 
     def lease(self, model: str, on_progress: Callable[[dict[str, Any]], Any] | None = None) -> Lease:
         """`async with scheduler.lease(model) as upstream`: ready the model and count the caller in flight, so
@@ -692,6 +709,14 @@ def _flag_values(argv: Iterable[str]) -> dict[str, str]:
 
 def _is_flag(token: str) -> bool:
     return token.startswith('-') and not policy.is_number(token)
+
+
+def _alive(pid: int) -> bool:
+    """A running process (not a zombie waiting to be reaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def key_path(data_dir: Path, model_id: str) -> Path:

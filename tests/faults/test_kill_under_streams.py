@@ -1,7 +1,8 @@
 """llama-server killed with `kill -9` under 8 concurrent streams (issue 14's fault suite): every client ends within
 its deadline with a well-formed error (an `error` event in its stream, or a 502 with an OpenAI-shaped body for one
-still queued; never `[DONE]` after a cut, never a hang), the model
-comes back by itself for the next request, and the activity log records each of the 8 as the failure it was."""
+still queued; never `[DONE]` after a cut, never a hang). A request that had no answer yet (queued in llama-server,
+or sent right after) is resent to the server that replaces the dead one and answered whole; the activity log
+records each cut one as the failure it was."""
 
 from __future__ import annotations
 
@@ -33,12 +34,14 @@ async def test_kill_9_under_eight_streams(served: Served) -> None:
     body = {
         'model': SLOW_MODEL,
         'messages': [{'role': 'user', 'content': 'tell me everything'}],
-        'max_tokens': 12000,
+        'max_tokens': 600,  # long enough to be cut; short enough for a retried one to finish quickly
         'stream': True,
         'ignore_eos': True,
     }
     generating: set[int] = set()
     four_generating = asyncio.Event()
+    generating_at_kill: set[int] = set()  # streams whose tokens were on the way when the server died
+    finished: set[int] = set()
 
     async def stream(i: int) -> list[str]:
         lines: list[str] = []
@@ -48,6 +51,8 @@ async def test_kill_9_under_eight_streams(served: Served) -> None:
                 assert r.status_code == 502 and error['message'], error  # an OpenAI-shaped error, with a reason
                 return ['event: error', 'data: ' + json.dumps({'error': error})]
             async for line in r.aiter_lines():
+                if line == 'data: [DONE]':
+                    finished.add(i)
                 lines.append(line)
                 if '"content":"' in line and i not in generating:
                     generating.add(i)
@@ -59,26 +64,30 @@ async def test_kill_9_under_eight_streams(served: Served) -> None:
     # Four generate at once (4 slots); the other four wait in llama-server's queue: cut them all the same.
     await asyncio.wait_for(four_generating.wait(), DEADLINE_S)  # whichever four got the slots
     pid = next(u.pid for u in served.system.scheduler.running() if u.model_id == SLOW_MODEL)
+    generating_at_kill.update(generating - finished)
     os.kill(pid, signal.SIGKILL)
     results = await asyncio.gather(*tasks, return_exceptions=True)
+    cut = 0
     for i, lines in enumerate(results):
         assert not isinstance(lines, BaseException), f'stream {i}: {lines!r}'  # none hung past its deadline
-        assert 'data: [DONE]' not in lines, f'stream {i} claimed to be complete'
+        if i in generating_at_kill:  # its tokens were on their way to the client: it can only end with an error
+            assert 'data: [DONE]' not in lines, f'stream {i} claimed to be complete'
+        if lines[-1] == 'data: [DONE]':  # done before the kill, or queued and resent to the new server: whole
+            assert '"finish_reason":"length"' in lines[-2], f'stream {i}: {lines[-3:]}'
+            continue
         assert lines[-2] == 'event: error' and lines[-1].startswith('data: {"error"'), f'stream {i}: {lines[-3:]}'
-    # The model comes back by itself (a new server), and serves again.
-    scheduler = served.system.scheduler
-    await wait_for(
-        lambda: scheduler.describe(SLOW_MODEL)['status'] == 'ready' and scheduler.describe(SLOW_MODEL)['pid'] != pid,
-        deadline_s=30,
-    )
+        cut += 1
+    assert cut == len(generating_at_kill) >= 1
+    # A request sent at once is not the one that fails: it waits for the server that replaces the dead one.
     async with served.client() as c:
         r = await c.post(
             '/v1/chat/completions',
             json={'model': SLOW_MODEL, 'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 4},
         )
     assert r.status_code == 200, r.text
+    assert served.system.scheduler.describe(SLOW_MODEL)['pid'] not in (None, pid)
     # Each cut request is in the history as a failure, with the reason.
     activity = served.system.proxy.activity
     rows = await wait_for(lambda: len(activity.recent(limit=20)) >= STREAMS + 1 and activity.recent(limit=20))
-    cut = [r for r in rows if r['status'] != 200]
-    assert len(cut) == STREAMS and all(r['status'] >= 500 and r['error'] for r in cut), cut
+    failed = [r for r in rows if r['status'] != 200]
+    assert len(failed) == cut and all(r['status'] >= 500 and r['error'] for r in failed), failed
