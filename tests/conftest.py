@@ -51,6 +51,19 @@ def wait_http(
     raise AssertionError(f'{url} did not answer {status} within {deadline_s}s (last: {last})')
 
 
+def poll(predicate: Callable[[], Any], deadline_s: float, what: str = 'condition', interval: float = 0.05) -> Any:
+    """A blocking poll, for tests that drive a subprocess: `predicate()`'s first truthy value, or fail at the
+    deadline."""
+    end = time.monotonic() + deadline_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f'{what}: not within {deadline_s}s')
+        time.sleep(interval)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test reads the user's LAP_* variables or writes to the real config and data dirs."""

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import AppProcess, start_app, stop_process
+from tests.conftest import AppProcess, poll, start_app, stop_process
 from tests.gguf_factory import write_tiny_gguf
 from tests.test_browser import ARGS, CHROMIUM
 
@@ -80,15 +80,6 @@ async def new_page(browser: Any, width: int = 1440, height: int = 900, scheme: s
 
 def api(app: AppProcess, method: str, path: str, **kw: Any) -> httpx.Response:
     return httpx.request(method, app.base_url + path, timeout=60, **kw)
-
-
-def wait(predicate: Any, deadline_s: float = 20) -> Any:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f'not within {deadline_s}s')
 
 
 async def settle(page: Any) -> None:
@@ -200,7 +191,7 @@ async def test_a_parameter_change_shows_in_the_command_line_and_restarts_the_mod
     await dialog.get_by_role('tab', name='Command line').click()
     await dialog.locator('code', has_text='--ctx-size 768').wait_for(timeout=10000)
     await page.screenshot(path=str(ARTIFACTS / 'model-details.png'))
-    wait(lambda: (d := api(shop, 'GET', '/api/models/tiny-llama').json())['status'] == 'ready' and d['pid'] != pid, 60)
+    poll(lambda: (d := api(shop, 'GET', '/api/models/tiny-llama').json())['status'] == 'ready' and d['pid'] != pid, 60)
     # A refused value: its field says why, nothing is saved.
     await dialog.get_by_role('tab', name='Parameters').click()
     await dialog.get_by_label('Threads', exact=True).fill('0')
@@ -208,7 +199,7 @@ async def test_a_parameter_change_shows_in_the_command_line_and_restarts_the_mod
     await dialog.get_by_text('greater than or equal to 1').wait_for(timeout=10000)
     assert 'threads' not in api(shop, 'GET', '/api/models/tiny-llama/parameters').json()['params']
     await dialog.get_by_role('button', name='Reset to defaults').click()
-    wait(lambda: not api(shop, 'GET', '/api/models/tiny-llama/parameters').json()['params'], 20)
+    poll(lambda: not api(shop, 'GET', '/api/models/tiny-llama/parameters').json()['params'], 20)
     assert not console.unexpected(), console.errors
 
 
@@ -229,7 +220,9 @@ async def test_chat_stop_ends_the_generation_and_the_transcript_survives_a_reloa
     await stop.click()
     await page.get_by_text('Stopped', exact=True).wait_for(timeout=10000)
     # The proxy recorded the request as cancelled by the client, and the model's slot is free again.
-    rows = wait(lambda: [r for r in api(shop, 'GET', '/api/requests?limit=5').json()['requests'] if r['status'] == 499])
+    rows = poll(
+        lambda: [r for r in api(shop, 'GET', '/api/requests?limit=5').json()['requests'] if r['status'] == 499], 20
+    )
     assert rows[0]['model'] == 'wide-llama' and rows[0]['completion_tokens'] != 4000
     assert not api(shop, 'GET', '/api/requests/inflight').json()['requests']
     await page.reload()

@@ -13,31 +13,18 @@ import os
 import shutil
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 import pytest
 
-from tests.conftest import start_app, stop_process
+from tests.conftest import poll, start_app, stop_process
 
 pytestmark = [pytest.mark.native, pytest.mark.slow]
 TITLE = 'Llama Async Proxy'
 TOOLS = ('Xvfb', 'openbox', 'wmctrl')
-
-
-def poll(predicate: Callable[[], Any], deadline_s: float, what: str, interval: float = 0.05) -> Any:
-    end = time.monotonic() + deadline_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f'{what}: not within {deadline_s}s')
-        time.sleep(interval)
 
 
 def _run(argv: list[str], display: str) -> subprocess.CompletedProcess[str]:

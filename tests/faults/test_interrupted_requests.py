@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from core.proxy.activity import INTERRUPTED, INTERRUPTED_ERROR, Activity, is_failure
-from tests.conftest import SLOW_MODEL, AppProcess, start_app, stop_process
+from tests.conftest import SLOW_MODEL, AppProcess, poll, start_app, stop_process
 from ui.activity import history_row
 from ui.dashboard import request_row
 
@@ -35,17 +34,6 @@ def rows_in_file(app: AppProcess) -> dict[str, sqlite3.Row]:
         return {}
     finally:
         conn.close()
-
-
-def poll(predicate: Callable[[], Any], deadline_s: float, what: str) -> Any:
-    end = time.monotonic() + deadline_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f'{what}: not within {deadline_s}s')
-        time.sleep(0.05)
 
 
 @contextlib.contextmanager
