@@ -148,10 +148,22 @@ class System:
         self.store.close()
         self.started = False
 
+    def problems(self) -> list[str]:
+        """What is degraded while the proxy keeps serving: writes to the data dir that failed (a full or read-only
+        disk) and are retried. In memory: the header asks on every redraw."""
+        found = [
+            self.scheduler.registry.write_error and f'pid registry not written: {self.scheduler.registry.write_error}',
+            self.proxy.activity.write_error,
+            self.metrics.history_error,
+        ]
+        return [p for p in found if p]
+
     def health(self) -> dict[str, Any]:
         b = self.binary.current
+        problems = self.problems()
         return {
-            'status': 'ok',
+            'status': 'degraded' if problems else 'ok',
+            'problems': problems,
             'version': self.version,
             'llama_server': None if b is None else {'path': str(b.path), 'version': b.version, 'source': b.source},
         }

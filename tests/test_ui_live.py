@@ -127,3 +127,13 @@ async def test_a_gpu_gets_a_dashboard_card_and_monitoring_charts(fake_gpu: None,
     await user.should_see('GPUs: NVIDIA Test 24GB')
     titles = [p.figure['layout'].get('title', {}).get('text') for p in user.find(ui_plotly()).elements]
     assert {'GPU utilization', 'GPU memory used', 'GPU temperature', 'GPU power'} <= set(titles)
+
+
+async def test_the_header_says_when_the_data_dir_is_not_written(fast_sampler: Path, user: User) -> None:
+    await user.open('/')
+    system = app.state.system
+    await user.should_not_see(marker='data-problems')
+    system.proxy.activity.write_error = 'request history not written: [Errno 28] No space left on device'
+    await user.should_see('data dir not writable', retries=50)  # on the next sample's header redraw
+    system.proxy.activity.write_error = None
+    await user.should_not_see(marker='data-problems', retries=50)

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from core.api import get_system
 from core.system import System
@@ -18,7 +18,8 @@ class LlamaServerInfo(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description='ok, or degraded: serving, but writes to the data dir fail (see problems)')
+    problems: list[str] = Field(default_factory=list, description='What is degraded, e.g. a full data dir')
     version: str
     llama_server: LlamaServerInfo | None
 

@@ -43,6 +43,7 @@ class MetricsService:
         self, config: Any, scheduler: Any, library: Any, store: Any, bus: EventBus, logs: Any | None = None
     ) -> None:
         self.config, self.scheduler, self.library, self.store, self.bus = config, scheduler, library, store, bus
+        self.history_error: str | None = None  # why the metric history on disk is behind, while it is
         self.logs = logs
         self.host = HostSampler()
         self.scraper = LlamaScraper()
@@ -162,8 +163,12 @@ class MetricsService:
             if self.history.pending:
                 try:
                     await asyncio.to_thread(self.history.flush)
-                except Exception:
-                    log.exception('writing metric history failed')
+                except Exception as e:
+                    if self.history_error is None:
+                        log.exception('writing metric history failed')
+                    self.history_error = f'metric history not written: {e}'
+                else:
+                    self.history_error = None
             self.alerts.evaluate(sample)
             return sample
 

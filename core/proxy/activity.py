@@ -52,6 +52,7 @@ def is_failure(status: int | None) -> bool:
 STATS_WINDOW_S = 60.0
 LAST_KEPT = 50
 FACETS = ('model', 'route', 'status')
+MAX_UNWRITTEN = 10_000  # rows kept in memory while SQLite cannot be written (a full disk)
 QUERY_LIMIT = 10_000  # rows per page of a query
 EXPORT_LIMIT = 1_000_000  # an export is bounded by `requests_keep` in practice; this only caps a runaway setting
 
@@ -141,6 +142,7 @@ class Activity:
         # A read's flush waits for one already writing in another thread, so it never misses rows in transit.
         self._flush_lock = threading.Lock()
         self._facets: dict[str, set[Any]] | None = None  # filter choices, read once (see `facets`)
+        self.write_error: str | None = None  # why the history on disk is behind, while it is
         self._schema_ready = False
         self._ensure_schema()  # pages may ask for recent requests before the app has finished starting
         self.mark_interrupted()  # so their first read already shows the requests the last run cut short
@@ -260,8 +262,21 @@ class Activity:
             self.store.execute(
                 'DELETE FROM proxy_requests WHERE rowid <= (SELECT MAX(rowid) FROM proxy_requests) - ?', (keep,)
             )
-        except Exception:
-            log.exception('writing %d request rows failed', len(rows))
+        except Exception as e:
+            # Kept for the next flush (a full disk frees up; a locked database unlocks), within a bound.
+            self._pending.extendleft(reversed(rows))
+            dropped = len(self._pending) - MAX_UNWRITTEN
+            for _ in range(max(0, dropped)):
+                self._pending.popleft()
+            if self.write_error is None:
+                log.exception('writing %d request rows failed; kept to retry', len(rows))
+            if dropped > 0:
+                log.warning('request history: %d unwritten rows dropped (over %d kept)', dropped, MAX_UNWRITTEN)
+            self.write_error = f'request history not written: {e}'
+            return
+        if self.write_error is not None:
+            log.info('request history written again')
+            self.write_error = None
 
     async def _flush_loop(self) -> None:
         while True:

@@ -53,3 +53,26 @@ async def test_a_start_that_cannot_write_its_key_file_says_why(one_slot: Any, mo
     assert s.describe('tiny-llama')['status'] == ModelState.STOPPED  # not left starting
     monkeypatch.undo()
     assert (await s.load('tiny-llama')).port  # space is back: it starts
+
+
+async def test_a_full_disk_is_reported_and_the_history_catches_up(
+    make_served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy keeps serving; /api/health says `degraded` with the reason; request rows wait in memory and are
+    written once the disk takes them again."""
+    async with await make_served() as served, served.client() as client:
+        activity = served.system.proxy.activity
+        body = {'model': 'tiny-llama', 'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 4}
+        with monkeypatch.context() as m:
+            m.setattr(activity.store, 'executemany', _full)
+            for _ in range(3):
+                assert (await client.post('/v1/chat/completions', json=body)).status_code == 200  # still serving
+            activity.flush()
+            health = (await client.get('/api/health')).json()
+            assert health['status'] == 'degraded'
+            assert any('No space left' in p for p in health['problems']), health
+        activity.flush()  # space is back
+        health = (await client.get('/api/health')).json()
+        rows = (await client.get('/api/requests')).json()['requests']
+    assert health['status'] == 'ok' and health['problems'] == []
+    assert len([r for r in rows if r['status'] == 200]) == 3  # none of the three was lost

@@ -34,6 +34,12 @@ class Header:
         self.system = system
         with ui.row().classes('items-center gap-2 flex-nowrap overflow-hidden min-w-0'):
             self.binary = ui.badge().props('outline').classes('text-white gt-xs').mark('binary-status')
+            # A write to the data dir failing (a full disk): the proxy serves on, the history waits; say so.
+            with ui.badge(color='negative').classes('text-white').mark('data-problems') as self.problems:
+                ui.icon('warning').classes('mr-1')
+                self.problems_text = ui.label('data dir not writable')
+                self.problems_tip = ui.tooltip('')
+            self.problems.set_visibility(False)
             self.models = Chip('storage', 'chip-models', 'Models loaded / usable models found')
             self.cpu = Chip('memory', 'chip-cpu', 'CPU, all cores')
             self.ram = Chip('developer_board', 'chip-ram', 'RAM in use')
@@ -52,6 +58,10 @@ class Header:
         if self.binary.text != text:
             self.binary.set_text(text)
             self.binary.props(f'color={"negative" if b is None else "positive"}')
+        problems = self.system.problems()
+        self.problems.set_visibility(bool(problems))
+        if problems and self.problems_tip.text != '; '.join(problems):
+            self.problems_tip.set_text('; '.join(problems))
         found = [e for e in self.system.library.models() if not e.error]  # an unusable file never loads
         loaded = sum(1 for e in found if self.system.scheduler.describe(e.id).get('status') == ModelState.READY)
         self.models.set(f'{loaded} / {len(found)}')
