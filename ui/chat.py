@@ -119,8 +119,7 @@ class ChatPage:
         for element in (self.input, self.send_button, self.system_prompt, *self.numbers.values()):
             element.disable()
         self.refresh_models()
-        live(self.system, ['models'], self.refresh_models, every_ms=200)
-        ui.timer(2.0, self.refresh_models)  # files a rescan finds: the library publishes no event
+        live(self.system, ['models'], self.refresh_models, every_ms=200)  # states, and files a rescan finds
         self.client.on_delete(self.abandon)
         try:
             await self.client.connected(timeout=30)

@@ -9,7 +9,7 @@ from ui.format import DASH
 
 class KpiCard:
     def __init__(self, label: str, marker: str, hint: str = '') -> None:
-        with ui.card().classes('min-w-0 gap-0 p-3') as self.card:
+        with ui.card().classes('min-w-0 gap-0 p-3'):
             ui.label(label).classes('text-xs lap-muted')
             self.value = ui.label(DASH).classes('text-2xl font-semibold').mark(marker)
             self.hint = ui.label(hint).classes('text-xs lap-muted')

@@ -31,13 +31,11 @@ class LogView:
         self.view = ui.log(max_lines=max_lines).classes(f'w-full {height} font-mono text-xs').mark(marker)
         self.pending: list[dict[str, Any]] = []
         self.paused = False
-        self.count = 0
 
     def show(self, records: list[dict[str, Any]]) -> None:
         """Replace what is shown."""
         self.view.clear()
         self.pending.clear()
-        self.count = 0
         self._push(records)
 
     def add(self, record: dict[str, Any]) -> None:
@@ -53,9 +51,7 @@ class LogView:
 
     def clear(self) -> None:
         self.view.clear()
-        self.count = 0
 
     def _push(self, records: list[dict[str, Any]]) -> None:
         for d in records[-self.max_lines :]:
             self.view.push(line_text(d), classes=LEVEL_CLASS.get(d['level'], '') or None)
-        self.count = min(self.count + len(records), self.max_lines)
