@@ -93,6 +93,10 @@ class LogService:
         self.bus.publish('logs', 'line', rec.as_dict())
         return rec
 
+    @property
+    def write_error(self) -> str | None:
+        return None if self._files is None else self._files.write_error
+
     # ---- files ---------------------------------------------------------------------------------------------
     def flush(self) -> None:
         """Wait until every line added so far is on disk (blocking; call off the event loop)."""
@@ -216,6 +220,7 @@ class _FileWriter:
         # A SimpleQueue: put() from the loop is one C call, no lock shared with this thread's bookkeeping.
         self._queue: queue.SimpleQueue[LogRecord | threading.Event | None] = queue.SimpleQueue()
         self._open: dict[str, tuple[BinaryIO, int]] = {}  # source -> (file, its size)
+        self.write_error: str | None = None  # why lines are missing from the files, while they are
         self._thread = threading.Thread(target=self._run, name='log files', daemon=True)
         self._thread.start()
 
@@ -255,16 +260,21 @@ class _FileWriter:
 
     def _write(self, records: list[LogRecord]) -> None:
         lines: dict[str, list[bytes]] = {}
+        error = None
         for rec in records:
             lines.setdefault(rec.source, []).append(format_line(rec).encode('utf-8', 'replace') + b'\n')
         for source, parts in lines.items():
             try:
                 self._write_source(source, parts)
-            except Exception:  # a full disk, a failed rotation: reopened on the next batch; other sources go on
+            except Exception as e:  # a full disk, a failed rotation: reopened on the next batch; other sources go on
                 f, _ = self._open.pop(source, (None, 0))
                 if f is not None:
                     with contextlib.suppress(Exception):
                         f.close()
+                # Not logged: that would queue another line for this writer. The ring buffer keeps the lines.
+                error = f'log files not written: {e}'
+        if lines:
+            self.write_error = error
 
     def _write_source(self, source: str, parts: list[bytes]) -> None:
         f, size = self._file(source)

@@ -14,7 +14,7 @@ from typing import Any
 
 from core import __version__
 from core.config_watch import ConfigWatcher
-from core.events import EventBus
+from core.events import Event, EventBus, Subscription
 from core.frontdoor import FrontDoor
 from core.library import ModelLibrary
 from core.llama_binary import BinaryResolver
@@ -103,6 +103,9 @@ class System:
         watchable = hasattr(config, 'reload_file')  # a SettingsManager, not a test's bare settings holder
         self.config_watch = ConfigWatcher(config, self.apply_config, self.bus) if watchable else None
         self.started = False
+        self._problems: list[str] = []  # as last published on the `health` topic
+        self._health_watch: Subscription | None = None
+        self._registry_retry: asyncio.Future[None] | None = None
         self._applied_settings = config.settings  # what `apply_config` last brought the servers in line with
         config.on_change(self._on_config_change)
 
@@ -128,12 +131,15 @@ class System:
         await self.scheduler.start()
         await self.proxy.start()
         await self.metrics.start()
+        self._health_watch = self.bus.subscribe(['metrics', 'models', 'requests'], self._watch_writes)
         if self.config_watch is not None:
             await self.config_watch.start()
         self.started = True
 
     async def stop(self) -> None:
         # Reverse order: stop taking requests, then stop the children, then the rest.
+        if self._health_watch is not None:
+            self._health_watch.close()
         if self.config_watch is not None:
             await self.config_watch.stop()
         for name in ('proxy', 'metrics', 'scheduler', 'library'):
@@ -155,8 +161,31 @@ class System:
             self.scheduler.registry.write_error and f'pid registry not written: {self.scheduler.registry.write_error}',
             self.proxy.activity.write_error,
             self.metrics.history_error,
+            self.logs.write_error,
         ]
         return [p for p in found if p]
+
+    def _watch_writes(self, event: Event) -> None:
+        # The failed writes are noticed where they happen (a swap, a flush, a sample); each of those publishes on
+        # one of these topics. The registry is written again each sample while it is behind.
+        registry = self.scheduler.registry
+        if event.topic == 'metrics' and registry.write_error is not None and self._registry_retry is None:
+            self._registry_retry = asyncio.ensure_future(asyncio.to_thread(registry.retry))
+            self._registry_retry.add_done_callback(self._registry_retried)
+        self._publish_problems()
+
+    def _registry_retried(self, task: asyncio.Future[None]) -> None:
+        self._registry_retry = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error('pid registry retry failed', exc_info=task.exception())
+        self._publish_problems()
+
+    def _publish_problems(self) -> None:
+        """One `health/problems` event per change (an empty list: everything is written again)."""
+        now = self.problems()
+        if now != self._problems:
+            self._problems = now
+            self.bus.publish('health', 'problems', {'problems': now})
 
     def health(self) -> dict[str, Any]:
         b = self.binary.current

@@ -46,6 +46,30 @@ def test_downsampling_means_and_retention(tmp_path: Path) -> None:
     store.close()
 
 
+def test_buckets_a_full_disk_refused_are_written_when_it_takes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / 'h.sqlite3')
+    h = History(store, interval=1.0)
+    for i in range(120):  # two minutes while the disk is full: 12 ten-second buckets and 2 one-minute ones close
+        h.add(T0 + i, {'cpu_pct': float(i // 10)})
+        if i % 10 == 5 and h.pending:
+            with monkeypatch.context() as m:
+                m.setattr(store, 'executemany', _no_space)
+                with pytest.raises(OSError, match='No space'):
+                    h.flush(now=T0 + i)
+    h.add(T0 + 120, {'cpu_pct': 12.0})  # closes the last minute's buckets
+    h.flush(now=T0 + 120)  # space is back
+    assert h.stored_rows() == {10: 12, 60: 2}
+    day = h.query('24h', ['cpu_pct'], now=T0 + 120)
+    assert [v for _, v in day['series']['cpu_pct']] == [float(i) for i in range(12)]  # no hole
+    store.close()
+
+
+def _no_space(*_a: object, **_k: object) -> None:
+    raise OSError(28, 'No space left on device')
+
+
 def test_short_windows_use_the_ring_and_survive_restart(tmp_path: Path) -> None:
     store = Store(tmp_path / 'h.sqlite3')
     h = History(store, interval=1.0)

@@ -266,7 +266,7 @@ def frame(system: System, title: str, path: str) -> None:
                         row.classes('lap-nav-active')
                     ui.icon(icon).classes('text-indigo-500')
                     ui.label(label)
-    live(system, ['models'], header.update, every_ms=100)  # a state change shows at once
+    live(system, ['models', 'health'], header.update, every_ms=100)  # a state change shows at once
     live(system, ['metrics'], header.update, every_ms=1000)
 
 

@@ -94,6 +94,9 @@ class _Bucket:
         return {k: round(self.sums[k] / self.counts[k], 4) for k in self.sums}
 
 
+MAX_PENDING = 20_000  # closed buckets held while the disk refuses them: 7 a minute (10 s and 60 s tiers), ~2 days
+
+
 class History:
     def __init__(self, store: Store, interval: float = 1.0) -> None:
         self.store = store
@@ -132,10 +135,18 @@ class History:
     def flush(self, include_open: bool = False, now: float | None = None) -> None:
         """Write closed buckets (and, at shutdown, the open ones) and prune past retention. Blocking."""
         rows, self._pending = self._pending, []
+        closed = len(rows)
         if include_open:
             rows += [(res, b.start, json.dumps(b.means(), separators=(',', ':'))) for res, b in self._buckets.items()]
         if rows:
-            self.store.executemany('INSERT OR REPLACE INTO metrics_history (res, ts, data) VALUES (?, ?, ?)', rows)
+            try:
+                self.store.executemany('INSERT OR REPLACE INTO metrics_history (res, ts, data) VALUES (?, ?, ?)', rows)
+            except Exception:
+                # A full disk: keep the closed buckets for the next flush (the newest, up to a bound), so the
+                # history has no hole once space returns. Open buckets are still in memory anyway.
+                self._pending[:0] = rows[:closed]
+                del self._pending[:-MAX_PENDING]
+                raise
             now = time.time() if now is None else now
             for res, keep in TIERS.items():
                 self.store.execute('DELETE FROM metrics_history WHERE res = ? AND ts < ?', (res, int(now - keep)))

@@ -34,7 +34,8 @@ def start_time(pid: int) -> float | None:
 class PidRegistry:
     """Kept in memory and written through to `path`. A failed write (a full or read-only disk) is logged once and
     never raised: the servers must still start and stop (a stop that raised left the scheduler wedged in
-    `stopping`), and the next change writes the whole registry again, so it catches up when space returns."""
+    `stopping`), and `retry` (each metrics sample) or the next change writes the whole registry again, so it catches up
+    when space returns."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -88,6 +89,12 @@ class PidRegistry:
     def remove(self, pid: int) -> None:
         with self._lock:
             if self._current().pop(str(pid), None) is not None or self.write_error is not None:
+                self._save()
+
+    def retry(self) -> None:
+        """Write the registry again if the last write failed (called about once a second; blocking)."""
+        with self._lock:
+            if self.write_error is not None:
                 self._save()
 
     def reap(self, timeout: float = 5.0) -> list[int]:

@@ -528,12 +528,18 @@ class Scheduler:
         if key_file is not None:
             try:
                 await asyncio.to_thread(write_private, key_file, f'{key}\n')
-            except OSError as e:  # a full or read-only data dir: a clear refusal, not a plain 500
-                raise StartFailed(
-                    f'{entry.id}: cannot write its key file in the data dir ({e.strerror or e}); free some space '
-                    f'in {self.data_dir} or make it writable',
-                    model=entry.id,
-                ) from e
+            except OSError as e:  # a full or read-only data dir
+                if '--api-key' not in flags:  # a clear refusal, not a plain 500
+                    raise StartFailed(
+                        f'{entry.id}: cannot write its key file in the data dir ({e.strerror or e}); free some space '
+                        f'in {self.data_dir} or make it writable',
+                        model=entry.id,
+                    ) from e
+                # The environment is as private as a 0600 file (/proc/<pid>/environ is the owner's), so a full
+                # disk does not stop a model from starting.
+                log.warning('%s: key file not written (%s); the key goes in its environment', entry.id, e.strerror or e)
+                key_file = None
+                env['LLAMA_API_KEY'] = key
         elif '--api-key' in flags:
             env['LLAMA_API_KEY'] = key  # not on the command line, where `ps` shows it to every user
         else:

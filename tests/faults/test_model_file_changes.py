@@ -56,3 +56,32 @@ async def test_a_removed_file_stops_its_server(
     await wait_for(lambda: removed in _retired(events), deadline_s=20)
     await wait_for(lambda: not system.scheduler.running(), deadline_s=20)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_a_deleted_folder_stops_its_models_and_is_watched_again_when_it_comes_back(
+    system_factory: Callable[..., Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    system, events = await _running(system_factory, tmp_path / 'shelf', tiny_model)
+    shutil.rmtree(tmp_path / 'shelf')
+    await wait_for(lambda: {'model': 'moving', 'reason': 'its file was removed'} in _retired(events), deadline_s=20)
+    await wait_for(lambda: system.library.get('moving') is None and not system.scheduler.running(), deadline_s=20)
+
+    (tmp_path / 'shelf').mkdir()  # the same path again (a drive mounted back): no rescan is asked for
+    shutil.copy(tiny_model, tmp_path / 'shelf' / 'back.gguf')
+    await wait_for(lambda: system.library.get('back'), deadline_s=20)
+    assert system.library.watching == [tmp_path / 'shelf']
+    shutil.copy(tiny_model, tmp_path / 'shelf' / 'later.gguf')  # and inotify watches it again
+    await wait_for(lambda: system.library.get('later'), deadline_s=10)
+    assert (await system.scheduler.load('back')).port
+
+
+async def test_a_folder_missing_at_start_is_picked_up_when_it_appears(
+    system_factory: Callable[..., Any], tmp_path: Path, tiny_model: Path
+) -> None:
+    folder = tmp_path / 'not-yet'
+    system = await system_factory(models_dirs=[folder], scan_well_known_dirs=False)
+    assert system.library.models() == [] and system.library.watching == []
+    folder.mkdir()
+    shutil.copy(tiny_model, folder / 'arrived.gguf')
+    await wait_for(lambda: system.library.get('arrived'), deadline_s=20)
+    assert system.library.watching == [folder]
