@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from core.llama_binary import BinaryResolver, LlamaBinary
@@ -178,6 +179,30 @@ def settings_factory(tmp_path: Path) -> Callable[..., SettingsManager]:
         return SettingsManager(config_path=tmp_path / 'config.json', cli=values, env_file=tmp_path / 'none.env')
 
     return make
+
+
+FAST = {'restart_backoff': 0.02, 'stop_timeout': 5.0, 'drain_timeout': 30.0}
+
+
+@pytest.fixture
+async def harness(settings_factory: Callable[..., Any]) -> AsyncIterator[Callable[..., Any]]:
+    """`await harness({'id': path}, **settings)`: a started Scheduler over a scripted library (no proxy, no web
+    server); every llama-server must be gone after its stop."""
+    from tests.supervisor_helpers import FakeLibrary, Harness, make_harness
+
+    made: list[Harness] = []
+
+    async def make(catalog: dict[str, Path], need_mb: dict[str, int] | None = None, **values: Any) -> Any:
+        h = make_harness(settings_factory(**{**FAST, **values}), FakeLibrary(catalog, need_mb))
+        await h.scheduler.start()
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        await h.scheduler.stop()
+        for proc in h.scheduler._procs.values():
+            assert proc.pid is None or not psutil.pid_exists(proc.pid), 'a llama-server outlived stop()'
 
 
 @pytest.fixture

@@ -5,6 +5,9 @@ Answers `--version` and `--help` like llama-server, then serves `GET /health` on
 FAKE_IGNORE_TERM=1  ignore SIGTERM (a hung child the supervisor must SIGKILL)
 FAKE_LONG_LINE=N    print one N-byte line before serving
 FAKE_HANG_FILE=P    stop answering /health (hang the handler) once file P exists
+FAKE_EXIT=N         print an error line and exit with code N at once (a crash loop)
+FAKE_GRANDCHILD=P   fork a grandchild in a session of its own that keeps stdout and stderr open for 120 s (its pid
+                    is written to file P, for the test to clean up)
 """
 
 from __future__ import annotations
@@ -52,6 +55,16 @@ def main() -> None:
     if '--help' in argv:
         print(HELP)
         return
+    if code := os.environ.get('FAKE_EXIT'):
+        print(f'main: error: fake failure {time.monotonic():.3f}', file=sys.stderr, flush=True)
+        sys.exit(int(code))
+    if pid_file := os.environ.get('FAKE_GRANDCHILD'):
+        if (pid := os.fork()) == 0:
+            os.setsid()  # out of the server's process group: a signal to the group misses it
+            time.sleep(120)
+            os._exit(0)
+        with open(pid_file, 'w') as f:
+            f.write(str(pid))
     if os.environ.get('FAKE_IGNORE_TERM'):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     long_line = int(os.environ.get('FAKE_LONG_LINE', '0'))

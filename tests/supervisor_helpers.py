@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from core.events import Event, EventBus
 from core.llama_binary import BinaryResolver
@@ -131,3 +132,10 @@ async def stream_chat(up: Upstream, n_predict: int, on_first: Callable[[], None]
             if on_first is not None and len(chunks) == 1:
                 on_first()
     return chunks
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

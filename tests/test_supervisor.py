@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,33 +14,7 @@ import pytest
 
 from core.supervisor import ModelNotFound, NoCapacity, StartFailed, Unloaded
 from tests.conftest import wait_for
-from tests.supervisor_helpers import Entry, FakeLibrary, Harness, chat, fake_binary, make_harness, stream_chat
-
-FAST = {'restart_backoff': 0.02, 'stop_timeout': 5.0, 'drain_timeout': 30.0}
-
-
-@pytest.fixture
-async def harness(settings_factory: Callable[..., Any]) -> AsyncIterator[Callable[..., Any]]:
-    made: list[Harness] = []
-
-    async def make(catalog: dict[str, Path], need_mb: dict[str, int] | None = None, **values: Any) -> Harness:
-        h = make_harness(settings_factory(**{**FAST, **values}), FakeLibrary(catalog, need_mb))
-        await h.scheduler.start()
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        await h.scheduler.stop()
-        for proc in h.scheduler._procs.values():
-            assert proc.pid is None or not psutil.pid_exists(proc.pid), 'a llama-server outlived stop()'
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+from tests.supervisor_helpers import Entry, alive, chat, fake_binary, stream_chat
 
 
 async def test_load_chat_unload(harness: Any, tiny_model: Path) -> None:
@@ -167,20 +140,6 @@ async def test_a_child_still_loading_that_ignores_sigterm_is_not_waited_out(
     assert elapsed < 10, elapsed  # the short grace, not stop_timeout=30
     with pytest.raises(Unloaded):
         await load
-
-
-async def test_long_output_lines_do_not_break_the_reader(harness: Any, tiny_model: Path, tmp_path: Path) -> None:
-    h = await harness(
-        {'tiny': tiny_model},
-        llama_server_path=fake_binary(tmp_path, FAKE_LONG_LINE=str(1_000_000)),
-    )
-    await h.scheduler.load('tiny')
-
-    def lines() -> list[Any]:
-        return h.logs.query(model='tiny', source='llama-server', limit=10_000)
-
-    await wait_for(lambda: any('listening' in r.message for r in lines()), 10)  # output is read in batches
-    assert sum(len(r.message) for r in lines() if set(r.message) == {'x'}) == 1_000_000
 
 
 async def test_hung_ready_server_is_restarted(harness: Any, tiny_model: Path, tmp_path: Path) -> None:

@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 HOST = '127.0.0.1'
 LOG_TAIL_LINES = 40
 READ_CHUNK = 64 * 1024
-MAX_LINE = 64 * 1024  # a longer line is logged in pieces instead of growing the buffer without bound
+# A longer line is cut there (the rest is read and dropped): a child flooding one endless line costs a bounded
+# buffer, and the log ring (10 000 lines) at most ~160 MiB even if every line were that long.
+MAX_LINE = 16 * 1024
+CUT_NOTE = b' [... line cut at 16 KiB]'
 # After each read of a server's output, wait this long so that lines arrive together: llama-server writes ~9 lines
 # per chat request, one write each, and a wakeup and a read per line cost the proxy ~1/3 of its CPU per request.
 READ_PAUSE_S = 0.02
@@ -418,18 +421,29 @@ class ServerProcess:
             _done, pending = await asyncio.wait(readers, timeout=1.0)
             for task in pending:
                 task.cancel()
+            if pending and self._proc is not None:
+                # Close our ends too, or their file descriptors stay open as long as the grandchild runs.
+                transport = getattr(self._proc, '_transport', None)  # asyncio keeps it private; there is no API
+                if transport is not None:
+                    transport.close()
 
     async def _read(self, stream: asyncio.StreamReader) -> None:
         buf = b''
+        skipping = False  # past MAX_LINE of the current line: drop up to its end
         while chunk := await stream.read(READ_CHUNK):
+            full = len(chunk) == READ_CHUNK
+            if skipping:
+                end = chunk.find(b'\n')
+                chunk = b'' if end < 0 else chunk[end + 1 :]
+                skipping = end < 0
             buf += chunk
             *lines, buf = buf.split(b'\n')
             for line in lines:
-                self._line(line)
-            while len(buf) > MAX_LINE:
-                self._line(buf[:MAX_LINE])
-                buf = buf[MAX_LINE:]
-            if len(chunk) < READ_CHUNK:  # a trickle: let it gather (a full read means more is waiting: read on)
+                self._line(line if len(line) <= MAX_LINE else line[:MAX_LINE] + CUT_NOTE)
+            if len(buf) > MAX_LINE:
+                self._line(buf[:MAX_LINE] + CUT_NOTE)
+                buf, skipping = b'', True
+            if not full:  # a trickle: let it gather (a full read means more is waiting: read on)
                 await asyncio.sleep(READ_PAUSE_S)
         if buf:
             self._line(buf)
