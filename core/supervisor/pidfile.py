@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,15 +109,35 @@ class PidRegistry:
                     proc = psutil.Process(pid)
                     if abs(proc.create_time() - float(info.get('start_time', 0))) > _START_TIME_TOLERANCE_S:
                         continue  # pid reused by an unrelated process
+                    if proc.status() == psutil.STATUS_ZOMBIE:  # killed by the parent-death signal, not collected
+                        _kill_group(pid)  # anything still in its group
+                        continue
                     log.warning('reaping llama-server pid %s (%s) left by an earlier run', pid, info.get('model'))
                     _kill_group(pid)
                     killed.append(proc)
                 except (ValueError, psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
-            psutil.wait_procs(killed, timeout=timeout)
+            _wait_dead(killed, timeout)
             self._data = {}
             self._save()
             return [p.pid for p in killed]
+
+
+def _wait_dead(procs: list[psutil.Process], timeout: float) -> None:
+    """Until each is gone or a zombie. Not `psutil.wait_procs`: they are not our children, so it waits for init
+    to collect them, which took ~1.5 s here and may never happen under an init that does not reap."""
+    deadline = time.monotonic() + timeout
+    while procs and time.monotonic() < deadline:
+        procs = [p for p in procs if _running(p)]
+        if procs:
+            time.sleep(0.02)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _kill_group(pid: int) -> None:

@@ -1,7 +1,8 @@
 """A request in flight when the app is killed is in the activity log after the restart, as interrupted (issue 14,
 item 6): its row is written when it starts and completed when it ends, and the next start marks the rows an earlier
 process left unfinished. The app is killed for real (SIGKILL to its process group) and started again on its data
-dir; the recorder's ordering and the marking are also checked on a System."""
+dir, which it finds as it was: the config file unchanged, SQLite intact, no llama-server of the killed app left
+running. The recorder's ordering and the marking are also checked on a System."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from core.proxy.activity import INTERRUPTED, INTERRUPTED_ERROR, Activity, is_failure
@@ -85,14 +87,25 @@ def test_a_request_in_flight_when_the_app_is_killed_is_shown_interrupted(tmp_pat
             )
             assert on_disk[cut]['status'] is None and on_disk[cut]['model'] == SLOW_MODEL
             finished_id = next(i for i, row in on_disk.items() if row['status'] == 200)
+            put = httpx.put(f'{app.base_url}/api/config', json={'sse_heartbeat': 20}, timeout=30)
+            assert put.status_code == 200, put.text
+            config_before = app.config_path.read_bytes()
+            servers = [p for p in psutil.Process(app.proc.pid).children(recursive=True) if p.name() == 'llama-server']
+            assert len(servers) == 1
             os.killpg(app.proc.pid, signal.SIGKILL)
             app.proc.wait(10)
+            # The kernel's parent-death signal ends its llama-server with it (before any restart reaps it).
+            poll(lambda: not any(map(_running, servers)), 10, 'the llama-server outlived the app')
             stack.pop_all()  # the stream's connection died with the app: nothing to close politely
             with contextlib.suppress(httpx.HTTPError):
                 r.close()
 
     with app_on(tmp_path, slow_models) as again:
         assert again.data_dir == app.data_dir
+        assert again.config_path.read_bytes() == config_before  # the config file is as it was
+        assert httpx.get(f'{again.base_url}/api/config').json()['settings']['sse_heartbeat'] == 20
+        with contextlib.closing(sqlite3.connect(again.data_dir / 'lap.sqlite3')) as db:
+            assert db.execute('PRAGMA integrity_check').fetchall() == [('ok',)]
         body = httpx.get(f'{again.base_url}/api/requests').json()
         rows = {row['id']: row for row in body['requests']}
         assert set(rows) == {cut, finished_id}
@@ -112,6 +125,13 @@ def test_a_request_in_flight_when_the_app_is_killed_is_shown_interrupted(tmp_pat
         # How the pages show it.
         assert history_row(interrupted)['status'] == 'interrupted' and history_row(interrupted)['failed']
         assert request_row(interrupted)['status'] == 'interrupted' and request_row(interrupted)['failed']
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 # ---- the recorder on a System ----------------------------------------------------------------------------
