@@ -29,7 +29,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import write_section
-from tests.conftest import AppProcess, start_app, stop_process
+from tests.conftest import AppProcess, drain_output, start_app, stop_process
 from tests.gguf_factory import write_tiny_gguf
 from tests.test_browser import ARGS, CHROMIUM
 
@@ -91,18 +90,6 @@ class Window:
     machine_pct: float  # whole machine, % of all cores
     frames_per_s: list[float] = field(default_factory=list)  # per tab
     connected: int = 0
-
-
-def drain(app: AppProcess, out: Path) -> None:
-    """Keep the app's stdout pipe empty (a full pipe would block its logging) and keep what it says."""
-
-    def run() -> None:
-        assert app.proc.stdout is not None
-        with out.open('w') as f:
-            for line in app.proc.stdout:
-                f.write(line)
-
-    threading.Thread(target=run, daemon=True, name='app stdout').start()
 
 
 def cpu_s(proc: psutil.Process) -> float:
@@ -264,7 +251,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     models.mkdir()
     write_tiny_gguf(models / 'tiny-llama.gguf', name='tiny-llama', seed=1)
     app = start_app(tmp, '--models-dir', str(models), env={'LAP_METRICS_INTERVAL': '1'})
-    drain(app, tmp / 'app.out')
+    drain_output(app, tmp / 'app.out')
     result: dict[str, Any] = {'windows': []}
     try:
         model_id = httpx.get(app.base_url + '/api/models', timeout=30).json()

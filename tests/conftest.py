@@ -284,6 +284,20 @@ def start_app(
     return app
 
 
+def drain_output(app: AppProcess, out: Path) -> None:
+    """Keep the app's stdout pipe empty and write what it says to `out`: for a long run (benchmarks, the soak); a
+    full pipe blocks the app's logging, and with it its event loop."""
+    import threading
+
+    def run() -> None:
+        assert app.proc.stdout is not None
+        with out.open('w') as f:
+            for line in app.proc.stdout:
+                f.write(line)
+
+    threading.Thread(target=run, daemon=True, name='app stdout').start()
+
+
 @pytest.fixture
 def app_process(tmp_path: Path, models_dir: Path, tiny_model: Path) -> Iterator[AppProcess]:
     app = start_app(tmp_path, '--models-dir', str(models_dir))

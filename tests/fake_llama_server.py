@@ -5,6 +5,9 @@ Answers `--version` and `--help` like llama-server, then serves `GET /health` on
 FAKE_IGNORE_TERM=1  ignore SIGTERM (a hung child the supervisor must SIGKILL)
 FAKE_LONG_LINE=N    print one N-byte line before serving
 FAKE_HANG_FILE=P    stop answering /health (hang the handler) once file P exists
+FAKE_TERM_AFTER=S   answer SIGTERM as llama-server does with a task still running: say it cleans up, exit S s
+                    later; a second SIGTERM says "terminating immediately" and hangs (its exit() can deadlock)
+FAKE_TERM_QUIET=1   with FAKE_TERM_AFTER, say nothing on the first SIGTERM (as a build might not)
 FAKE_EXIT=N         print an error line and exit with code N at once (a crash loop)
 FAKE_GRANDCHILD=P   fork a grandchild in a session of its own that keeps stdout and stderr open for 120 s (its pid
                     is written to file P, for the test to clean up)
@@ -47,6 +50,24 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+def _llama_like_term(after: float):
+    heard = []
+
+    def handler(_sig: int, _frame: object) -> None:
+        if heard:
+            print('Received second interrupt, terminating immediately.', file=sys.stderr, flush=True)
+            while True:  # a deadlock in exit()
+                time.sleep(1)
+        heard.append(1)
+        if not os.environ.get('FAKE_TERM_QUIET'):
+            print('srv    operator(): operator(): cleaning up before exit...', file=sys.stderr, flush=True)
+        import threading
+
+        threading.Timer(after, lambda: os._exit(0)).start()  # the running task ends, then it exits
+
+    return handler
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if '--version' in argv:
@@ -67,6 +88,8 @@ def main() -> None:
             f.write(str(pid))
     if os.environ.get('FAKE_IGNORE_TERM'):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if after := os.environ.get('FAKE_TERM_AFTER'):
+        signal.signal(signal.SIGTERM, _llama_like_term(float(after)))
     long_line = int(os.environ.get('FAKE_LONG_LINE', '0'))
     if long_line:
         sys.stderr.write('x' * long_line + '\n')

@@ -49,6 +49,9 @@ LIVENESS_FAILURES = 3  # consecutive failed liveness checks before a ready serve
 BIND_RETRIES = 5
 TERM_RESEND_S = 1.0
 LOADING_STOP_S = 2.0  # how long a stop waits for a server that is still loading before it kills it
+EXIT_HANG_S = 1.0  # after llama-server says "terminating immediately" (see ServerProcess._signal_until_exit)
+_HEARD_TERM = 'cleaning up before exit'  # llama-server's answer to a first SIGTERM
+_EXIT_NOW = 'terminating immediately'  # ... and to a second
 
 # Load progress from llama-server's log: (marker, progress). It prints no percentage, only these stages.
 _PROGRESS_MARKERS = (
@@ -159,6 +162,8 @@ class ServerProcess:
         self.waiters = 0
         self.last_used = time.monotonic()
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self._heard_term = False  # the server said it got our SIGTERM
+        self._exit_now_at: float | None = None  # when it said it exits at once (a second SIGTERM)
         self.launch_info: Any = None  # what the scheduler launched it with (params, memory need)
         self._proc: asyncio.subprocess.Process | None = None
         self._readers: list[asyncio.Task[None]] = []
@@ -396,22 +401,42 @@ class ServerProcess:
         if proc is None:
             return
         if proc.returncode is None:
-            # llama-server can miss a SIGTERM that lands during its start-up; a second one is honoured.
-            first = min(TERM_RESEND_S, stop_timeout / 2)
-            for sig, wait in ((signal.SIGTERM, first), (signal.SIGTERM, stop_timeout - first), (signal.SIGKILL, None)):
-                if sig == signal.SIGKILL:
-                    log.warning('%s: no exit %g s after SIGTERM; killing', self.model_id, stop_timeout)
-                _signal_group(proc.pid, sig)
-                try:
-                    await asyncio.wait_for(proc.wait(), wait)
-                    break
-                except TimeoutError:
-                    continue
+            await self._signal_until_exit(proc, stop_timeout)
         await self._drain_readers()
         if self._proc is proc:
             self._proc = None
         if self.registry is not None:
             await asyncio.to_thread(self.registry.remove, proc.pid)
+
+    async def _signal_until_exit(self, proc: asyncio.subprocess.Process, stop_timeout: float) -> None:
+        """SIGTERM; a second one after TERM_RESEND_S only if the first went unheard; SIGKILL after `stop_timeout`.
+
+        llama-server can miss a SIGTERM that lands during its start-up, and a second one is honoured. But a second
+        one it hears is "terminating immediately": `exit()` from its signal handler, which hung in the soak
+        (`bench/soak.py`) until the SIGKILL 10 s later, when the first SIGTERM had found a task still running (a
+        request whose client was gone; llama-server notices within ~1 s). So the first is known heard when it
+        says it is cleaning up, and an exit that hangs after "terminating immediately" is killed after 1 s."""
+        self._heard_term = False
+        self._exit_now_at = None
+        started = time.monotonic()
+        deadline = started + stop_timeout
+        _signal_group(proc.pid, signal.SIGTERM)
+        resend_at: float | None = started + min(TERM_RESEND_S, stop_timeout / 2)
+        while (now := time.monotonic()) < deadline:
+            if resend_at is not None and now >= resend_at:
+                resend_at = None
+                if not self._heard_term:
+                    _signal_group(proc.pid, signal.SIGTERM)
+            if self._exit_now_at is not None and now - self._exit_now_at >= EXIT_HANG_S:
+                log.warning('%s: still there %g s after "terminating immediately"; killing', self.model_id, EXIT_HANG_S)
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), min(0.1, deadline - now))
+                return
+        else:
+            log.warning('%s: no exit %g s after SIGTERM; killing', self.model_id, stop_timeout)
+        _signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
 
     # ---- output --------------------------------------------------------------------------------------------
     async def _drain_readers(self) -> None:
@@ -454,6 +479,10 @@ class ServerProcess:
             return
         self.tail.append(line)
         self.logs.add_llama_line(self.model_id, line)
+        if _HEARD_TERM in line:
+            self._heard_term = True
+        elif _EXIT_NOW in line:
+            self._exit_now_at = time.monotonic()
         if self.state == ModelState.STARTING:
             for marker, value in _PROGRESS_MARKERS:
                 if marker in line and (self.progress or 0) < value:
