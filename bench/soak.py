@@ -14,8 +14,9 @@ Every `--sample` seconds `GET /api/health/runtime` gives the app process's RSS, 
 asyncio tasks, running children, event subscriptions and the data dir's SQLite and log bytes. After the warm-up
 each must stay flat: counts no higher than during the warm-up (plus a slack for what is in flight at that moment),
 RSS within 16 MiB (or 5 %) of its first value after the warm-up, disk within its bounds (`requests_keep` rows,
-rotated logs). `--check` exits 1 when one does not hold or when any request got a 5xx; the 60-second variant in
-the test suite (`tests/faults/test_soak.py`) runs with it.
+rotated logs). `--check` exits 1 when one does not hold or a request got a 5xx (but the 503 of one that waited for
+a load the soak's own unload cancelled, the defined outcome), an ERROR was logged, or a stop waited out its timeout;
+the 60-second variant in the test suite (`tests/faults/test_soak.py`) runs with it.
 """
 
 from __future__ import annotations
@@ -76,8 +77,15 @@ class Tally:
     server_errors: list[str] = field(default_factory=list)  # the first few 5xx bodies, to say what they were
 
     def add(self, op: str, status: int | str, body: str = '') -> None:
+        if status == 503 and 'unloaded while loading' in body:
+            op = 'unloaded while loading'
         self.outcomes[f'{op} {status}'] += 1
-        if isinstance(status, int) and status >= 500 and len(self.server_errors) < 10:
+        if (
+            isinstance(status, int)
+            and status >= 500
+            and op != 'unloaded while loading'
+            and len(self.server_errors) < 10
+        ):
             self.server_errors.append(f'{op} {status}: {body[:300]}')
 
     @property
@@ -87,6 +95,12 @@ class Tally:
     @property
     def five_xx(self) -> int:
         return sum(n for k, n in self.outcomes.items() if k.split()[-1].isdigit() and int(k.split()[-1]) >= 500)
+
+    @property
+    def unloaded(self) -> int:
+        """503s that the soak's own unloads cause, by design: requests that waited for a load an unload cancelled
+        (issue 14: "an unload during a load cancels the load ... with a clear error")."""
+        return self.outcomes['unloaded while loading 503']
 
 
 def model_now(rng: random.Random) -> str:
@@ -253,7 +267,12 @@ def verdicts(samples: list[dict[str, Any]], warmup: float, tally: Tally, dashboa
         f'{wal / MIB:.2f} <= {WAL_BOUND / MIB:.0f} MiB',
         wal <= WAL_BOUND,
     )
-    check('no 5xx from any request', f'{tally.five_xx} of {tally.requests}', tally.five_xx == 0)
+    unexpected = tally.five_xx - tally.unloaded
+    check(
+        'no 5xx but the 503s of requests waiting on a load the soak unloaded',
+        f'{unexpected} of {tally.requests} ({tally.unloaded} "unloaded while loading")',
+        unexpected == 0,
+    )
     if dashboard_ok is not None:
         check('the dashboard tabs are still connected at the end', str(dashboard_ok), dashboard_ok)
     return out
@@ -304,12 +323,15 @@ async def soak(seconds: float, warmup: float, every: float, browser: bool) -> di
     result['verdicts'].append(
         {'check': "no error in the app's own log", 'result': errors[0] if errors else 'none', 'ok': not errors}
     )
-    kills = [ln for ln in result['app_warnings'] if 'killing' in ln]
+    # A server that did not hear its first SIGTERM (it lands during start-up) exits at the second, or is killed
+    # 1 s after it: bounded, and counted. One that waited out stop_timeout is what must not happen.
+    quick = [ln for ln in result['app_warnings'] if 'terminating immediately' in ln]
+    waited = [ln for ln in result['app_warnings'] if 'no exit' in ln and 'after SIGTERM' in ln]
     result['verdicts'].append(
         {
-            'check': 'every llama-server stopped without a SIGKILL',
-            'result': kills[0] if kills else 'yes',
-            'ok': not kills,
+            'check': 'no stop waited out its stop_timeout',
+            'result': waited[0] if waited else f'none ({len(quick)} killed 1 s after a second SIGTERM)',
+            'ok': not waited,
         }
     )
     if console_errors:

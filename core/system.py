@@ -21,6 +21,7 @@ from core.llama_binary import BinaryResolver
 from core.logs import LogService
 from core.metrics import MetricsService
 from core.model_params import effective_params
+from core.ollama import OllamaAPI
 from core.proxy import Proxy
 from core.settings import SettingsManager, UpdateResult
 from core.store import Store
@@ -98,6 +99,8 @@ class System:
         self.frontdoor = FrontDoor()
         self.frontdoor.body_limit = lambda: self.config.settings.max_body_bytes
         self.proxy.register_routes(self.frontdoor)
+        self.ollama = OllamaAPI(self.proxy, self.library, self.scheduler, measured=lambda: self.metrics.latest)
+        self.ollama.register_routes(self.frontdoor)
         self.metrics.register_routes(self.frontdoor)
         self._log_handler: logging.Handler | None = None
         watchable = hasattr(config, 'reload_file')  # a SettingsManager, not a test's bare settings holder

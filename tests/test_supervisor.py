@@ -233,6 +233,21 @@ async def test_ttl_unloads_idle_model(harness: Any, tiny_model: Path) -> None:
     assert not alive(up.pid)
 
 
+async def test_keep_alive_0_unloads_once_released_and_nothing_spins_meanwhile(harness: Any, tiny_model: Path) -> None:
+    h = await harness({'tiny': tiny_model})
+    s = h.scheduler
+    async with s.lease('tiny'):
+        s.keep_alive('tiny', 0)  # Ollama's keep_alive 0 while a request is being served
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(1.0)
+        cpu = time.process_time() - cpu0
+        assert cpu < 0.2 * (time.monotonic() - wall0), cpu  # the TTL loop waits; it does not spin on a 0 ttl
+        assert s.describe('tiny')['status'] == 'ready'  # not while in use
+    await wait_for(lambda: s.describe('tiny')['status'] == 'stopped', 10)  # and at once after
+    await s.load('tiny')
+    assert s._procs['tiny'].keep_alive_s is None  # it was for that load
+
+
 async def test_stop_is_prompt_with_a_ttl_model_loaded(harness: Any, tiny_model: Path) -> None:
     # The TTL loop waits with a timeout while stop() cancels it and the unload sets the event it waits on: with
     # asyncio.wait_for that cancel could be swallowed (3.11) and stop() would wait on the loop for good.

@@ -33,3 +33,18 @@ def include_all(app: FastAPI) -> None:
 
     for module in (health, config, models, models_control, parameters, requests, monitoring, logs):
         app.include_router(module.router, responses=PERIMETER)
+    _document_front_door_routes(app)
+
+
+def _document_front_door_routes(app: FastAPI) -> None:
+    """Add the Ollama routes (served on the front door, unseen by FastAPI) to the OpenAPI schema."""
+    from core.ollama import schema
+
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        first = app.openapi_schema is None
+        document = build()  # FastAPI's, cached on the app after the first call
+        return schema.add_to(document) if first else document
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -152,7 +152,9 @@ class LlamaScraper:
 async def _get(client: httpx.AsyncClient, url: str, headers: dict[str, str] | None) -> httpx.Response | Exception:
     try:
         return await client.get(url, headers=headers)
-    except httpx.HTTPError as e:
+    except Exception as e:  # reported as this scrape's error, whatever it is
+        # Not only httpx's errors: a server torn down mid-connect (a swap) raised AttributeError from deep in the
+        # transport (`getpeername` of a closed socket) in the soak, which lost that whole sample.
         return e
 
 

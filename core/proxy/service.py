@@ -23,9 +23,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
 from core import request_params
@@ -169,16 +169,37 @@ class Proxy:
                 return
         await Reply(send).error(self._unknown_model(parts[0] if parts else ''))
 
+    async def serve_face(self, scope: Scope, receive: Receive, face: Face, spec: RouteSpec) -> None:
+        """A request in another API's shape (Ollama's: core/ollama): `face` names the model and translates the
+        body; it is then leased, relayed, recorded and cancelled on a disconnect like any /v1 request, with
+        `face.reply` turning llama-server's answer into that API's shape."""
+        await self._serve(scope, receive, None, spec, '', model_in_path=None, face=face)
+
     # ---- the request ---------------------------------------------------------------------------------------
     async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, spec: RouteSpec, upstream_path: str, model_in_path: str | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send | None,
+        spec: RouteSpec,
+        upstream_path: str,
+        model_in_path: str | None,
+        face: Face | None = None,
     ) -> None:
-        """One request, top to bottom: route it once, then lease its model, relay the answer, record it."""
-        reply = Reply(send)
+        """One request, top to bottom: route it once, then lease its model, relay the answer, record it. `send`
+        is None for a face, which brings its own reply."""
+        if face is not None:
+            reply: Reply = face.reply
+        else:
+            assert send is not None
+            reply = Reply(send)
         client = scope.get('client')
         rec = self.activity.begin(client[0] if client else '', scope['path'], scope['method'])
         try:
-            call = await self._route(scope, receive, reply, rec, spec, upstream_path, model_in_path)
+            if face is not None:
+                call = await self._route_face(scope, receive, reply, rec, spec, face)
+            else:
+                call = await self._route(scope, receive, reply, rec, spec, upstream_path, model_in_path)
             with self._admitted(call):
                 self.activity.announce(rec)
                 async with self._watching(call):
@@ -197,6 +218,8 @@ class Proxy:
             rec.status, rec.error = 500, f'internal error: {exc}'
             await _tell(reply, rec, ProxyError(500, rec.error, 'internal_error', 'internal_error'))
         finally:
+            if face is not None:
+                face.finished(rec)
             if rec.gen_tps and (rec.completion_tokens or 0) > 1:
                 self.slot_time.observe(rec.model or '', rec.prompt_tps, rec.gen_tps)
             self.activity.finish(rec)
@@ -235,6 +258,26 @@ class Proxy:
         qs = scope.get('query_string') or b''
         target = upstream_path + ('?' + qs.decode('latin-1') if qs else '')
         return _Call(scope, receive, reply, rec, spec, entry.id, target, body, stream, assemble)
+
+    async def _route_face(
+        self, scope: Scope, receive: Receive, reply: Reply, rec: RequestRecord, spec: RouteSpec, face: Face
+    ) -> _Call:
+        body = await read_body(scope, receive, self.config.settings.max_body_bytes)
+        data = _parse_json(body)
+        asked = face.model_name(data)
+        rec.model = asked[:MODEL_NAME_KEPT] if isinstance(asked, str) else None
+        if not asked:  # unlike a llama-server client, an Ollama one always names it: no guessing
+            raise bad_request('the request names no "model"', 'missing_model')
+        entry = self._resolve(asked, also=face.name_candidates)
+        target, upstream = face.translate(data, entry)
+        if spec.generates:
+            upstream = request_params.apply(
+                upstream, request_params.for_model(self.config.settings, entry.id), spec.max_tokens_field
+            )
+        rec.model, rec.stream = entry.id, face.client_stream
+        return _Call(
+            scope, receive, reply, rec, spec, entry.id, target, _dumps(upstream), face.client_stream, False, face
+        )
 
     @contextlib.contextmanager
     def _admitted(self, call: _Call) -> Iterator[None]:
@@ -312,12 +355,14 @@ class Proxy:
         """The model's llama-server, started if need be (a streaming chat client may watch it load); the
         scheduler's refusals become the client's errors."""
         loading = None
-        if call.stream and call.spec.assemble == 'chat' and self.config.settings.send_loading_state:
+        if call.stream and call.spec.assemble == 'chat' and self.config.settings.send_loading_state and not call.face:
             loading = _LoadingState(call.reply, call.model_id)
         try:
             async with self.scheduler.lease(call.model_id, on_progress=loading and loading.on_progress) as up:
                 if loading is not None:
                     await loading.close()
+                if call.face is not None:
+                    call.face.leased(up)
                 yield up
         except ModelNotFound as e:
             raise not_found(e.message) from e
@@ -399,7 +444,7 @@ class Proxy:
         finally:
             _record_end(rec, resp.status, b''.join(tail), n <= TAIL_CHUNKS, is_sse, sent_s, first_s)
 
-    def _resolve(self, name: Any) -> Any:
+    def _resolve(self, name: Any, also: Callable[[str], list[str]] | None = None) -> Any:
         if name is None or name == '':
             # A llama-server client may not name the model: fine while there is only one to choose.
             running = self.scheduler.running()
@@ -411,7 +456,11 @@ class Proxy:
             raise bad_request(f'the request names no "model"; available: {self._ids()}', 'missing_model')
         if not isinstance(name, str):
             raise bad_request('"model" must be a string', 'invalid_model')
-        entry = self.library.get(name)
+        entry = None
+        for candidate in also(name) if also is not None else [name]:
+            entry = self.library.get(candidate)
+            if entry is not None:
+                break
         if entry is None:
             raise self._unknown_model(name)
         if entry.error:
@@ -463,6 +512,27 @@ class _Call:
     body: bytes  # as llama-server gets it
     stream: bool  # the client asked for a stream
     assemble: bool  # llama-server was asked for a stream the client did not ask for: the reply is built from it
+    face: Face | None = None  # another API's shape (see `Proxy.serve_face`)
+
+
+class Face(Protocol):
+    """One request in another API's shape (core/ollama): names its model, translates its body, and replies."""
+
+    @property
+    def reply(self) -> Reply: ...
+
+    @property
+    def client_stream(self) -> bool: ...
+
+    def model_name(self, data: dict[str, Any]) -> Any: ...
+
+    def name_candidates(self, name: str) -> list[str]: ...
+
+    def translate(self, data: dict[str, Any], entry: Any) -> tuple[str, dict[str, Any]]: ...
+
+    def leased(self, up: Upstream) -> None: ...
+
+    def finished(self, rec: RequestRecord) -> None: ...
 
 
 class _Cancelled(Exception):

@@ -162,6 +162,7 @@ class ServerProcess:
         self.waiters = 0
         self.last_used = time.monotonic()
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.keep_alive_s: float | None = None  # idle seconds before unloading, for this load (Scheduler.keep_alive)
         self._heard_term = False  # the server said it got our SIGTERM
         self._exit_now_at: float | None = None  # when it said it exits at once (a second SIGTERM)
         self.launch_info: Any = None  # what the scheduler launched it with (params, memory need)
@@ -207,6 +208,8 @@ class ServerProcess:
 
     def _set(self, state: ModelState, **changes: Any) -> None:
         self.state = state
+        if state in (ModelState.STOPPED, ModelState.FAILED):
+            self.keep_alive_s = None  # it was for that load
         for key, value in changes.items():
             setattr(self, key, value)
         data = {

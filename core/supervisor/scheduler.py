@@ -280,7 +280,29 @@ class Scheduler:
     def _release(self, proc: ServerProcess) -> None:
         proc.inflight -= 1
         proc.last_used = time.monotonic()
-        self._notify()
+        # A short keep_alive (0: unload once answered) expires now or soon: the TTL loop must look again.
+        self._notify(states=proc.keep_alive_s is not None and 0 <= proc.keep_alive_s < TTL_RECHECK_S and not proc.busy)
+
+    def keep_alive(self, model_id: str, seconds: float | None) -> None:
+        """How long the model stays loaded once idle, as the last request asked (Ollama's `keep_alive`, set by each
+        of its requests): 0 unloads it as soon as its requests are answered, a negative value keeps it until
+        something else unloads it, None goes back to its configured `ttl` (as does the next load)."""
+        proc = self._procs.get(model_id)
+        if proc is not None and proc.state == ModelState.READY and proc.keep_alive_s != seconds:
+            proc.keep_alive_s = seconds
+            self._notify(states=True)
+
+    def busy(self, model_id: str) -> bool:
+        proc = self._procs.get(model_id)
+        return proc is not None and proc.busy
+
+    def idle_deadline(self, model_id: str) -> float | None:
+        """When (wall clock) the model unloads if it stays idle from now: its keep_alive or ttl; None for never."""
+        proc = self._procs.get(model_id)
+        ttl = _idle_ttl(proc) if proc is not None else None
+        if proc is None or ttl is None:
+            return None
+        return time.time() + max(0.0, proc.last_used + ttl - time.monotonic())
 
     async def load(self, model: str) -> Upstream:
         """Explicit load (API, preload): like ensure_ready, but also retries a model that had `failed`. Raises
@@ -615,15 +637,19 @@ class Scheduler:
             now = time.monotonic()
             next_at: float | None = None
             for proc in list(self._procs.values()):
-                ttl = proc.launch_info.params.ttl if proc.launch_info else None
-                if not ttl or proc.state != ModelState.READY:
+                ttl = _idle_ttl(proc)
+                if ttl is None or proc.state != ModelState.READY:
                     continue
                 if proc.busy:  # look again once it may have gone idle (a request only ever postpones expiry)
-                    next_at = now + ttl if next_at is None else min(next_at, now + ttl)
+                    # Not sooner than a second: a ttl of 0 (keep_alive 0) would spin here while it generates; its
+                    # release wakes this loop anyway (`_release`).
+                    again = now + max(ttl, 1.0)
+                    next_at = again if next_at is None else min(next_at, again)
                     continue
                 expires = proc.last_used + ttl
                 if expires <= now:
-                    log.info('%s idle for %g s (ttl); unloading', proc.model_id, ttl)
+                    why = 'keep_alive' if proc.keep_alive_s is not None else 'ttl'
+                    log.info('%s idle for %g s (%s); unloading', proc.model_id, ttl, why)
                     try:
                         await proc.stop(self.settings.stop_timeout)
                     except Exception:
@@ -723,6 +749,14 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _idle_ttl(proc: ServerProcess) -> float | None:
+    """Seconds idle before it unloads: this load's keep_alive if one was asked for, else its `ttl`; None: never."""
+    if proc.keep_alive_s is not None:
+        return None if proc.keep_alive_s < 0 else proc.keep_alive_s
+    ttl = proc.launch_info.params.ttl if proc.launch_info else None
+    return ttl or None
 
 
 def key_path(data_dir: Path, model_id: str) -> Path:
