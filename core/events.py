@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
-TOPICS = ('models', 'metrics', 'logs', 'requests', 'config', 'alerts', 'health')
+TOPICS = ('models', 'metrics', 'logs', 'requests', 'config', 'alerts', 'health', 'downloads')
 
 
 class Event(NamedTuple):  # a tuple: built for every proxied request twice, and cheaper than a frozen dataclass

@@ -97,6 +97,16 @@ class Settings(BaseSettings):
         default_factory=list, description='Extra Host header names accepted besides loopback and host; * = any'
     )
 
+    # --- Hugging Face ---
+    hf_endpoint: str | None = Field(
+        None, description='Hugging Face endpoint for search and downloads (a mirror); empty: HF_ENDPOINT, else the Hub'
+    )
+    hf_token: str | None = Field(
+        None, description='Hugging Face token for gated and private repos; empty: HF_TOKEN. Never shown back'
+    )
+    download_dir: Path | None = Field(None, description='Where downloads go; empty: the first models folder')
+    max_downloads: int = Field(2, ge=1, le=16, description='Downloads running at once (more wait their turn)')
+
     # --- metrics and logs ---
     metrics_interval: float = Field(1.0, ge=0.1, le=60, description='Seconds between metric samples')
     log_buffer_lines: int = Field(10_000, ge=100, description='Log lines kept in memory')
@@ -111,6 +121,13 @@ class Settings(BaseSettings):
     alert_hysteresis_pct: float = Field(
         5.0, ge=0, le=50, description='Alerts clear this % of the threshold back inside it'
     )
+
+    @field_validator('hf_token', mode='after')
+    @classmethod
+    def _token_is_not_a_placeholder(cls, v: str | None) -> str | None:
+        if v == REDACTED:
+            raise ValueError(f'{REDACTED!r} stands for the token in an export; it cannot be the token itself')
+        return v or None
 
     @field_validator('models_dirs', 'api_keys', 'preload', 'allowed_hosts', mode='before')
     @classmethod
@@ -145,7 +162,7 @@ class Settings(BaseSettings):
                 raise ValueError(f'{origin!r} is not an origin: scheme://host[:port], e.g. http://localhost:3000')
         return v
 
-    @field_validator('models_dirs', 'data_dir', 'llama_server_path', 'api_keys_file', mode='after')
+    @field_validator('models_dirs', 'data_dir', 'llama_server_path', 'api_keys_file', 'download_dir', mode='after')
     @classmethod
     def _expand(cls, v: Any) -> Any:
         if isinstance(v, Path):
@@ -163,13 +180,15 @@ class Settings(BaseSettings):
 # Changing these only takes effect after the app restarts; everything else is applied live.
 _MISSING = object()
 RESTART_FIELDS = frozenset({'host', 'port', 'data_dir', 'ssl_certfile', 'ssl_keyfile'})
-SECRET_FIELDS = frozenset({'api_keys'})
+SECRET_FIELDS = frozenset({'api_keys', 'hf_token'})
 MAX_FILE_BYTES = 4 * 1024 * 1024  # a config file bigger than this is refused, not read
 REDACTED = '***'  # a secret in an export; importing it keeps the secret in force
 CORRUPT_TAG = 'corrupt'  # a config file the app could not use is kept as `config.json.corrupt-<time>` before a save
 # Set only in the config file, the environment or the command line, never through PUT /api/config or the pages:
 # each names a file or program the app would trust (a key list, a binary to run, where to write its data).
-LOCAL_ONLY_FIELDS = frozenset({'llama_server_path', 'api_keys_file', 'ssl_certfile', 'ssl_keyfile', 'data_dir'})
+LOCAL_ONLY_FIELDS = frozenset(
+    {'llama_server_path', 'api_keys_file', 'ssl_certfile', 'ssl_keyfile', 'data_dir', 'download_dir'}
+)
 
 
 @dataclass
@@ -418,7 +437,7 @@ class SettingsManager:
         data = self.settings.model_dump(mode='json')
         for name in SECRET_FIELDS:
             if data.get(name):
-                data[name] = [REDACTED] * len(data[name])
+                data[name] = _redact(data[name])
         return data
 
     def file_data(self, secrets: bool = False) -> dict[str, Any]:
@@ -428,7 +447,7 @@ class SettingsManager:
         if not secrets:
             for name in SECRET_FIELDS:
                 if data.get(name):
-                    data[name] = [REDACTED] * len(data[name])
+                    data[name] = _redact(data[name])
         return data
 
     def describe(self) -> dict[str, Any]:
@@ -557,3 +576,8 @@ class SettingsManager:
                 cb(self.settings, changed)
             except Exception:
                 log.exception('settings listener failed')
+
+
+def _redact(value: Any) -> Any:
+    """A secret as shown: each key of a list as `***`, a single one as `***`."""
+    return [REDACTED] * len(value) if isinstance(value, list) else REDACTED

@@ -16,6 +16,8 @@ from core import __version__
 from core.config_watch import ConfigWatcher
 from core.events import Event, EventBus, Subscription
 from core.frontdoor import FrontDoor
+from core.hub import HubService
+from core.hub.downloads import DownloadManager
 from core.library import ModelLibrary
 from core.llama_binary import BinaryResolver
 from core.logs import LogService
@@ -99,6 +101,8 @@ class System:
         self.frontdoor = FrontDoor()
         self.frontdoor.body_limit = lambda: self.config.settings.max_body_bytes
         self.proxy.register_routes(self.frontdoor)
+        self.hub = HubService(config, self.library)
+        self.downloads = DownloadManager(config, self.hub, self.bus, self.data_dir, on_done=self.library.rescan)
         self.ollama = OllamaAPI(self.proxy, self.library, self.scheduler, measured=lambda: self.metrics.latest)
         self.ollama.register_routes(self.frontdoor)
         self.metrics.register_routes(self.frontdoor)
@@ -134,6 +138,7 @@ class System:
         await self.scheduler.start()
         await self.proxy.start()
         await self.metrics.start()
+        await self.downloads.start()
         self._health_watch = self.bus.subscribe(['metrics', 'models', 'requests'], self._watch_writes)
         if self.config_watch is not None:
             await self.config_watch.start()
@@ -145,7 +150,7 @@ class System:
             self._health_watch.close()
         if self.config_watch is not None:
             await self.config_watch.stop()
-        for name in ('proxy', 'metrics', 'scheduler', 'library'):
+        for name in ('downloads', 'proxy', 'metrics', 'scheduler', 'library'):
             try:
                 await getattr(self, name).stop()
             except Exception:
@@ -189,6 +194,19 @@ class System:
         if now != self._problems:
             self._problems = now
             self.bus.publish('health', 'problems', {'problems': now})
+
+    async def create_demo_model(self) -> Path:
+        """The first-run demo model (core/library/demo.py), written into the first models folder; with none set,
+        into `<data dir>/models`, which is then saved as one. The library lists it once this returns."""
+        from core.library.demo import create_demo_model
+
+        dirs = list(self.config.settings.models_dirs)
+        folder = Path(dirs[0]) if dirs else self.data_dir / 'models'  # the settings expand ~ already
+        path = await asyncio.to_thread(create_demo_model, folder)
+        if not dirs:
+            await self.save_config({'models_dirs': [str(folder)]})
+        await self.library.rescan()
+        return path
 
     def health(self) -> dict[str, Any]:
         b = self.binary.current

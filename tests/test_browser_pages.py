@@ -23,6 +23,7 @@ ARTIFACTS = Path(__file__).parent / 'artifacts'
 PAGES = {
     'dashboard': ('/', 'Dashboard'),
     'models': ('/models', 'Models'),
+    'downloads': ('/downloads', 'Get models'),
     'activity': ('/activity', 'Activity'),
     'monitoring': ('/monitoring', 'Monitoring'),
     'logs': ('/logs', 'Logs'),

@@ -8,6 +8,7 @@ from nicegui.testing import User
 PAGES = {
     '/': 'Dashboard',
     '/models': 'Models',
+    '/downloads': 'Get models',
     '/activity': 'Activity',
     '/monitoring': 'Monitoring',
     '/logs': 'Logs',

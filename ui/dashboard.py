@@ -10,6 +10,7 @@ from nicegui import context, ui
 from core.logs import LEVELS
 from core.proxy.activity import CLIENT_CLOSED, INTERRUPTED, is_failure
 from core.supervisor import ModelState, SupervisorError
+from ui.components.first_run import FirstRun
 from ui.components.kpi import KpiCard
 from ui.components.live_chart import LiveChart
 from ui.components.log_view import line_text
@@ -99,6 +100,7 @@ def register(system: System) -> None:
 
     @page(system, '/', 'Dashboard')
     async def dashboard() -> None:
+        FirstRun(system)
         with ui.grid().classes('grid-cols-2 md:grid-cols-4 xl:grid-cols-8 gap-3 w-full'):
             k_loaded = KpiCard('Models loaded', 'kpi-loaded')
             k_rps = KpiCard('Requests/s (1 min)', 'kpi-rps')

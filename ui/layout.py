@@ -32,6 +32,7 @@ APP_NAME = 'Llama Async Proxy'
 NAV = (
     ('Dashboard', '/', 'dashboard'),
     ('Models', '/models', 'storage'),
+    ('Get models', '/downloads', 'cloud_download'),
     ('Activity', '/activity', 'history'),
     ('Monitoring', '/monitoring', 'show_chart'),
     ('Logs', '/logs', 'article'),

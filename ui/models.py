@@ -10,6 +10,7 @@ from nicegui import context, ui
 from core import parameters
 from core.settings import ConfigInvalid
 from core.supervisor import ModelState, SupervisorError
+from ui.components.first_run import FirstRun
 from ui.components.model_card import UNUSABLE, ModelCard, shown_state
 from ui.components.model_details import ModelDetails
 from ui.layout import Working, empty, live, notify, page, subscribe
@@ -104,6 +105,7 @@ def register(system: System) -> None:
 
     @page(system, '/models', 'Models')
     async def models_page() -> None:
+        FirstRun(system)
         details = ModelDetails(system)
         view: dict[str, Any] = {'text': '', 'sort': 'name', 'status': 'all', 'capability': 'all', 'fit': 'all'}
         cards: dict[str, ModelCard] = {}

@@ -86,6 +86,7 @@ GROUPS: tuple[Group, ...] = (
         ),
     ),
     Group('logging', 'Logging', 'article', ('log_level', 'log_buffer_lines', 'log_file_max_bytes', 'log_file_backups')),
+    Group('hub', 'Hugging Face', 'cloud_download', ('hf_endpoint', 'hf_token', 'download_dir', 'max_downloads')),
     Group(
         'security',
         'Security',
@@ -99,6 +100,10 @@ ALL_GROUPS = (*GROUPS, OTHER) if OTHER.fields else GROUPS
 
 LABELS = {
     'host': 'Host',
+    'hf_endpoint': 'Hugging Face endpoint',
+    'hf_token': 'Hugging Face token',
+    'download_dir': 'Download folder',
+    'max_downloads': 'Downloads at once',
     'port': 'Port',
     'data_dir': 'Data folder',
     'log_level': 'Log level',

@@ -84,6 +84,9 @@ def _keep_redacted_secrets(data: dict[str, Any], saved: dict[str, Any]) -> dict[
     out = dict(data)
     for name in SECRET_FIELDS:
         value = out.get(name)
+        if value == REDACTED:  # a single secret (hf_token): the saved one
+            out[name] = saved.get(name)
+            continue
         if not isinstance(value, list):
             continue
         known = saved.get(name) or []
@@ -99,6 +102,13 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, Any]]
         if old.get(name) != new.get(name):
             before, after = old.get(name), new.get(name)
             if name in SECRET_FIELDS:
-                before, after = f'{len(before or [])} key(s)', f'{len(after or [])} key(s)'
+                before, after = _secret_summary(before), _secret_summary(after)
             out[name] = {'from': before, 'to': after}
     return out
+
+
+def _secret_summary(value: Any) -> str:
+    """What a change of a secret shows: how many keys, or whether the token is set; never the value."""
+    if isinstance(value, list):
+        return f'{len(value)} key(s)'
+    return 'set' if value else 'not set'

@@ -113,11 +113,20 @@ def read_header(path: Path) -> GGUFHeader:
         os.close(fd)
 
 
+def read_header_prefix(data: bytes, file_size: int, name: str = '<remote>') -> GGUFHeader:
+    """The header of a `file_size`-byte GGUF file from its first bytes only (a range request). Raises `GGUFError`;
+    one that says `truncated` means the header goes on past `data`: fetch more."""
+    if len(data) < 24:
+        raise GGUFError(f'truncated: {len(data)} bytes are too few for a GGUF header')
+    return _Parser(data, Path(name), len(data), total=file_size).parse()
+
+
 class _Parser:
-    def __init__(self, buf: mmap.mmap, path: Path, size: int) -> None:
+    def __init__(self, buf: mmap.mmap | bytes, path: Path, size: int, total: int | None = None) -> None:
         self.buf = buf
         self.path = path
-        self.size = size
+        self.size = size  # bytes readable in `buf`
+        self.total = size if total is None else total  # the whole file's size (more than `size` for a prefix)
         self.pos = 0
         self.bo = '<'
 
@@ -136,8 +145,8 @@ class _Parser:
     def _count(self, what: str, min_item: int) -> int:
         """A u64 count, rejected when that many items of at least `min_item` bytes cannot fit in the rest."""
         n = self._unpack('Q', what)
-        if n * min_item > self.size - self.pos:
-            raise GGUFError(f'{what} {n} is impossible: only {self.size - self.pos} bytes left (truncated or corrupt)')
+        if n * min_item > self.total - self.pos:
+            raise GGUFError(f'{what} {n} is impossible: only {self.total - self.pos} bytes left (truncated or corrupt)')
         return n
 
     def _string(self, what: str) -> str:
@@ -161,7 +170,7 @@ class _Parser:
             raise GGUFError(f'unsupported GGUF version {version} (supported: 2, 3)')
         n_tensors = self._count('tensor count', 8 + 4 + 4 + 8)
         n_kv = self._count('key/value count', 8 + 4 + 1)
-        header = GGUFHeader(self.path, version, self.size)
+        header = GGUFHeader(self.path, version, self.total)
         for _ in range(n_kv):
             key = self._key()
             vtype = self._vtype(key)
@@ -174,9 +183,9 @@ class _Parser:
         # No tensors, no data section: llama.cpp's vocab-only files end right after their key/values, unpadded.
         data_end = header.data_offset + max((t.offset + (t.n_bytes or 0) for t in header.tensors), default=0)
         if not header.tensors:
-            header.data_offset = data_end = min(header.data_offset, self.size)
-        if data_end > self.size:
-            raise GGUFError(f'truncated: tensor data ends at byte {data_end}, the file has {self.size}')
+            header.data_offset = data_end = min(header.data_offset, self.total)
+        if data_end > self.total:
+            raise GGUFError(f'truncated: tensor data ends at byte {data_end}, the file has {self.total}')
         return header
 
     def _key(self) -> str:
