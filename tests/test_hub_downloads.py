@@ -180,3 +180,23 @@ def test_the_app_killed_mid_download_resumes_from_what_it_had(tmp_path: Path, ti
             stop_process(again.proc)
     assert hub.served[key] - served_before == size - had  # only the rest was fetched
     assert (shelf / 'lap-test_tiny-llama-GGUF' / FILE).read_bytes() == tiny_model.read_bytes()
+
+
+async def test_pause_keeps_the_bytes_and_resume_fetches_only_the_rest(app: Any, hub: FakeHub, tiny_model: Path) -> None:
+    _, client, shelf = app
+    hub.throttle_bps = 64 * 1024
+    key = f'{REPO}/{FILE}'
+    job = (await client.post('/api/downloads', json={'repo': REPO, 'variant': FILE})).json()
+    await wait_for(lambda: hub.served[key] > 128 * 1024, 20)
+    paused = (await client.post(f'/api/downloads/{job["id"]}/pause')).json()
+    assert paused['state'] == 'paused'
+    part = shelf / '.lap-downloads' / job['id'] / f'{FILE}.part'
+    had = part.stat().st_size
+    assert had > 0 and _gguf_files(shelf) == []
+    before = hub.served[key]
+    hub.throttle_bps = None
+    assert (await client.post(f'/api/downloads/{job["id"]}/resume')).json()['state'] == 'queued'
+    done = await _until(client, job['id'], 'done', 'failed')
+    assert done['state'] == 'done', done['error']
+    assert hub.served[key] - before == tiny_model.stat().st_size - had
+    assert (shelf / 'lap-test_tiny-llama-GGUF' / FILE).read_bytes() == tiny_model.read_bytes()

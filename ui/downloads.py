@@ -139,10 +139,7 @@ class JobList:
                         ui.label(f'{j["repo"]} · {j["variant"]}').classes('font-medium break-all')
                         ui.space()
                         ui.badge(j['state'], color=_state_color(j['state'])).mark('download-state')
-                        if j['state'] in ('queued', 'downloading', 'failed'):
-                            ui.button(icon='close', on_click=lambda _e, job_id=j['id']: self.cancel(job_id)).props(
-                                'flat dense round'
-                            ).tooltip('Cancel and remove the partial file')
+                        self._buttons(j)
                     total = j['total'] or 0
                     ui.linear_progress(value=j['bytes_done'] / total if total else 0, show_value=False)
                     speed = human_bytes(j['speed_bps']) + '/s' if j['speed_bps'] else DASH
@@ -154,13 +151,29 @@ class JobList:
                     if j['state'] == 'done':
                         ui.label(f'In {j["target"]}: it is in the Models list').classes('text-sm')
 
+    def _buttons(self, j: dict[str, Any]) -> None:
+        downloads, job_id, state = self.system.downloads, j['id'], j['state']
+        if state in ('queued', 'downloading'):
+            ui.button(icon='pause', on_click=lambda: downloads.pause(job_id)).props('flat dense round').tooltip(
+                'Pause (the partial file is kept)'
+            ).mark('download-pause')
+        if state in ('paused', 'failed'):
+            ui.button(icon='play_arrow', on_click=lambda: downloads.resume(job_id)).props('flat dense round').tooltip(
+                'Go on from the bytes it has'
+            ).mark('download-resume')
+        if state in ('queued', 'downloading', 'paused', 'failed'):
+            ui.button(icon='close', on_click=lambda: self.cancel(job_id)).props('flat dense round').tooltip(
+                'Cancel and remove the partial file'
+            )
+
     async def cancel(self, job_id: str) -> None:
         await self.system.downloads.cancel(job_id)
         notify(self.client, 'Download cancelled', type='info')
 
 
 def _state_color(state: str) -> str:
-    return {'done': 'positive', 'failed': 'negative', 'downloading': 'primary', 'cancelled': 'grey'}.get(state, 'grey')
+    colors = {'done': 'positive', 'failed': 'negative', 'downloading': 'primary', 'paused': 'warning'}
+    return colors.get(state, 'grey')
 
 
 def register(system: System) -> None:

@@ -86,3 +86,21 @@ async def cancel_download(job_id: str, system: System = Depends(get_system)) -> 
     if job is None:
         return JSONResponse(status_code=404, content={'detail': f'no download {job_id!r}'})
     return job.view()
+
+
+@router.post('/downloads/{job_id}/pause', tags=['downloads'], responses={404: {'description': 'No such job'}})
+async def pause_download(job_id: str, system: System = Depends(get_system)) -> Any:
+    """Pause a queued or running job; its partial file is kept."""
+    job = await system.downloads.pause(job_id)
+    if job is None:
+        return JSONResponse(status_code=404, content={'detail': f'no download {job_id!r}'})
+    return job.view()
+
+
+@router.post('/downloads/{job_id}/resume', tags=['downloads'], responses={404: {'description': 'No such job'}})
+async def resume_download(job_id: str, system: System = Depends(get_system)) -> Any:
+    """Go on with a paused or failed job from the bytes it has."""
+    job = system.downloads.resume(job_id)
+    if job is None:
+        return JSONResponse(status_code=404, content={'detail': f'no download {job_id!r}'})
+    return job.view()

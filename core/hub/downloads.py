@@ -60,7 +60,7 @@ class Job:
     variant: str
     folder: str  # the models folder it goes to
     files: list[JobFile]
-    state: str = 'queued'  # queued, downloading, done, failed, cancelled
+    state: str = 'queued'  # queued, downloading, paused, done, failed, cancelled
     error: str | None = None
     bytes_done: int = 0
     created: float = field(default_factory=time.time)
@@ -161,6 +161,32 @@ class DownloadManager:
         del self.jobs[job_id]
         self._save()
         self._publish(job)
+        return job
+
+    async def pause(self, job_id: str) -> Job | None:
+        """Stop a running or queued job and keep what it has; `resume` goes on from there."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state not in ACTIVE:
+            return job
+        task = self._tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        job.state, job.speed_bps = 'paused', None
+        self._save()
+        self._publish(job)
+        return job
+
+    def resume(self, job_id: str) -> Job | None:
+        """Go on with a paused or failed job from the bytes it has (a failed one after, say, a network loss)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state not in ('paused', 'failed'):
+            return job
+        job.state, job.error, job.finished = 'queued', None, None
+        self._save()
+        self._publish(job)
+        self._run(job)
         return job
 
     def list(self) -> list[dict[str, Any]]:
