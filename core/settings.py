@@ -187,7 +187,8 @@ CORRUPT_TAG = 'corrupt'  # a config file the app could not use is kept as `confi
 # Set only in the config file, the environment or the command line, never through PUT /api/config or the pages:
 # each names a file or program the app would trust (a key list, a binary to run, where to write its data).
 LOCAL_ONLY_FIELDS = frozenset(
-    {'llama_server_path', 'api_keys_file', 'ssl_certfile', 'ssl_keyfile', 'data_dir', 'download_dir'}
+    # hf_endpoint: the token is sent there, so only someone at this machine may point it elsewhere.
+    {'llama_server_path', 'api_keys_file', 'ssl_certfile', 'ssl_keyfile', 'data_dir', 'download_dir', 'hf_endpoint'}
 )
 
 

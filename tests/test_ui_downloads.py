@@ -36,10 +36,10 @@ async def test_search_open_download_and_it_is_a_model(hub_env: Path, user: User)
     user.find(marker='hub-query').type('solo')
     user.find(marker='hub-search').click()
     await user.should_see(REPO)
-    await user.should_see('3 downloads · 1 likes')
+    await user.should_see('3 downloads · 1 likes · updated 2026-11-30')
     user.find(marker='hub-result').click()
     await user.should_see('Q8_0')
-    await user.should_see('fits', retries=20)  # the fit from the file's header, fetched by range request
+    await user.should_see('fits', retries=50)  # the fit from the file's header, fetched by range request
     user.find(marker='hub-download').click()
     await user.should_see('done', marker='download-state', retries=100)
     await user.should_see('it is in the Models list')

@@ -67,9 +67,9 @@ class SearchPanel:
             for r in repos:
                 with ui.row().classes('w-full items-center gap-3 cursor-pointer').mark('hub-result') as row:
                     ui.label(r['repo']).classes('font-medium')
-                    ui.label(f'{r["downloads"] or 0:,} downloads · {r["likes"] or 0} likes').classes(
-                        'text-sm lap-muted'
-                    )
+                    updated = f' · updated {r["updated"][:10]}' if r['updated'] else ''
+                    stats = f'{r["downloads"] or 0:,} downloads · {r["likes"] or 0} likes{updated}'
+                    ui.label(stats).classes('text-sm lap-muted')
                     if r['gated']:
                         ui.badge('gated', color='warning')
                 row.on('click', lambda _e, repo=r['repo']: self.open(repo))
@@ -119,17 +119,29 @@ class SearchPanel:
 
 
 class JobList:
-    """The download jobs, redrawn as their events come (at most twice a second)."""
+    """The download jobs, as their events come (at most twice a second). Progress is updated in place; the cards
+    are rebuilt only when a job comes, goes or changes state, so a click on Pause is not lost to a redraw."""
 
     def __init__(self, system: System, client: Client) -> None:
         self.system, self.client = system, client
         self.box = ui.column().classes('w-full gap-2').mark('download-jobs')
+        self._shape: list[tuple[str, str]] | None = None  # what the cards show; None: nothing drawn yet
+        self._progress: dict[str, tuple[ui.linear_progress, ui.label]] = {}
         self.draw()
         live(system, ['downloads'], self.draw, every_ms=500)
 
     def draw(self) -> None:
-        self.box.clear()
         jobs = self.system.downloads.list()
+        shape = [(j['id'], j['state']) for j in jobs]
+        if shape == self._shape:
+            for j in jobs:
+                bar, text = self._progress[j['id']]
+                bar.set_value(_fraction(j))
+                text.set_text(_progress_text(j))
+            return
+        self._shape = shape
+        self._progress = {}
+        self.box.clear()
         with self.box:
             if not jobs:
                 empty('No downloads yet.')
@@ -140,12 +152,9 @@ class JobList:
                         ui.space()
                         ui.badge(j['state'], color=_state_color(j['state'])).mark('download-state')
                         self._buttons(j)
-                    total = j['total'] or 0
-                    ui.linear_progress(value=j['bytes_done'] / total if total else 0, show_value=False)
-                    speed = human_bytes(j['speed_bps']) + '/s' if j['speed_bps'] else DASH
-                    ui.label(
-                        f'{human_bytes(j["bytes_done"])} of {human_bytes(total)} · {speed} · ETA {eta_text(j["eta_s"])}'
-                    ).classes('text-sm lap-muted')
+                    bar = ui.linear_progress(value=_fraction(j), show_value=False)
+                    text = ui.label(_progress_text(j)).classes('text-sm lap-muted')
+                    self._progress[j['id']] = (bar, text)
                     if j['error']:
                         ui.label(j['error']).classes('text-sm text-negative break-all')
                     if j['state'] == 'done':
@@ -169,6 +178,15 @@ class JobList:
     async def cancel(self, job_id: str) -> None:
         await self.system.downloads.cancel(job_id)
         notify(self.client, 'Download cancelled', type='info')
+
+
+def _fraction(j: dict[str, Any]) -> float:
+    return j['bytes_done'] / j['total'] if j['total'] else 0.0
+
+
+def _progress_text(j: dict[str, Any]) -> str:
+    speed = human_bytes(j['speed_bps']) + '/s' if j['speed_bps'] else DASH
+    return f'{human_bytes(j["bytes_done"])} of {human_bytes(j["total"] or 0)} · {speed} · ETA {eta_text(j["eta_s"])}'
 
 
 def _state_color(state: str) -> str:

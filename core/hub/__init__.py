@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import httpx
 
@@ -105,9 +106,10 @@ class HubService:
         info = await asyncio.to_thread(self._info, repo_id, revision)
         found = variants(info['files'])
         models = [v for v in found if not v.mmproj]
+        free = await asyncio.to_thread(_free_memory)  # NVML and psutil may block: once, off the loop
         estimates = await asyncio.gather(
-            *(self._fit(repo_id, info['sha'], v) for v in models[:FIT_HEADERS]),
-            *(asyncio.sleep(0, {'source': 'size', **self._fit_from_size(v)}) for v in models[FIT_HEADERS:]),
+            *(self._fit(repo_id, info['sha'], v, free) for v in models[:FIT_HEADERS]),
+            *(asyncio.sleep(0, {'source': 'size', **_fit_from_size(v, free)}) for v in models[FIT_HEADERS:]),
         )
         fits = dict(zip([v.name for v in models], estimates, strict=True))
         return {
@@ -132,17 +134,19 @@ class HubService:
         return {'sha': info.sha, 'gated': bool(info.gated), 'files': files}
 
     # ---- fit -----------------------------------------------------------------------------------------------
-    async def _fit(self, repo_id: str, revision: str | None, v: Variant) -> dict[str, Any]:
+    async def _fit(
+        self, repo_id: str, revision: str | None, v: Variant, free: tuple[int | None, int | None]
+    ) -> dict[str, Any]:
         if len(v.files) > 1:  # a split model's first header lists only its own part's tensors
-            return {'source': 'size', **self._fit_from_size(v)}
+            return {'source': 'size', **_fit_from_size(v, free)}
         try:
             meta = await asyncio.to_thread(self._remote_meta, repo_id, revision, v.files[0], v.size)
         except Exception as e:  # any failure here only means the size-based estimate is shown
             log.info('no header for %s/%s (%s); estimating from its size', repo_id, v.name, e)
             meta = None
         if meta is None:
-            return {'source': 'size', **self._fit_from_size(v)}
-        ram_free, vram_free = await asyncio.to_thread(_free_memory)
+            return {'source': 'size', **_fit_from_size(v, free)}
+        ram_free, vram_free = free
         from core.library.fit import estimate
 
         fit = estimate(meta, self.library.effective_params('__hub__'), ram_free=ram_free, vram_free=vram_free)
@@ -157,29 +161,26 @@ class HubService:
             'n_params': meta.n_params,
         }
 
-    def _fit_from_size(self, v: Variant) -> dict[str, Any]:
-        """Without the header: the weights are about the file's size; whether that fits in free RAM + VRAM."""
-        ram_free, vram_free = _free_memory()
-        size = v.size or 0
-        room = (ram_free or 0) + (vram_free or 0)
-        label = 'unknown' if not size or not room else ('fits' if size < room * 0.9 else 'too_big')
-        return {'label': label, 'ram_needed_bytes': size, 'vram_needed_bytes': 0}
-
     def _remote_meta(self, repo_id: str, revision: str | None, first: RepoFile, total: int | None) -> Any:
         """The GGUF header of a remote file from range requests (a growing prefix), summarised as the library
         does for local files."""
         from core.library.gguf_header import GGUFError, read_header_prefix
         from core.library.meta import TensorStats, summarise
 
-        url = f'{self.endpoint()}/{repo_id}/resolve/{revision or "main"}/{first.path}'
+        url = f'{self.endpoint()}/{repo_id}/resolve/{quote(revision or "main", safe="")}/{quote(first.path)}'
         headers = {'Authorization': f'Bearer {self._token()}'} if self._token() else {}
         want = HEADER_FIRST_BYTES
         with httpx.Client(follow_redirects=True, timeout=30, headers=headers) as client:
             while True:
-                r = client.get(url, headers={'Range': f'bytes=0-{want - 1}'})
-                if r.status_code not in (200, 206):
-                    return None
-                data = r.content[:want]
+                with client.stream('GET', url, headers={'Range': f'bytes=0-{want - 1}'}) as r:
+                    if r.status_code != 206:  # a server that ignores ranges would send the whole file: not that
+                        return None
+                    data = b''
+                    for piece in r.iter_bytes():
+                        data += piece
+                        if len(data) >= want:
+                            break
+                data = data[:want]
                 size = first.size or len(data)
                 try:
                     header = read_header_prefix(data, size)
@@ -227,6 +228,14 @@ def _translate_errors(endpoint: str, what: str) -> Iterator[None]:
 
 def _status(e: Exception) -> int | None:
     return getattr(getattr(e, 'response', None), 'status_code', None)
+
+
+def _fit_from_size(v: Variant, free: tuple[int | None, int | None]) -> dict[str, Any]:
+    """Without the header: the weights are about the file's size; whether that fits in free RAM + VRAM."""
+    size = v.size or 0
+    room = (free[0] or 0) + (free[1] or 0)
+    label = 'unknown' if not size or not room else ('fits' if size < room * 0.9 else 'too_big')
+    return {'label': label, 'ram_needed_bytes': size, 'vram_needed_bytes': 0}
 
 
 def _free_memory() -> tuple[int | None, int | None]:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import httpx
 
@@ -135,12 +136,18 @@ class DownloadManager:
             if not projectors:
                 raise HubError(400, f'{repo} has no mmproj file')
             files += [JobFile(f['path'], f['size'], f['sha256']) for f in projectors[0]['files']]
-        folder = self._folder()
         at = commit or revision or 'main'  # the commit: every file of the job from the same one
-        job = Job(secrets.token_hex(6), repo, at, chosen['name'], str(folder), files)
-        self._check_space(job)
+        for other in self.jobs.values():
+            if other.state in (*ACTIVE, 'paused') and (other.repo, other.variant) == (repo, chosen['name']):
+                raise HubError(409, f'{chosen["name"]} is already being downloaded (job {other.id})')
+        try:
+            folder = await asyncio.to_thread(self._folder)
+            job = Job(secrets.token_hex(6), repo, at, chosen['name'], str(folder), files)
+            await asyncio.to_thread(self._check_space, job)
+        except OSError as e:
+            raise HubError(507, f'cannot use the download folder: {e.strerror or e}') from e
         self.jobs[job.id] = job
-        self._save()
+        await asyncio.to_thread(self._save)
         self._publish(job)
         self._run(job)
         return job
@@ -203,10 +210,14 @@ class DownloadManager:
                 job.state = 'downloading'
                 self._publish(job)
                 headers = {'Authorization': f'Bearer {t}'} if (t := self.hub._token()) else {}
+                if not await asyncio.to_thread(Path(job.folder).is_dir):  # an unmounted drive: not the root disk
+                    raise HubError(400, f'the models folder {job.folder} is not there (unmounted?)')
                 async with httpx.AsyncClient(follow_redirects=True, timeout=httpx.Timeout(60, connect=10)) as client:
                     for f in job.files:
                         if not f.done:
                             await self._file(client, headers, job, f)
+                # All verified: into the library together, so a split model never shows with parts missing.
+                await asyncio.to_thread(_place_all, job)
                 job.state, job.finished, job.speed_bps = 'done', time.time(), None
                 await asyncio.to_thread(shutil.rmtree, job.staging, True)
                 log.info('downloaded %s (%s) into %s', job.repo, job.variant, job.target)
@@ -227,8 +238,11 @@ class DownloadManager:
         part = job.staging / (Path(f.path).name + '.part')
         await asyncio.to_thread(part.parent.mkdir, parents=True, exist_ok=True)
         digest, have = await asyncio.to_thread(_hash_existing, part)
+        if f.size is not None and have > f.size:  # longer than the file: not its bytes, start over
+            await asyncio.to_thread(part.unlink, True)
+            digest, have = hashlib.sha256(), 0
         job.bytes_done = sum(x.size or 0 for x in job.files if x.done) + have
-        url = f'{self.hub.endpoint()}/{job.repo}/resolve/{job.revision}/{f.path}'
+        url = f'{self.hub.endpoint()}/{job.repo}/resolve/{quote(job.revision, safe="")}/{quote(f.path)}'
         if f.size is None or have < f.size:
             digest = await self._fetch(client, headers, url, job, part, digest, have)
         if f.sha256 and digest.hexdigest() != f.sha256:
@@ -236,9 +250,9 @@ class DownloadManager:
             raise HubError(
                 502, f"{f.path}: checksum mismatch (SHA-256 {digest.hexdigest()} is not the repo's {f.sha256})"
             )
-        await asyncio.to_thread(_place, part, job.target / Path(f.path).name)
+        await asyncio.to_thread(os.replace, part, job.staging / Path(f.path).name)  # verified, waiting for the rest
         f.done = True
-        self._save()
+        await asyncio.to_thread(self._save)
 
     async def _fetch(
         self, client: httpx.AsyncClient, headers: dict[str, str], url: str, job: Job, part: Path, digest: Any, have: int
@@ -253,12 +267,17 @@ class DownloadManager:
                 raise HubError(404, f'{url} is not there (removed from the repo?)')
             if r.status_code == 429:
                 raise HubError(429, 'Hugging Face is rate-limiting downloads; start the job again in a while')
+            if r.status_code == 416 and have:  # nothing past what it has: the file is whole (its size was unknown)
+                return digest
             if r.status_code not in (200, 206):
                 raise HubError(502, f'{url} answered {r.status_code}')
             mode = 'ab'
-            if have and r.status_code == 200:  # the server ignored the range: start over
+            starts_at = _range_start(r.headers.get('content-range')) if r.status_code == 206 else 0
+            if have and starts_at != have:  # the range was ignored (or another one sent): start over
                 digest, mode = hashlib.sha256(), 'wb'
                 job.bytes_done -= have
+                if starts_at:
+                    raise HubError(502, f'{url} answered from byte {starts_at}, not {have}')
             mark, mark_bytes = time.monotonic(), job.bytes_done
             out = await asyncio.to_thread(part.open, mode)
             pending: list[bytes] = []  # written in batches (one thread hop per MiB or per PROGRESS_EVERY_S)
@@ -327,6 +346,8 @@ class DownloadManager:
                 job = Job(**{k: v for k, v in d.items() if k in Job.__dataclass_fields__})
             except (TypeError, KeyError):
                 continue
+            if not re.fullmatch(r'[0-9a-f]{12}', job.id):  # it names a folder that cancel removes
+                continue
             jobs[job.id] = job
         return jobs
 
@@ -369,10 +390,21 @@ def _append(out: Any, digest: Any, chunk: bytes) -> None:
     digest.update(chunk)
 
 
-def _place(part: Path, final: Path) -> None:
-    """Into the models folder with one rename (the staging folder is on the same file system)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(part, final)
+def _place_all(job: Job) -> None:
+    """Every verified file of the job into the models folder, one rename each (the staging folder is on the same
+    file system); the projector last, so the model is there when the library pairs it."""
+    job.target.mkdir(parents=True, exist_ok=True)
+    for f in sorted(job.files, key=lambda f: 'mmproj' in f.path.lower()):
+        name = Path(f.path).name
+        staged = job.staging / name
+        if staged.exists():
+            os.replace(staged, job.target / name)
+
+
+def _range_start(content_range: str | None) -> int | None:
+    """The first byte of a `Content-Range: bytes a-b/n` answer."""
+    m = re.match(r'bytes (\d+)-', content_range or '')
+    return int(m.group(1)) if m else None
 
 
 def _gib(n: int) -> str:

@@ -4,6 +4,7 @@ before a real model is downloaded. Its name says what it is."""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 from core.library.tiny_gguf import write_tiny_gguf
@@ -18,7 +19,8 @@ def create_demo_model(folder: Path) -> Path:
     target = folder / DEMO_FILE
     if target.exists():
         return target
-    part = folder / f'.{DEMO_FILE}.part'  # a hidden name until whole: the library never sees a partial file
+    # A hidden, unique name until whole: the library never sees a partial file, and two clicks do not collide.
+    part = folder / f'.{DEMO_FILE}.{secrets.token_hex(4)}.part'
     write_tiny_gguf(part, name=DEMO_NAME, seed=42)
     part.replace(target)
     return target
