@@ -50,6 +50,7 @@ class FakeHub:
     probed: Counter[str] = field(default_factory=Counter)  # ... and for bounded ranges (header reads)
     base_url: str = ''
     throttle_bps: int | None = None  # stream file bodies this slowly (to stop a download half-way)
+    drop: tuple[str, int] | None = None  # (file, bytes): cut that file's body there once (a network loss)
 
     def add(self, repo: FakeRepo) -> FakeRepo:
         self.repos[repo.repo_id] = repo
@@ -141,17 +142,23 @@ class FakeHub:
             if rng and not rng.rstrip().endswith('-'):  # bytes=0-N: a header read, not a download
                 self.probed[key] += len(body)
                 return Response(body, status, headers=headers, media_type='application/octet-stream')
-            if self.throttle_bps is None:
+            drop = None
+            if self.drop is not None and self.drop[0] == filename:
+                drop, self.drop = self.drop[1], None
+            if self.throttle_bps is None and drop is None:
                 self.served[key] += len(body)
                 return Response(body, status, headers=headers, media_type='application/octet-stream')
 
             async def slowly() -> AsyncIterator[bytes]:
                 step = 16 * 1024
                 for i in range(0, len(body), step):
+                    if drop is not None and i >= drop:
+                        raise ConnectionResetError('the fake hub drops the connection')  # uvicorn aborts it
                     piece = body[i : i + step]
                     self.served[key] += len(piece)
                     yield piece
-                    await asyncio.sleep(step / (self.throttle_bps or 1))
+                    if self.throttle_bps:
+                        await asyncio.sleep(step / self.throttle_bps)
 
             headers['Content-Length'] = str(len(body))
             return StreamingResponse(slowly(), status, headers=headers, media_type='application/octet-stream')

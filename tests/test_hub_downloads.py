@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import poll, start_app, stop_process, wait_for
 from tests.fake_hub import FakeHub, FakeRepo, hub_in_thread, serve_hub
-from tests.gguf_factory import write_mmproj_gguf
+from tests.gguf_factory import write_mmproj_gguf, write_split_gguf
 from tests.serving import serve
 
 REPO = 'lap-test/tiny-llama-GGUF'
@@ -31,6 +31,7 @@ def _hub(tmp_path: Path, tiny_model: Path) -> FakeHub:
     shutil.copy(tiny_model, folder / FILE)
     shutil.copy(tiny_model, folder / 'tiny-llama-F16.gguf')
     write_mmproj_gguf(folder / 'mmproj-tiny-F16.gguf')
+    write_split_gguf(folder, 'tiny-split-Q4_K_M', n_parts=3, name='tiny-split')
     h.add(FakeRepo(REPO, folder, downloads=10))
     h.add(FakeRepo('lap-test/private-GGUF', folder, private=True))
     return h
@@ -70,7 +71,7 @@ async def test_find_download_and_chat(app: Any, hub: FakeHub, tiny_model: Path) 
     repos = (await client.get('/api/hub/search', params={'q': 'tiny'})).json()['repos']
     assert repos[0]['repo'] == REPO
     variants = (await client.get(f'/api/hub/repos/{REPO}')).json()['variants']
-    assert {v['quant'] for v in variants if not v['mmproj']} == {'Q8_0', 'F16'}
+    assert {v['quant'] for v in variants if not v['mmproj']} == {'Q8_0', 'F16', 'Q4_K_M'}
 
     r = await client.post('/api/downloads', json={'repo': REPO, 'variant': 'Q8_0'})
     assert r.status_code == 201, r.text
@@ -124,7 +125,7 @@ async def test_a_token_is_asked_for_and_unknown_variants_are_named(app: Any) -> 
     r = await client.post('/api/downloads', json={'repo': 'lap-test/private-GGUF', 'variant': 'Q8_0'})
     assert r.status_code == 401 and 'HF_TOKEN' in r.json()['detail']
     r = await client.post('/api/downloads', json={'repo': REPO, 'variant': 'Q3_K_S'})
-    assert r.status_code == 404 and 'F16' in r.json()['detail'] and 'Q8_0' in r.json()['detail']
+    assert r.status_code == 404 and 'F16' in r.json()['detail'] and 'Q4_K_M' in r.json()['detail']
     r = await client.post('/api/downloads', json={'repo': '../etc', 'variant': 'x'})
     assert r.status_code == 422  # field errors as elsewhere
     r = await client.get('/api/hub/repos/x/-bad-')
@@ -200,3 +201,30 @@ async def test_pause_keeps_the_bytes_and_resume_fetches_only_the_rest(app: Any, 
     assert done['state'] == 'done', done['error']
     assert hub.served[key] - before == tiny_model.stat().st_size - had
     assert (shelf / 'lap-test_tiny-llama-GGUF' / FILE).read_bytes() == tiny_model.read_bytes()
+
+
+async def test_a_split_model_comes_whole_and_a_network_loss_is_resumed(app: Any, hub: FakeHub) -> None:
+    """All three parts, verified, land together and load as one model. The connection drops during the second
+    part: the job fails with the reason and keeps what it had; resumed, it fetches only the rest."""
+    served, client, shelf = app
+    variants = (await client.get(f'/api/hub/repos/{REPO}')).json()['variants']
+    [split] = [v for v in variants if v['parts'] == 3]
+    assert split['complete'] and split['quant'] == 'Q4_K_M' and split['name'].endswith('-00001-of-00003.gguf')
+    second = split['files'][1]['path']
+    hub.drop = (second, 16 * 1024)
+    job = (await client.post('/api/downloads', json={'repo': REPO, 'variant': split['name']})).json()
+    failed = await _until(client, job['id'], 'failed', 'done')
+    assert failed['state'] == 'failed', failed
+    assert failed['error'] and _gguf_files(shelf) == []  # a part missing: nothing in the library
+    staged = {p.name: p.stat().st_size for p in (shelf / '.lap-downloads' / job['id']).iterdir()}
+    assert staged[Path(split['files'][0]['path']).name] == split['files'][0]['size']  # verified, waiting
+    had = staged.get(Path(second).name + '.part', 0)
+    before = hub.served[f'{REPO}/{second}']
+    resumed = (await client.post(f'/api/downloads/{job["id"]}/resume')).json()
+    assert resumed['state'] == 'queued'
+    done = await _until(client, job['id'], 'done', 'failed')
+    assert done['state'] == 'done', done['error']
+    assert len(_gguf_files(shelf)) == 3
+    assert hub.served[f'{REPO}/{second}'] - before == split['files'][1]['size'] - had  # only the rest
+    entry = await wait_for(lambda: next((e for e in served.system.library.models() if len(e.paths) == 3), None), 20)
+    assert entry.error is None

@@ -369,7 +369,8 @@ def _pick(found: list[dict[str, Any]], wanted: str) -> dict[str, Any]:
         return by_quant[0]
     names = ', '.join(sorted({v['quant'] or v['name'] for v in models})) or '(no GGUF files)'
     if by_quant:
-        raise HubError(400, f'{wanted} matches {len(by_quant)} files; name one: {names}')
+        which = ', '.join(v['name'] for v in by_quant)
+        raise HubError(400, f'{wanted} matches {len(by_quant)} models ({which}); name the file')
     raise HubError(404, f'no GGUF {wanted!r} in the repo; it has: {names}')
 
 
