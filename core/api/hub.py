@@ -23,6 +23,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _job_view(job_id: str, job: Any) -> Any:
+    return JSONResponse(status_code=404, content={'detail': f'no download {job_id!r}'}) if job is None else job.view()
+
+
 def _refused(e: HubError) -> JSONResponse:
     return JSONResponse(status_code=e.status, content={'detail': e.message})
 
@@ -82,25 +86,16 @@ async def start_download(body: DownloadRequest, system: System = Depends(get_sys
 @router.delete('/downloads/{job_id}', tags=['downloads'], responses={404: {'description': 'No such job'}})
 async def cancel_download(job_id: str, system: System = Depends(get_system)) -> Any:
     """Cancel a job (its partial files are removed) or forget a finished one (its files stay)."""
-    job = await system.downloads.cancel(job_id)
-    if job is None:
-        return JSONResponse(status_code=404, content={'detail': f'no download {job_id!r}'})
-    return job.view()
+    return _job_view(job_id, await system.downloads.cancel(job_id))
 
 
 @router.post('/downloads/{job_id}/pause', tags=['downloads'], responses={404: {'description': 'No such job'}})
 async def pause_download(job_id: str, system: System = Depends(get_system)) -> Any:
     """Pause a queued or running job; its partial file is kept."""
-    job = await system.downloads.pause(job_id)
-    if job is None:
-        return JSONResponse(status_code=404, content={'detail': f'no download {job_id!r}'})
-    return job.view()
+    return _job_view(job_id, await system.downloads.pause(job_id))
 
 
 @router.post('/downloads/{job_id}/resume', tags=['downloads'], responses={404: {'description': 'No such job'}})
 async def resume_download(job_id: str, system: System = Depends(get_system)) -> Any:
     """Go on with a paused or failed job from the bytes it has."""
-    job = system.downloads.resume(job_id)
-    if job is None:
-        return JSONResponse(status_code=404, content={'detail': f'no download {job_id!r}'})
-    return job.view()
+    return _job_view(job_id, system.downloads.resume(job_id))

@@ -157,11 +157,7 @@ class DownloadManager:
         job = self.jobs.get(job_id)
         if job is None:
             return None
-        task = self._tasks.get(job_id)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._stop_task(job_id)
         if job.state != 'done':
             job.state, job.finished = 'cancelled', time.time()
         await asyncio.to_thread(shutil.rmtree, job.staging, True)
@@ -175,15 +171,18 @@ class DownloadManager:
         job = self.jobs.get(job_id)
         if job is None or job.state not in ACTIVE:
             return job
+        await self._stop_task(job_id)
+        job.state, job.speed_bps = 'paused', None
+        self._save()
+        self._publish(job)
+        return job
+
+    async def _stop_task(self, job_id: str) -> None:
         task = self._tasks.get(job_id)
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        job.state, job.speed_bps = 'paused', None
-        self._save()
-        self._publish(job)
-        return job
 
     def resume(self, job_id: str) -> Job | None:
         """Go on with a paused or failed job from the bytes it has (a failed one after, say, a network loss)."""
