@@ -8,6 +8,7 @@ FAKE_HANG_FILE=P    stop answering /health (hang the handler) once file P exists
 FAKE_TERM_AFTER=S   answer SIGTERM as llama-server does with a task still running: say it cleans up, exit S s
                     later; a second SIGTERM says "terminating immediately" and hangs (its exit() can deadlock)
 FAKE_TERM_QUIET=1   with FAKE_TERM_AFTER, say nothing on the first SIGTERM (as a build might not)
+FAKE_TERM_SECOND_EXITS=1  with FAKE_TERM_AFTER, exit 0.2 s after a second SIGTERM (the first was lost at start-up)
 FAKE_EXIT=N         print an error line and exit with code N at once (a crash loop)
 FAKE_GRANDCHILD=P   fork a grandchild in a session of its own that keeps stdout and stderr open for 120 s (its pid
                     is written to file P, for the test to clean up)
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -55,14 +57,15 @@ def _llama_like_term(after: float):
 
     def handler(_sig: int, _frame: object) -> None:
         if heard:
+            if os.environ.get('FAKE_TERM_SECOND_EXITS'):
+                threading.Timer(0.2, lambda: os._exit(0)).start()
+                return
             print('Received second interrupt, terminating immediately.', file=sys.stderr, flush=True)
             while True:  # a deadlock in exit()
                 time.sleep(1)
         heard.append(1)
         if not os.environ.get('FAKE_TERM_QUIET'):
             print('srv    operator(): operator(): cleaning up before exit...', file=sys.stderr, flush=True)
-        import threading
-
         threading.Timer(after, lambda: os._exit(0)).start()  # the running task ends, then it exits
 
     return handler
