@@ -36,8 +36,8 @@ async def page(tmp_path: Path) -> AsyncIterator[object]:
 
 async def test_dashboard_renders_live_numbers(app_process: AppProcess, page, tmp_path: Path) -> None:
     await page.goto(app_process.base_url + '/')
-    for label in ('Dashboard', 'Models', 'Monitoring', 'Logs', 'Settings', 'Chat'):
-        await page.get_by_role('link', name=label).wait_for()
+    for label in ('Dashboard', 'Models', 'Get models', 'Monitoring', 'Logs', 'Settings', 'Chat'):
+        await page.get_by_role('link', name=label, exact=True).wait_for()
     cpu = page.get_by_text('%', exact=False).first
     await cpu.wait_for(timeout=15000)  # a real sample arrived over NiceGUI's websocket
     await page.screenshot(path=str(tmp_path / 'dashboard.png'), full_page=True)
