@@ -54,7 +54,8 @@ async def test_a_removed_file_stops_its_server(
     (tmp_path / 'shelf' / 'moving.gguf').unlink()
     removed = {'model': 'moving', 'reason': 'its file was removed'}
     await wait_for(lambda: removed in _retired(events), deadline_s=20)
-    await wait_for(lambda: not system.scheduler.running(), deadline_s=20)
+    # Stopped, not only no longer ready (`running()` lists ready ones: a stopping server has left it already).
+    await wait_for(lambda: system.scheduler.describe('moving')['status'] == ModelState.STOPPED, deadline_s=20)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
