@@ -139,7 +139,7 @@ class System:
         await self.proxy.start()
         await self.metrics.start()
         await self.downloads.start()
-        self._health_watch = self.bus.subscribe(['metrics', 'models', 'requests'], self._watch_writes)
+        self._health_watch = self.bus.subscribe(['metrics', 'models'], self._watch_writes)  # not per request
         if self.config_watch is not None:
             await self.config_watch.start()
         self.started = True
@@ -174,8 +174,8 @@ class System:
         return [p for p in found if p]
 
     def _watch_writes(self, event: Event) -> None:
-        # The failed writes are noticed where they happen (a swap, a flush, a sample); each of those publishes on
-        # one of these topics. The registry is written again each sample while it is behind.
+        # Looked at on each metrics sample (1 s) and model state change, not per request: a failed flush of the
+        # request rows shows within a sample. The registry is written again each sample while it is behind.
         registry = self.scheduler.registry
         if event.topic == 'metrics' and registry.write_error is not None and self._registry_retry is None:
             self._registry_retry = asyncio.ensure_future(asyncio.to_thread(registry.retry))
