@@ -228,3 +228,18 @@ async def test_a_split_model_comes_whole_and_a_network_loss_is_resumed(app: Any,
     assert hub.served[f'{REPO}/{second}'] - before == split['files'][1]['size'] - had  # only the rest
     entry = await wait_for(lambda: next((e for e in served.system.library.models() if len(e.paths) == 3), None), 20)
     assert entry.error is None
+
+
+async def test_max_downloads_holds_jobs_back_and_a_raise_applies_live(app: Any, hub: FakeHub) -> None:
+    served, client, _ = app
+    hub.throttle_bps = 64 * 1024
+    await served.system.save_config({'max_downloads': 1})
+    first = (await client.post('/api/downloads', json={'repo': REPO, 'variant': 'Q8_0'})).json()
+    second = (await client.post('/api/downloads', json={'repo': REPO, 'variant': 'F16'})).json()
+    await _until(client, first['id'], 'downloading')
+    assert (await _until(client, second['id'], 'queued'))['bytes_done'] == 0  # waits its turn
+    await served.system.save_config({'max_downloads': 2})
+    await _until(client, second['id'], 'downloading', deadline_s=10)  # no need to wait for the first
+    hub.throttle_bps = None
+    for job in (first, second):
+        assert (await _until(client, job['id'], 'done', 'failed'))['state'] == 'done'

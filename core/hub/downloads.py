@@ -20,7 +20,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,11 +103,11 @@ class DownloadManager:
         self.path = Path(data_dir) / JOBS_FILE
         self.jobs: dict[str, Job] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._slots: asyncio.Semaphore | None = None
+        self._running = 0  # jobs transferring now: at most `max_downloads`, read at each start (a change applies live)
+        self._turn = asyncio.Condition()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._slots = asyncio.Semaphore(max(1, int(self.config.settings.max_downloads)))
         self.jobs = await asyncio.to_thread(self._load)
         for job in self.jobs.values():
             if job.state in ACTIVE:  # running when the app stopped: go on from the bytes it has
@@ -177,6 +177,21 @@ class DownloadManager:
         self._publish(job)
         return job
 
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        async with self._turn:
+            while self._running >= max(1, int(self.config.settings.max_downloads)):
+                # Woken when a job ends; and each second, so that a raised max_downloads lets one start.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._turn.wait(), 1.0)
+            self._running += 1
+        try:
+            yield
+        finally:
+            async with self._turn:
+                self._running -= 1
+                self._turn.notify_all()
+
     async def _stop_task(self, job_id: str) -> None:
         task = self._tasks.get(job_id)
         if task is not None:
@@ -203,9 +218,8 @@ class DownloadManager:
         self._tasks[job.id] = asyncio.create_task(self._job(job), name=f'download {job.id}')
 
     async def _job(self, job: Job) -> None:
-        assert self._slots is not None
         try:
-            async with self._slots:
+            async with self._slot():
                 job.state = 'downloading'
                 self._publish(job)
                 headers = {'Authorization': f'Bearer {t}'} if (t := self.hub._token()) else {}
