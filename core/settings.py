@@ -25,6 +25,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from core.fsutil import atomic_write_text, keep_copy
 from core.model_params import ModelParams
+from core.remotes.params import RemoteParams
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,12 @@ class Settings(BaseSettings):
         default_factory=list, description='Extra Host header names accepted besides loopback and host; * = any'
     )
 
+    # --- other machines ---
+    remotes: list[RemoteParams] = Field(
+        default_factory=list,
+        description='OpenAI-compatible servers and other Llama Async Proxy nodes whose models are served here too',
+    )
+
     # --- Hugging Face ---
     hf_endpoint: str | None = Field(
         None, description='Hugging Face endpoint for search and downloads (a mirror); empty: HF_ENDPOINT, else the Hub'
@@ -121,6 +128,15 @@ class Settings(BaseSettings):
     alert_hysteresis_pct: float = Field(
         5.0, ge=0, le=50, description='Alerts clear this % of the threshold back inside it'
     )
+
+    @field_validator('remotes', mode='after')
+    @classmethod
+    def _unique_remotes(cls, v: list[RemoteParams]) -> list[RemoteParams]:
+        names = [r.name for r in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f'two remotes are named {dup[0]!r}: names must differ')
+        return v
 
     @field_validator('hf_token', mode='after')
     @classmethod
@@ -435,21 +451,13 @@ class SettingsManager:
 
     # ---- reading -------------------------------------------------------------------------------------------
     def redacted(self) -> dict[str, Any]:
-        data = self.settings.model_dump(mode='json')
-        for name in SECRET_FIELDS:
-            if data.get(name):
-                data[name] = _redact(data[name])
-        return data
+        return redact(self.settings.model_dump(mode='json'))
 
     def file_data(self, secrets: bool = False) -> dict[str, Any]:
         """The config file's settings as saved (what an export holds); secrets as `***` unless asked for."""
         with self._lock:
             data = copy.deepcopy(self._file)
-        if not secrets:
-            for name in SECRET_FIELDS:
-                if data.get(name):
-                    data[name] = _redact(data[name])
-        return data
+        return data if secrets else redact(data)
 
     def describe(self) -> dict[str, Any]:
         """Effective settings (secrets redacted), where each came from, and what was rejected."""
@@ -470,6 +478,8 @@ class SettingsManager:
         """Validate `patch` on top of the saved file, save atomically and apply. Raises `ConfigInvalid`."""
         with self._lock:
             self._check_patch(patch)
+            if isinstance(patch.get('remotes'), list):  # a remote shown with `***` keeps its saved key
+                patch = {**patch, 'remotes': keep_remote_keys(patch['remotes'], self._file.get('remotes'))}
             return self._save({**self._file, **patch}, patch)
 
     def update_model(self, model_id: str, params: dict[str, Any] | None) -> UpdateResult:
@@ -577,6 +587,28 @@ class SettingsManager:
                 cb(self.settings, changed)
             except Exception:
                 log.exception('settings listener failed')
+
+
+def redact(data: dict[str, Any]) -> dict[str, Any]:
+    """Settings data with every secret as `***`: the top-level ones and each remote's `api_key`."""
+    out = dict(data)
+    for name in SECRET_FIELDS:
+        if out.get(name):
+            out[name] = _redact(out[name])
+    if isinstance(out.get('remotes'), list):
+        out['remotes'] = [
+            {**r, 'api_key': REDACTED} if isinstance(r, dict) and r.get('api_key') else r for r in out['remotes']
+        ]
+    return out
+
+
+def keep_remote_keys(remotes: list[Any], saved: Any) -> list[Any]:
+    """`remotes` with each `***` api_key replaced by the saved key of the remote of that name (or dropped)."""
+    keys = {r.get('name'): r.get('api_key') for r in saved or [] if isinstance(r, dict)}
+    return [
+        {**r, 'api_key': keys.get(r.get('name'))} if isinstance(r, dict) and r.get('api_key') == REDACTED else r
+        for r in remotes
+    ]
 
 
 def _redact(value: Any) -> Any:

@@ -25,6 +25,7 @@ from core.metrics import MetricsService
 from core.model_params import effective_params
 from core.ollama import OllamaAPI
 from core.proxy import Proxy
+from core.remotes import Remotes
 from core.settings import SettingsManager, UpdateResult
 from core.store import Store
 from core.supervisor import Scheduler
@@ -95,7 +96,8 @@ class System:
         with data_dir_errors(self.data_dir, os_errors=False):  # the services create their SQLite tables
             self.library = ModelLibrary(config, self.store, self.bus)
             self.scheduler = Scheduler(config, self.library, self.binary, self.logs, self.bus, self.data_dir)
-            self.proxy = Proxy(config, self.scheduler, self.library, self.store, self.bus)
+            self.remotes = Remotes(config, self.bus)
+            self.proxy = Proxy(config, self.scheduler, self.library, self.store, self.bus, self.remotes)
             self.metrics = MetricsService(config, self.scheduler, self.library, self.store, self.bus, logs=self.logs)
         # Raw ASGI routes and guards that run before NiceGUI's middleware (see core/frontdoor.py).
         self.frontdoor = FrontDoor()
@@ -139,6 +141,7 @@ class System:
         await self.proxy.start()
         await self.metrics.start()
         await self.downloads.start()
+        await self.remotes.start()
         self._health_watch = self.bus.subscribe(['metrics', 'models'], self._watch_writes)  # not per request
         if self.config_watch is not None:
             await self.config_watch.start()
@@ -150,7 +153,7 @@ class System:
             self._health_watch.close()
         if self.config_watch is not None:
             await self.config_watch.stop()
-        for name in ('downloads', 'proxy', 'metrics', 'scheduler', 'library'):
+        for name in ('remotes', 'downloads', 'proxy', 'metrics', 'scheduler', 'library'):
             try:
                 await getattr(self, name).stop()
             except Exception:

@@ -33,10 +33,13 @@ def _col(name: str, label: str, align: str = 'left') -> dict[str, str]:
     return {'name': name, 'label': label, 'field': name, 'align': align}
 
 
+LOCAL = 'this machine'
+NODES = {'': 'Anywhere', 'local': LOCAL}  # then the remotes found in the history
 HISTORY_COLUMNS = [
     _col('time', 'Time'),
     _col('status', 'Status'),  # next to the time: on a phone a failure shows without scrolling sideways
     _col('model', 'Model'),
+    _col('node', 'Served by'),
     _col('route', 'Route'),
     _col('ttft', 'TTFT', 'right'),
     _col('duration', 'Duration', 'right'),
@@ -79,6 +82,7 @@ def history_row(r: dict[str, Any]) -> dict[str, Any]:
         'id': r['id'],
         'time': _when(r.get('ts')),
         'model': r.get('model') or DASH,
+        'node': r.get('upstream') or LOCAL,
         'route': r.get('route') or '',
         'status': status_text(status),
         'failed': status is None or is_failure(status),
@@ -155,6 +159,7 @@ class History:
             self.model = self._select({'': 'Any model'}, '', 'Model', 'activity-filter-model')
             self.status = self._select(STATUSES, '', 'Status', 'activity-filter-status')
             self.route = self._select({'': 'Any route'}, '', 'Route', 'activity-filter-route')
+            self.node = self._select(NODES, '', 'Served by', 'activity-filter-node')
             self.range = self._select(RANGES, 0, 'Time', 'activity-filter-range')
             ui.space()
             for fmt in ('csv', 'json'):
@@ -188,6 +193,7 @@ class History:
             'model': self.model.value or None,
             'status': self.status.value or None,
             'route': self.route.value or None,
+            'upstream': self.node.value or None,
             'since': time.time() - seconds if seconds else None,
         }
 
@@ -224,6 +230,7 @@ class History:
         self.next.set_enabled(offset + len(rows) < total)
         self._offer(self.model, {'': 'Any model'}, facets['model'])
         self._offer(self.route, {'': 'Any route'}, facets['route'])
+        self._offer(self.node, NODES, facets['upstream'])
         self._offer(self.status, STATUSES, [str(s) for s in facets['status']], STATUS_LABELS)
 
     def _read(self, filters: dict[str, Any], offset: int, size: int) -> Any:

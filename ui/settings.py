@@ -86,6 +86,14 @@ GROUPS: tuple[Group, ...] = (
         ),
     ),
     Group('logging', 'Logging', 'article', ('log_level', 'log_buffer_lines', 'log_file_max_bytes', 'log_file_backups')),
+    Group(
+        'remotes',
+        'Other machines',
+        'lan',
+        ('remotes',),
+        'OpenAI-compatible servers and other Llama Async Proxy nodes: a JSON list of {name, url, kind, api_key, '
+        'models, prefix, aliases}. Their state is on the Nodes page.',
+    ),
     Group('hub', 'Hugging Face', 'cloud_download', ('hf_endpoint', 'hf_token', 'download_dir', 'max_downloads')),
     Group(
         'security',

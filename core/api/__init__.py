@@ -29,9 +29,9 @@ def get_system(request: Request) -> System:
 
 def include_all(app: FastAPI) -> None:
     """Register every API router. Call before any catch-all page is defined."""
-    from core.api import config, health, hub, logs, models, models_control, monitoring, parameters, requests
+    from core.api import config, health, hub, logs, models, models_control, monitoring, parameters, remotes, requests
 
-    for module in (health, config, models, models_control, parameters, requests, monitoring, logs, hub):
+    for module in (health, config, models, models_control, parameters, requests, monitoring, logs, hub, remotes):
         app.include_router(module.router, responses=PERIMETER)
     _document_front_door_routes(app)
 

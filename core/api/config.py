@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
 
 from core.api import BODY_NOT_JSON, get_system
-from core.settings import REDACTED, RESTART_FIELDS, SECRET_FIELDS, ConfigInvalid
+from core.settings import REDACTED, RESTART_FIELDS, SECRET_FIELDS, ConfigInvalid, keep_remote_keys, redact
 from core.system import System
 
 router = APIRouter(prefix='/api', tags=['config'])
@@ -92,6 +92,8 @@ def _keep_redacted_secrets(data: dict[str, Any], saved: dict[str, Any]) -> dict[
         known = saved.get(name) or []
         keys = [known[i] if v == REDACTED and i < len(known) else v for i, v in enumerate(value)]
         out[name] = [k for k in keys if k != REDACTED]
+    if isinstance(out.get('remotes'), list):  # a remote's `***` key: the saved key of the remote of that name
+        out['remotes'] = keep_remote_keys(out['remotes'], saved.get('remotes'))
     return out
 
 
@@ -103,6 +105,8 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, Any]]
             before, after = old.get(name), new.get(name)
             if name in SECRET_FIELDS:
                 before, after = _secret_summary(before), _secret_summary(after)
+            elif name == 'remotes':
+                before, after = redact({'remotes': before})['remotes'], redact({'remotes': after})['remotes']
             out[name] = {'from': before, 'to': after}
     return out
 

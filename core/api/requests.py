@@ -26,12 +26,20 @@ class _Filters:
         route: str | None = Query(None, description='Exact route, e.g. /v1/chat/completions'),
         since: float | None = Query(None, ge=0, description='Only requests started at or after this Unix time'),
         until: float | None = Query(None, ge=0, description='Only requests started at or before this Unix time'),
+        upstream: str | None = Query(None, description='The remote that served it; `local`: this app itself'),
     ) -> None:
         if since is not None and until is not None and until < since:
             # The same shape as FastAPI's own field errors, so clients handle one kind.
             msg = 'until is before since'
             raise HTTPException(422, [{'type': 'value_error', 'loc': ['query', 'until'], 'msg': msg, 'input': until}])
-        self.values: dict[str, Any] = {'model': model, 'status': status, 'route': route, 'since': since, 'until': until}
+        self.values: dict[str, Any] = {
+            'model': model,
+            'status': status,
+            'route': route,
+            'since': since,
+            'until': until,
+            'upstream': upstream,
+        }
 
 
 @router.get('/requests')

@@ -51,7 +51,7 @@ def is_failure(status: int | None) -> bool:
 
 STATS_WINDOW_S = 60.0
 LAST_KEPT = 50
-FACETS = ('model', 'route', 'status')
+FACETS = ('model', 'upstream', 'route', 'status')
 MAX_UNWRITTEN = 10_000  # rows kept in memory while SQLite cannot be written (a full disk)
 QUERY_LIMIT = 10_000  # rows per page of a query
 EXPORT_LIMIT = 1_000_000  # an export is bounded by `requests_keep` in practice; this only caps a runaway setting
@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS proxy_requests (
     ts REAL NOT NULL,
     client TEXT,
     model TEXT,
+    upstream TEXT,
     route TEXT,
     method TEXT,
     status INTEGER,
@@ -89,6 +90,7 @@ class RequestRecord:
     route: str
     method: str
     model: str | None = None
+    upstream: str | None = None  # the remote that served it (core/remotes); None: this app's own llama-server
     status: int | None = None
     stream: bool = False
     ttft_s: float | None = None
@@ -165,6 +167,9 @@ class Activity:
     def _ensure_schema(self) -> None:
         if not self._schema_ready:
             self.store.ensure_schema(SCHEMA)
+            have = {row[1] for row in self.store.query('PRAGMA table_info(proxy_requests)')}
+            if 'upstream' not in have:  # a database from before remotes
+                self.store.execute('ALTER TABLE proxy_requests ADD COLUMN upstream TEXT')
             self._schema_ready = True
 
     def mark_interrupted(self) -> int:
@@ -295,6 +300,7 @@ class Activity:
         route: str | None = None,
         since: float | None = None,
         until: float | None = None,
+        upstream: str | None = None,
         offset: int = 0,
         limit: int = 50,
         count: bool = True,
@@ -303,7 +309,7 @@ class Activity:
         in all (-1 when `count` is off). `status`: ok (1-399), error (`is_failure`: >= 400 but 499, and
         interrupted: 0) or an exact code; `since`/`until`: Unix times, inclusive. Blocking: call it off the loop."""
         self.flush()
-        where, args = _where(model, status, route, since, until)
+        where, args = _where(model, status, route, since, until, upstream)
         limit = max(1, min(int(limit), QUERY_LIMIT))
         rows = self.store.query(
             f'SELECT {", ".join(COLUMNS)} FROM proxy_requests{where} ORDER BY ts DESC, rowid DESC LIMIT ? OFFSET ?',
@@ -368,11 +374,14 @@ def _where(
     route: str | None = None,
     since: float | None = None,
     until: float | None = None,
+    upstream: str | None = None,
 ) -> tuple[str, list[Any]]:
     """The WHERE clause (with its leading space) and its arguments for the history filters."""
     where: list[str] = [_FINISHED]  # rows in flight (this process's) are not history yet
     args: list[Any] = []
-    for column, value in (('model', model), ('route', route)):
+    if upstream == 'local':  # served by this app's own llama-servers
+        where.append('upstream IS NULL')
+    for column, value in (('model', model), ('route', route), ('upstream', None if upstream == 'local' else upstream)):
         if value:
             where.append(f'{column} = ?')
             args.append(value)

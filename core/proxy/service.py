@@ -24,7 +24,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
@@ -40,6 +40,8 @@ from core.proxy.routes import DROP_REQUEST_HEADERS, DROP_RESPONSE_HEADERS, ROOT_
 from core.proxy.slot_time import SlotTime
 from core.proxy.sse import Assembler, SSEObjects, json_usage, usage_payloads, usage_stats
 from core.proxy.upstream import Lost, Response, Unreachable, UpstreamClient, UpstreamError
+from core.remotes import FORWARDED, Remote, RemoteState
+from core.remotes.placement import Place, ordered, remote_place
 from core.supervisor.errors import ModelNotFound, ModelUnusable, NoCapacity, StartFailed
 from core.supervisor.process import Upstream
 
@@ -56,8 +58,9 @@ _DROP_REQUEST = frozenset(name.encode() for name in DROP_REQUEST_HEADERS)
 
 
 class Proxy:
-    def __init__(self, config: Any, scheduler: Any, library: Any, store: Any, bus: Any) -> None:
+    def __init__(self, config: Any, scheduler: Any, library: Any, store: Any, bus: Any, remotes: Any = None) -> None:
         self.config, self.scheduler, self.library, self.store, self.bus = config, scheduler, library, store, bus
+        self.remotes = remotes  # core.remotes.Remotes: models on other machines (None: this machine only)
         self.activity = Activity(store, bus, lambda: self.config.settings.requests_keep)
         self.auth = AuthGuard(config)
         self.cors = CorsGuard(config)
@@ -96,9 +99,17 @@ class Proxy:
     def stats(self) -> dict[str, Any]:
         return self.activity.stats()
 
-    def models_list(self) -> dict[str, Any]:
-        """OpenAI list of every discovered model (not only loaded ones), with status and metadata."""
-        return {'object': 'list', 'data': [self._model_card(e) for e in self.library.models() if not e.error]}
+    def models_list(self, local_only: bool = False) -> dict[str, Any]:
+        """OpenAI list of every discovered model (not only loaded ones), with status and metadata; then the
+        remotes' models (`owned_by`: the remote's name), unless `local_only` (a listing another node asked for)."""
+        data = [self._model_card(e) for e in self.library.models() if not e.error]
+        if self.remotes is not None and not local_only:
+            seen = {card['id'] for card in data}
+            for remote, model in self.remotes.listed():
+                if model.id not in seen:
+                    seen.add(model.id)
+                    data.append(_remote_card(remote, model))
+        return {'object': 'list', 'data': data}
 
     def _model_card(self, entry: Any) -> dict[str, Any]:
         meta = entry.meta
@@ -136,14 +147,18 @@ class Proxy:
     async def handle_v1(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope['path'], scope['method']
         if path in ('/v1/models', '/v1/models/') and method == 'GET':
-            await Reply(send).json(200, self.models_list())
+            await Reply(send).json(200, self.models_list(local_only=_forwarded(scope)))
             return
         if path.startswith('/v1/models/') and method == 'GET':
-            entry = self.library.get(unquote(path[len('/v1/models/') :]))
-            if entry is None or entry.error:
-                await Reply(send).error(self._unknown_model(path[len('/v1/models/') :]))
-            else:
+            name = unquote(path[len('/v1/models/') :])
+            entry = self.library.get(name)
+            held = self.remotes.holders(name) if self.remotes is not None and not _forwarded(scope) else []
+            if entry is not None and not entry.error:
                 await Reply(send).json(200, self._model_card(entry))
+            elif held:
+                await Reply(send).json(200, _remote_card(*held[0]))
+            else:
+                await Reply(send).error(self._unknown_model(name))
             return
         spec = ROUTES.get(path)
         if spec is None:
@@ -220,7 +235,7 @@ class Proxy:
         finally:
             if face is not None:
                 face.finished(rec)
-            if rec.gen_tps and (rec.completion_tokens or 0) > 1:
+            if rec.gen_tps and (rec.completion_tokens or 0) > 1 and rec.upstream is None:
                 self.slot_time.observe(rec.model or '', rec.prompt_tps, rec.gen_tps)
             self.activity.finish(rec)
 
@@ -240,8 +255,27 @@ class Proxy:
             data = _parse_json(body)
             asked = data.get('model')
             rec.model = asked[:MODEL_NAME_KEPT] if isinstance(asked, str) else None  # a failure names what was asked
-            entry = self._resolve(asked)
             stream = bool(data.get('stream'))
+            entry, elsewhere = await self._placed(scope, asked)
+            if elsewhere:  # another machine first: its answer is passed on as it comes
+                qs = scope.get('query_string') or b''
+                target = upstream_path + ('?' + qs.decode('latin-1') if qs else '')
+                rec.stream = stream
+                return _Call(
+                    scope,
+                    receive,
+                    reply,
+                    rec,
+                    spec,
+                    asked,
+                    target,
+                    body,
+                    stream,
+                    False,
+                    remotes=elsewhere,
+                    data=data,
+                    fallback=entry,
+                )
             body, assemble = self._upstream_body(body, data, spec, entry.id, stream)
         else:
             rec.model = model_in_path[:MODEL_NAME_KEPT]
@@ -278,6 +312,43 @@ class Proxy:
         return _Call(
             scope, receive, reply, rec, spec, entry.id, target, _dumps(upstream), face.client_stream, False, face
         )
+
+    async def _placed(self, scope: Scope, asked: Any) -> tuple[Any, list[Place]]:
+        """The local model for `asked`, and the remotes to try first, in order (empty: serve it here). A model
+        only this app has, or a forwarded request, never looks further."""
+        if self.remotes is None or not isinstance(asked, str) or not asked or _forwarded(scope):
+            return self._resolve(asked), []
+        held = self.remotes.holders(asked)
+        if not held:
+            return self._resolve(asked), []
+        entry = self.library.get(asked)
+        if entry is not None and entry.error:
+            entry = None
+        places = [remote_place(r, m) for r, m in held if r.up]
+        if not places:
+            if entry is not None:
+                return entry, []
+            downs = '; '.join(f'{r.name} ({r.error or r.state})' for r, _ in held)
+            raise unavailable(
+                f'model {asked!r} is served by a remote that is not reachable now: {downs}; it is checked again '
+                'every few seconds',
+                'remote_down',
+            )
+        if entry is not None:
+            places.append(await self._local_place(entry, any(p.ready for p in places)))
+        order = ordered(places)
+        if order[0].local:
+            return entry, []
+        return entry, [p for p in order if not p.local]
+
+    async def _local_place(self, entry: Any, need_no_fit: bool) -> Place:
+        ready = self.scheduler.describe(entry.id).get('status') == 'ready'
+        inflight = self._per_model.get(entry.id, 0)
+        if ready or need_no_fit:  # placement by fit only when nothing holds the model ready
+            return Place(None, None, ready, inflight, 'unknown', 0)
+        fit = await asyncio.to_thread(self.library.fit, entry)  # reads free memory (NVML may block)
+        free = fit.vram_free_bytes if fit.vram_needed_bytes and fit.vram_free_bytes is not None else fit.ram_free_bytes
+        return Place(None, None, False, inflight, fit.label, int(free or 0))
 
     @contextlib.contextmanager
     def _admitted(self, call: _Call) -> Iterator[None]:
@@ -340,6 +411,14 @@ class Proxy:
         """Relay on the model's server; once more on its successor if the server turns out to have died just before
         (its port refused us and nothing reached the client yet): the supervisor restarts it within a second or
         two, and a request that came in that moment should not be the one that fails."""
+        if call.remotes:
+            if await self._relay_remote(call):
+                return
+            call.remotes = []
+            entry = call.fallback  # every remote that held it failed before answering: this app has it too
+            call.rec.upstream = None
+            call.model_id = entry.id
+            call.body, call.assemble = self._upstream_body(call.body, call.data, call.spec, entry.id, call.stream)
         for attempt in (1, 2):
             async with self._leased(call) as up:
                 try:
@@ -349,6 +428,33 @@ class Proxy:
                     if attempt == 2 or not await self.scheduler.server_gone(call.model_id, up.pid):
                         raise died.error from died
                     log.info('%s: its llama-server (pid %d) had died; trying its successor', call.model_id, up.pid)
+
+    async def _relay_remote(self, call: _Call) -> bool:
+        """Relay on the first remote that answers, in placement order. One found unreachable is marked down and
+        the next is tried; False when none answered and the model is also here; a 503 when it is not."""
+        assert self.remotes is not None
+        failed = []
+        for place in call.remotes:
+            remote, model = place.remote, place.model
+            assert remote is not None and model is not None
+            if not remote.up:
+                continue
+            call.rec.upstream = remote.name
+            body = call.body
+            if model.own_id != call.model_id:
+                body = _dumps({**call.data, 'model': model.own_id})
+            remote.inflight += 1
+            try:
+                await self._relay(call, remote.upstream, remote.target(call.target), body, who=f'remote {remote.name}')
+                return True
+            except _ServerDied as died:
+                self.remotes.mark_down(remote, died.error.message)
+                failed.append(died.error.message)
+            finally:
+                remote.inflight -= 1
+        if call.fallback is not None:
+            return False
+        raise unavailable('; '.join(failed) or f'no remote holding {call.model_id!r} is reachable', 'remote_down')
 
     @contextlib.asynccontextmanager
     async def _leased(self, call: _Call) -> AsyncIterator[Upstream]:
@@ -374,30 +480,44 @@ class Proxy:
             if loading is not None:
                 await loading.close()
 
-    async def _relay(self, call: _Call, up: Upstream) -> None:
+    async def _relay(
+        self,
+        call: _Call,
+        up: Upstream,
+        target: str | None = None,
+        body: bytes | None = None,
+        who: str = 'llama-server',
+    ) -> None:
         """Send the request (on a kept-alive connection where one is free) and pass the answer on as it arrives,
-        or assemble it. On a disconnect the connection is reset, which is how llama-server learns to stop."""
+        or assemble it. On a disconnect the connection is reset, which is how llama-server learns to stop.
+        `target`, `body`: a remote's own path and body, if not the call's."""
         assembly = _Assembly(call.spec.assemble or '', call.rec) if call.assemble else None
-        self.slot_time.serving(call.model_id, up.pid)
+        if up.pid:
+            self.slot_time.serving(call.model_id, up.pid)
+        body = call.body if body is None else body
         sent = time.perf_counter()
         try:
             resp = await self._client().request(
                 call.scope['method'],
                 up.host,
                 up.port,
-                call.target,
-                _request_headers(call.scope, call.body, up.headers),
-                call.body,
+                target or call.target,
+                _request_headers(call.scope, body, up.headers),
+                body,
                 sse_sink=assembly.feed if assembly is not None else None,
                 max_idle=up.slots,
+                tls=up.tls,
+                connect_timeout=up.connect_timeout,
             )
         except UpstreamError as e:
             if isinstance(e, Unreachable) and not call.reply.started:
-                raise _ServerDied(_gateway_error(call.model_id, e)) from e
-            raise _gateway_error(call.model_id, e) from e
+                raise _ServerDied(_gateway_error(call.model_id, e, who)) from e
+            raise _gateway_error(call.model_id, e, who) from e
         complete = False
         try:
             call.rec.status = resp.status
+            if not up.pid and resp.status in (401, 403):  # our key for the remote, not the client's
+                raise bad_gateway(f'{who} refused the api_key configured for it (HTTP {resp.status})', 'remote_auth')
             if call.reply.started and resp.status >= 400:  # loading progress already opened a 200 stream
                 raise _upstream_error(resp.status, await resp.read())
             if assembly is not None and resp.sink is not None:  # the stream was read whole, as it came
@@ -406,7 +526,7 @@ class Proxy:
                 await self._pass_on(call, resp, sent - call.rec.t0)
             complete = True
         except Lost as e:
-            raise _gateway_error(call.model_id, e) from e
+            raise _gateway_error(call.model_id, e, who) from e
         finally:
             if complete:
                 resp.release()
@@ -513,6 +633,9 @@ class _Call:
     stream: bool  # the client asked for a stream
     assemble: bool  # llama-server was asked for a stream the client did not ask for: the reply is built from it
     face: Face | None = None  # another API's shape (see `Proxy.serve_face`)
+    remotes: list[Place] = field(default_factory=list)  # other machines to try first, in order (core/remotes)
+    data: dict[str, Any] = field(default_factory=dict)  # the parsed body, for a remote's own model name
+    fallback: Any = None  # this app's own entry for the model, used when none of `remotes` answers
 
 
 class Face(Protocol):
@@ -676,10 +799,35 @@ class _ServerDied(Exception):
         self.error = error
 
 
-def _gateway_error(model_id: str, e: UpstreamError) -> ProxyError:
+def _gateway_error(model_id: str, e: UpstreamError, who: str = 'llama-server') -> ProxyError:
     if isinstance(e, Lost):
-        return bad_gateway(f'{model_id}: llama-server connection lost mid-response ({e})')
-    return bad_gateway(f'{model_id}: cannot reach llama-server: {e}')
+        return bad_gateway(f'{model_id}: {who} connection lost mid-response ({e})')
+    return bad_gateway(f'{model_id}: cannot reach {who}: {e}')
+
+
+def _forwarded(scope: Scope) -> bool:
+    """Sent by another node's proxy: served from local models only (no forwarding loop)."""
+    return any(name == FORWARDED for name, _ in scope.get('headers') or ())
+
+
+def _remote_card(remote: Remote, model: Any) -> dict[str, Any]:
+    row = model.row or {}
+    meta = row.get('meta') or {}
+    status = model.status or ('ready' if remote.state == RemoteState.UP else str(remote.state))
+    if remote.state == RemoteState.DOWN:
+        status = 'down'
+    return {
+        'id': model.id,
+        'object': 'model',
+        'created': int(row.get('mtime') or 0),
+        'owned_by': remote.name,
+        'aliases': [],
+        'status': status,
+        'context_length': meta.get('context_length'),
+        'size': row.get('size_bytes'),
+        'capabilities': row.get('capabilities') or [],
+        'remote': {'name': remote.name, 'kind': remote.params.kind, 'state': str(remote.state), 'id': model.own_id},
+    }
 
 
 def _has_output(sse: bytes) -> bool:

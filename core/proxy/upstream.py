@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +29,9 @@ HIGH_WATER = 1 << 20  # bytes read ahead of the relay before the upstream socket
 MAX_IDLE_PER_HOST = 64
 SSE = b'text/event-stream'
 RETRY_PAUSES_S = (0.005, 0.02, 0.1)  # before each new try of a request a fresh connection dropped unanswered
+
+
+_Key = tuple[str, int, 'ssl.SSLContext | None']  # host, port, TLS context (None: plain HTTP)
 
 
 class UpstreamError(Exception):
@@ -161,7 +165,7 @@ class Response:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, pool: UpstreamClient, key: tuple[str, int], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, pool: UpstreamClient, key: _Key, loop: asyncio.AbstractEventLoop) -> None:
         self.pool, self.key, self.loop = pool, key, loop
         self.max_idle = MAX_IDLE_PER_HOST  # set per request: how many idle connections the pool may keep there
         self.transport: asyncio.Transport | None = None
@@ -304,7 +308,7 @@ class UpstreamClient:
     def __init__(self, connect_timeout: float = CONNECT_TIMEOUT_S, idle_keep: float = IDLE_KEEP_S) -> None:
         self.connect_timeout = connect_timeout
         self.idle_keep = idle_keep
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._idle: dict[_Key, list[_Connection]] = {}
         self.closed = False
 
     async def request(
@@ -317,6 +321,8 @@ class UpstreamClient:
         body: bytes = b'',
         sse_sink: Callable[[bytes], None] | None = None,
         max_idle: int = MAX_IDLE_PER_HOST,
+        tls: ssl.SSLContext | None = None,
+        connect_timeout: float | None = None,
     ) -> Response:
         """Send one request and wait for the response's status and headers. Raises Unreachable or Lost.
 
@@ -331,8 +337,10 @@ class UpstreamClient:
         A connection closed before a single byte of the response came never had the request taken: a pooled one
         the server closed meanwhile (idle keep-alive timeout) is replaced at once; a fresh one (llama-server
         closes new connections while all its HTTP threads are busy) is tried again after a short pause, up to
-        `len(RETRY_PAUSES_S)` times. A refused connect is not retried: nothing listens."""
-        key = (host, port)
+        `len(RETRY_PAUSES_S)` times. A refused connect is not retried: nothing listens.
+
+        `tls`: HTTPS with this context (a remote upstream); its connections are pooled apart from plain ones."""
+        key = (host, port, tls)
         sized = bool(body) or method not in ('GET', 'HEAD', 'DELETE', 'OPTIONS')
         head = request_head(method, target, f'{host}:{port}', headers, len(body) if sized else None)
         pauses = iter(RETRY_PAUSES_S)
@@ -340,7 +348,7 @@ class UpstreamClient:
             conn = self._take(key)
             reused = conn is not None
             if conn is None:
-                conn = await self._connect(key)
+                conn = await self._connect(key, connect_timeout or self.connect_timeout)
             conn.max_idle = max_idle
             resp = conn.send(head, body, method == 'HEAD')
             resp.sse_sink = sse_sink
@@ -360,18 +368,23 @@ class UpstreamClient:
                 raise
             return resp
 
-    async def _connect(self, key: tuple[str, int]) -> _Connection:
+    async def _connect(self, key: _Key, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
+        host, port, tls = key
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(self, key, loop), key[0], key[1])
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, key, loop), host, port, ssl=tls, server_hostname=host if tls else None
+                )
         except TimeoutError:
-            raise Unreachable(f'connecting to {key[0]}:{key[1]} timed out after {self.connect_timeout:g} s') from None
+            raise Unreachable(f'connecting to {host}:{port} timed out after {timeout:g} s') from None
+        except ssl.SSLError as e:
+            raise Unreachable(f'TLS with {host}:{port} failed: {e.reason or e}') from None
         except OSError as e:
             raise Unreachable(f'cannot connect to {key[0]}:{key[1]}: {e.strerror or e}') from None
         return conn
 
-    def _take(self, key: tuple[str, int]) -> _Connection | None:
+    def _take(self, key: _Key) -> _Connection | None:
         idle = self._idle.get(key)
         if not idle:
             return None
@@ -397,8 +410,8 @@ class UpstreamClient:
             if not idle:  # a stopped server's port is not asked for again
                 del self._idle[conn.key]
 
-    def idle_count(self, host: str, port: int) -> int:
-        return len(self._idle.get((host, port), ()))
+    def idle_count(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+        return len(self._idle.get((host, port, tls), ()))
 
     async def close(self) -> None:
         """Close the pooled connections; connections in use close when their responses are released."""

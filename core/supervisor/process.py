@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -76,6 +77,8 @@ class Upstream:
     api_key: str | None = None  # the server's own key: only the proxy and the sampler send it
     headers: tuple[tuple[bytes, bytes], ...] = ()  # added to every proxied request (the key, as a header)
     slots: int = AUTO_SLOTS  # its -np: the proxy keeps no more idle connections than this (see UpstreamClient)
+    tls: ssl.SSLContext | None = None  # a remote upstream over HTTPS (core/remotes)
+    connect_timeout: float | None = None  # a remote's own; None: the pool's
 
 
 @dataclass(frozen=True)

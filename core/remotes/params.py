@@ -1,0 +1,98 @@
+"""One configured remote: another OpenAI-compatible server (`kind: openai`) or another instance of this app
+(`kind: node`). Part of `Settings.remotes`; its `api_key` is a secret like `api_keys` (shown as `***`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+REDACTED = '***'
+NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$')
+RemoteKind = Literal['openai', 'node']
+
+
+class RemoteParams(BaseModel):
+    model_config = ConfigDict(extra='forbid')
+
+    name: str = Field(description='Short name: shown as the owner of its models and in the activity')
+    url: str = Field(description='Base URL, e.g. http://10.0.0.5:8080 or https://api.example.com/v1')
+    kind: RemoteKind = Field(
+        'openai', description='openai: any OpenAI-compatible server; node: another Llama Async Proxy (its admin key)'
+    )
+    api_key: str | None = Field(None, description='Sent upstream as a bearer token; never shown back')
+    models: list[str] | None = Field(
+        None, description="Its models; empty = read from its /v1/models (a node's: /api/models) and refreshed"
+    )
+    prefix: str | None = Field(None, description='Listed as prefix/model, e.g. "gpu-box"; empty = its own names')
+    aliases: dict[str, str] = Field(default_factory=dict, description='More names: alias -> its model name')
+    ca_file: str | None = Field(None, description='PEM file of the CA that signed its HTTPS certificate (self-signed)')
+    connect_timeout: float = Field(5.0, gt=0, le=120, description='Seconds to connect before it counts as down')
+    check_interval: float = Field(15.0, ge=0.2, le=3600, description='Seconds between checks (and model refreshes)')
+
+    @field_validator('name')
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME.match(v):
+            raise ValueError('letters, digits, ".", "_" and "-" only (at most 64), starting with a letter or digit')
+        return v
+
+    @field_validator('url')
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v.strip())
+        if parts.scheme not in ('http', 'https') or not parts.hostname:
+            raise ValueError('an http:// or https:// URL with a host, e.g. http://10.0.0.5:8080')
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError('no query, fragment or user:password in the URL (the key goes in api_key)')
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as e:
+            raise ValueError(f'bad port: {e}') from None
+        return v.strip().rstrip('/')
+
+    @field_validator('api_key')
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v == REDACTED:
+            raise ValueError(f'{REDACTED!r} stands for the key in an export; it cannot be the key itself')
+        return v or None
+
+    @field_validator('prefix')
+    @classmethod
+    def _prefix(cls, v: str | None) -> str | None:
+        v = (v or '').strip().strip('/')
+        if v and not NAME.match(v):
+            raise ValueError('letters, digits, ".", "_" and "-" only')
+        return v or None
+
+    # ---- derived -------------------------------------------------------------------------------------------
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == 'https'
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ''
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == 'https' else 80)
+
+    @property
+    def root_path(self) -> str:
+        """The path before `/v1` on that server: '' for http://h:8080 and http://h:8080/v1, '/openai' for
+        https://h/openai/v1."""
+        path = urlsplit(self.url).path.rstrip('/')
+        return path[: -len('/v1')] if path.endswith('/v1') else path
+
+    @property
+    def base(self) -> str:
+        """The URL without a trailing /v1: `base + '/v1/models'`, a node's `base + '/api/models'`."""
+        return self.url[: -len('/v1')] if self.url.endswith('/v1') else self.url
+
+    def listed_name(self, own: str) -> str:
+        return f'{self.prefix}/{own}' if self.prefix else own

@@ -1,0 +1,224 @@
+"""Remote upstreams (issue 17, part 1): an OpenAI-compatible server, scripted, and a second real llama-server,
+configured as remotes and used through this app's /v1 like its own models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer, wait_for
+from tests.fake_openai import FakeOpenAI
+
+APP_KEY = 'app-key-for-clients'
+
+
+def remote(fake: FakeOpenAI, **more: Any) -> dict[str, Any]:
+    return {'name': 'cloud', 'url': fake.url, 'api_key': fake.key, 'prefix': 'cloud', 'check_interval': 0.5, **more}
+
+
+async def listed(client: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
+    r = await client.get('/v1/models')
+    assert r.status_code == 200
+    return {m['id']: m for m in r.json()['data']}
+
+
+@pytest.fixture
+async def fake() -> Any:
+    server = await FakeOpenAI(chunk_delay_s=0.01).start()
+    yield server
+    await server.stop()
+
+
+async def test_a_remote_servers_models_are_listed_and_served_like_local_ones(
+    make_served: Any, fake: FakeOpenAI
+) -> None:
+    async with await make_served(api_keys=[APP_KEY], remotes=[remote(fake, aliases={'smart': 'gpt-fake'})]) as s:
+        async with s.client(headers={'Authorization': f'Bearer {APP_KEY}'}) as c:
+            models = await wait_for(lambda: _listed_with(c, 'cloud/gpt-fake'))
+            assert models['cloud/gpt-fake']['owned_by'] == 'cloud'
+            assert models['cloud/embed-fake']['remote']['state'] == 'up'
+            assert 'smart' in models
+            assert 'tiny-llama' in models  # the local ones stay listed first
+
+            r = await c.post('/v1/chat/completions', json={'model': 'cloud/gpt-fake', 'messages': [_hi()]})
+            assert r.status_code == 200, r.text
+            assert r.json()['choices'][0]['message']['content'] == 'w0 w1 w2 w3 w4 '
+            seen = fake.seen[-1]
+            assert seen.body['model'] == 'gpt-fake'  # its own name, not ours
+            assert seen.headers['Authorization'] == f'Bearer {fake.key}'  # its key, never the client's
+            assert APP_KEY not in json.dumps(seen.headers)
+
+            r = await c.post('/v1/chat/completions', json={'model': 'smart', 'messages': [_hi()]})
+            assert r.status_code == 200 and fake.seen[-1].body['model'] == 'gpt-fake'
+
+            async with c.stream(
+                'POST', '/v1/chat/completions', json={'model': 'cloud/gpt-fake', 'messages': [_hi()], 'stream': True}
+            ) as r:
+                assert r.status_code == 200
+                assert r.headers['content-type'].startswith('text/event-stream')
+                events = [line async for line in r.aiter_lines() if line.startswith('data: ')]
+            assert events[-1] == 'data: [DONE]'
+            assert sum('"content"' in e for e in events) == 5
+
+            r = await c.post('/v1/embeddings', json={'model': 'cloud/embed-fake', 'input': 'hello'})
+            assert r.status_code == 200 and r.json()['data'][0]['embedding'] == [0.25, -0.5, 1.0]
+
+            rows = await wait_for(lambda: _requests(c, upstream='cloud', expect=4))
+            assert {row['model'] for row in rows} == {'cloud/gpt-fake', 'smart', 'cloud/embed-fake'}
+            assert all(row['status'] == 200 and row['upstream'] == 'cloud' for row in rows)
+            assert next(r for r in rows if r['stream'])['completion_tokens'] == 5
+            local = (await c.get('/api/requests', params={'upstream': 'local'})).json()['requests']
+            assert all(row['upstream'] is None for row in local)
+
+            nodes = (await c.get('/api/nodes')).json()['remotes']
+            assert nodes[0]['name'] == 'cloud' and nodes[0]['state'] == 'up'
+            assert fake.key not in json.dumps(nodes)
+
+
+async def test_a_client_that_goes_away_ends_the_remote_stream(make_served: Any, fake: FakeOpenAI) -> None:
+    fake.chunks, fake.chunk_delay_s = 200, 0.02  # 4 s if nobody stops it
+    async with await make_served(remotes=[remote(fake)]) as s:
+        async with s.client() as c:
+            await wait_for(lambda: _listed_with(c, 'cloud/gpt-fake'))
+            body = {'model': 'cloud/gpt-fake', 'messages': [_hi()], 'stream': True}
+            async with c.stream('POST', '/v1/chat/completions', json=body) as r:
+                async for line in r.aiter_lines():
+                    if '"content"' in line:
+                        break  # one token, then hang up
+        await wait_for(lambda: fake.disconnects == 1, deadline_s=2)
+        async with s.client() as c:
+            row = (await wait_for(lambda: _requests(c, upstream='cloud', expect=1)))[0]
+        assert row['status'] == 499
+
+
+async def test_a_remote_that_goes_down_answers_503_and_comes_back_by_itself(make_served: Any, fake: FakeOpenAI) -> None:
+    async with await make_served(remotes=[remote(fake)]) as s:
+        async with s.client() as c:
+            await wait_for(lambda: _listed_with(c, 'cloud/gpt-fake'))
+            await fake.stop()
+            body = {'model': 'cloud/gpt-fake', 'messages': [_hi()]}
+            r = await c.post('/v1/chat/completions', json=body)
+            assert r.status_code == 503
+            err = r.json()['error']
+            assert 'cloud' in err['message'] and err['type'] == 'unavailable_error'
+            state = (await c.get('/api/nodes/cloud')).json()
+            assert state['state'] == 'down' and state['error']
+            assert (await listed(c))['cloud/gpt-fake']['status'] == 'down'
+            r = await c.post('/v1/chat/completions', json=body)  # known down: refused at once, clearly
+            assert r.status_code == 503 and 'not reachable' in r.json()['error']['message']
+
+            await fake.start()
+            await wait_for(lambda: _state(c, 'cloud', 'up'), deadline_s=10)
+            r = await c.post('/v1/chat/completions', json=body)
+            assert r.status_code == 200, r.text
+
+
+async def test_a_wrong_key_for_the_remote_is_told_as_such(make_served: Any, fake: FakeOpenAI) -> None:
+    async with await make_served(remotes=[remote(fake, api_key='not-its-key', models=['gpt-fake'])]) as s:
+        async with s.client() as c:
+            state = await wait_for(lambda: _state(c, 'cloud', 'down'))
+            assert 'api_key' in state['error']
+
+
+async def test_remote_keys_are_never_shown_and_survive_an_export_round_trip(make_served: Any, fake: FakeOpenAI) -> None:
+    async with await make_served() as s:
+        async with s.client() as c:
+            r = await c.put('/api/config', json={'remotes': [remote(fake)]})
+            assert r.status_code == 200 and fake.key not in r.text
+            shown = (await c.get('/api/config')).json()['settings']['remotes']
+            assert shown[0]['api_key'] == '***'
+            exported = (await c.get('/api/config/export')).json()
+            assert fake.key not in json.dumps(exported)
+            exported['remotes'][0]['prefix'] = 'renamed'
+            r = await c.put('/api/config', json={'remotes': exported['remotes']})
+            assert r.status_code == 200, r.text
+            assert fake.key not in r.text
+            assert s.system.config.settings.remotes[0].api_key == fake.key  # `***` kept the saved key
+            await wait_for(lambda: _listed_with(c, 'renamed/gpt-fake'))  # applied live
+            r = await c.post('/v1/chat/completions', json={'model': 'renamed/gpt-fake', 'messages': [_hi()]})
+            assert r.status_code == 200
+
+            r = await c.put('/api/config', json={'remotes': [{'name': 'bad name', 'url': 'ftp://x'}]})
+            assert r.status_code == 422
+            fields = json.dumps(r.json())
+            assert 'remotes' in fields and 'http://' in fields
+
+
+async def test_a_real_llama_server_as_a_remote_upstream(
+    make_served: Any, llama_binary: Any, tiny_model: Path, tmp_path: Path
+) -> None:
+    from tests.conftest import start_llama_server, stop_process
+
+    server: RunningServer = await asyncio.to_thread(
+        start_llama_server,
+        llama_binary,
+        tiny_model,
+        '--api-key',
+        'box-key',
+        '--embeddings',
+        '--pooling',
+        'mean',
+        '-np',
+        '2',
+    )
+    try:
+        other = {'name': 'box', 'url': server.base_url, 'api_key': 'box-key', 'prefix': 'box', 'check_interval': 0.5}
+        async with await make_served(remotes=[other]) as s:
+            async with s.client() as c:
+                models = await wait_for(lambda: _listed_with(c, 'box/'))  # llama-server's name for its model
+                name = next(m for m in models if m.startswith('box/'))
+                body = {'model': name, 'messages': [_hi()], 'max_tokens': 4, 'temperature': 0}
+                r = await c.post('/v1/chat/completions', json=body)
+                assert r.status_code == 200, r.text
+                assert r.json()['usage']['completion_tokens'] >= 1
+                async with c.stream('POST', '/v1/chat/completions', json={**body, 'stream': True}) as r:
+                    events = [line async for line in r.aiter_lines() if line.startswith('data: ')]
+                assert r.status_code == 200 and events[-1] == 'data: [DONE]'
+                r = await c.post('/v1/embeddings', json={'model': name, 'input': 'hello'})
+                assert r.status_code == 200 and len(r.json()['data'][0]['embedding']) > 0
+                assert s.system.scheduler.running() == []  # served there, nothing started here
+
+                # Cancel: a long stream, cut after its first token, frees the remote server's slot.
+                long = {**body, 'max_tokens': 4000, 'stream': True}
+                async with c.stream('POST', '/v1/chat/completions', json=long) as r:
+                    async for line in r.aiter_lines():
+                        if '"content"' in line:
+                            break
+                async with httpx.AsyncClient(headers={'Authorization': 'Bearer box-key'}) as direct:
+                    await wait_for(lambda: _slots_idle(direct, server.base_url), deadline_s=3)
+
+                stop_process(server.proc)
+                r = await c.post('/v1/chat/completions', json=body)
+                assert r.status_code == 503 and 'box' in r.json()['error']['message']
+    finally:
+        stop_process(server.proc)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+def _hi() -> dict[str, str]:
+    return {'role': 'user', 'content': 'hi'}
+
+
+async def _listed_with(c: httpx.AsyncClient, name: str) -> dict[str, dict[str, Any]] | None:
+    models = await listed(c)
+    return models if any(m == name or m.startswith(name) for m in models) else None
+
+
+async def _requests(c: httpx.AsyncClient, upstream: str, expect: int) -> list[dict[str, Any]] | None:
+    rows = (await c.get('/api/requests', params={'upstream': upstream})).json()['requests']
+    return rows if len(rows) >= expect else None
+
+
+async def _state(c: httpx.AsyncClient, name: str, state: str) -> dict[str, Any] | None:
+    r = (await c.get(f'/api/nodes/{name}')).json()
+    return r if r['state'] == state else None
+
+
+async def _slots_idle(c: httpx.AsyncClient, base: str) -> bool:
+    slots = (await c.get(f'{base}/slots')).json()
+    return not any(s.get('is_processing') for s in slots)
