@@ -190,7 +190,8 @@ def test_query_filters_counts_and_pages(activity: Activity) -> None:
     assert ids(until=now - 60) == ([old], 1)
     assert ids(offset=1, limit=2) == ([b_ok, a_err], 4)  # total counts every match, not the page
     assert ids(offset=10) == ([], 4)
-    assert activity.facets() == {'model': ['a', 'b'], 'upstream': [], 'route': [CHAT, '/v1/completions'], 'status': [200, 404, 500]}
+    facets = {'model': ['a', 'b'], 'upstream': [], 'route': [CHAT, '/v1/completions'], 'status': [200, 404, 500]}
+    assert activity.facets() == facets
     assert activity.recent(model='b', limit=1)[0]['id'] == b_404  # the older reader still answers
 
 
