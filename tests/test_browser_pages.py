@@ -26,6 +26,7 @@ PAGES = {
     'downloads': ('/downloads', 'Get models'),
     'activity': ('/activity', 'Activity'),
     'monitoring': ('/monitoring', 'Monitoring'),
+    'nodes': ('/nodes', 'Nodes'),
     'logs': ('/logs', 'Logs'),
     'chat': ('/chat', 'Chat'),
     'settings': ('/settings', 'Settings'),

@@ -204,7 +204,7 @@ print('ROUTES=' + json.dumps(out))
 RUNTIME_ROUTES = [('APIRoute', p, ['GET']) for p in ('/docs', '/redoc', '/openapi.json', '/docs/oauth2-redirect')]
 # What may answer without a key: a liveness probe and what the login page needs.
 PUBLIC = re.compile(r'^(/api/health|/login|/_nicegui/.*|/_nicegui_ws)$')
-PAGES = {'/', '/models', '/downloads', '/activity', '/monitoring', '/logs', '/settings', '/chat'}
+PAGES = {'/', '/models', '/downloads', '/activity', '/monitoring', '/nodes', '/logs', '/settings', '/chat'}
 
 
 def _concrete(kind: str, path: str) -> str:

@@ -11,6 +11,7 @@ PAGES = {
     '/downloads': 'Get models',
     '/activity': 'Activity',
     '/monitoring': 'Monitoring',
+    '/nodes': 'Nodes',
     '/logs': 'Logs',
     '/settings': 'Settings',
     '/chat': 'Chat',

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
 
 
 def register_pages(system: System) -> None:
-    from ui import activity, chat, dashboard, downloads, login, logs, models, monitoring, settings
+    from ui import activity, chat, dashboard, downloads, login, logs, models, monitoring, nodes, settings
 
-    for page in (dashboard, models, downloads, activity, monitoring, logs, settings, chat, login):
+    for page in (dashboard, models, downloads, activity, monitoring, nodes, logs, settings, chat, login):
         page.register(system)

@@ -35,6 +35,7 @@ NAV = (
     ('Get models', '/downloads', 'cloud_download'),
     ('Activity', '/activity', 'history'),
     ('Monitoring', '/monitoring', 'show_chart'),
+    ('Nodes', '/nodes', 'lan'),
     ('Logs', '/logs', 'article'),
     ('Chat', '/chat', 'chat'),
     ('Settings', '/settings', 'settings'),
