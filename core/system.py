@@ -29,6 +29,7 @@ from core.remotes import Remotes
 from core.settings import SettingsManager, UpdateResult
 from core.store import Store
 from core.supervisor import Scheduler
+from core.supervisor.rpc_worker import RpcWorker
 
 log = logging.getLogger(__name__)
 PROBE_PREFIX = '.write-test-'  # the file written (and removed) to check that the data dir takes writes
@@ -97,6 +98,8 @@ class System:
             self.library = ModelLibrary(config, self.store, self.bus)
             self.scheduler = Scheduler(config, self.library, self.binary, self.logs, self.bus, self.data_dir)
             self.remotes = Remotes(config, self.bus)
+            self.rpc = RpcWorker(config, self.binary, self.logs, self.bus, self.scheduler.registry)
+            self.library.rpc_memory = self.rpc_memory
             self.proxy = Proxy(config, self.scheduler, self.library, self.store, self.bus, self.remotes)
             self.metrics = MetricsService(config, self.scheduler, self.library, self.store, self.bus, logs=self.logs)
         # Raw ASGI routes and guards that run before NiceGUI's middleware (see core/frontdoor.py).
@@ -138,6 +141,7 @@ class System:
             log.info('llama-server %s at %s', binary.version, binary.path)
         await self.library.start()
         await self.scheduler.start()
+        await self.rpc.start()  # after the scheduler's reap of what an earlier run left
         await self.proxy.start()
         await self.metrics.start()
         await self.downloads.start()
@@ -153,7 +157,7 @@ class System:
             self._health_watch.close()
         if self.config_watch is not None:
             await self.config_watch.stop()
-        for name in ('remotes', 'downloads', 'proxy', 'metrics', 'scheduler', 'library'):
+        for name in ('remotes', 'downloads', 'proxy', 'rpc', 'metrics', 'scheduler', 'library'):
             try:
                 await getattr(self, name).stop()
             except Exception:
@@ -210,6 +214,14 @@ class System:
             await self.save_config({'models_dirs': [str(folder)]})
         await self.library.rescan()
         return path
+
+    def rpc_memory(self, endpoints: list[str]) -> list[int | None]:
+        """Free memory each RPC worker offers, for the fit estimate: this app's own worker, or a node's (from its
+        last check); None for a worker known to neither."""
+        return [
+            self.rpc.free_at(e) or next((f for r in self.remotes.all() if (f := r.rpc_free(e))), None)
+            for e in endpoints
+        ]
 
     def health(self) -> dict[str, Any]:
         b = self.binary.current

@@ -39,6 +39,7 @@ EVERY_FIELD = ModelParams(
     split_mode='layer',
     tensor_split=[3, 1],
     flash_attn='off',
+    rpc=['127.0.0.1:50052', '10.0.0.7:50052'],
     cache_type_k='q8_0',
     cache_type_v='f16',
     mlock=True,
@@ -86,6 +87,7 @@ def test_every_field_maps_to_a_flag_the_binary_accepts(help_text: str) -> None:
     assert emitted and all(a in flags for a in emitted), set(emitted) - flags
     assert args[args.index('--n-gpu-layers') + 1] == 'all'
     assert args[args.index('--tensor-split') + 1] == '3,1'
+    assert args[args.index('--rpc') + 1] == '127.0.0.1:50052,10.0.0.7:50052'
     # This build replaced --mlock/--no-mmap with --load-mode; either way the flag exists.
     assert '--mlock' in args or args[args.index('--load-mode') + 1] == 'mlock'
     argv = LaunchSpec(Path('llama-server'), Path('m.gguf'), EVERY_FIELD.mmproj, EVERY_FIELD).argv(1234, help_text)

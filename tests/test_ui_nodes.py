@@ -70,3 +70,29 @@ def ids(user: User, marker: str) -> dict[str, str]:
     """A node card's models table: model id -> its state there."""
     found = user.find(marker=marker).elements
     return {r['id']: r['status'] for r in next(iter(found)).rows} if found else {}
+
+
+@pytest.fixture
+def rpc_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    from tests.conftest import free_port
+
+    port = free_port()
+    empty = tmp_path / 'none'
+    empty.mkdir()
+    monkeypatch.setenv('LAP_RPC_SERVER', json.dumps({'port': port, 'threads': 1}))
+    monkeypatch.setenv('LAP_MODELS_DIRS', str(empty))
+    return port
+
+
+async def test_the_rpc_worker_starts_and_stops_from_the_nodes_page(rpc_env: int, user: User) -> None:
+    await user.open('/nodes')
+    await user.should_see('No other machines configured')
+    await user.should_see('stopped', marker='rpc-state')
+    await user.should_see(f'127.0.0.1:{rpc_env}')
+    user.find(marker='rpc-start').click()
+    await user.should_see(f'RPC worker ready on 127.0.0.1:{rpc_env}', retries=100)
+    await user.should_see('ready', marker='rpc-state', retries=20)
+    await user.should_see('free of', marker='rpc-devices', retries=20)  # the devices it lends, with their memory
+    user.find(marker='rpc-stop').click()
+    await user.should_see(f'RPC worker stopped on 127.0.0.1:{rpc_env}', retries=100)
+    await user.should_see('stopped', marker='rpc-state', retries=20)

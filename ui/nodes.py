@@ -66,6 +66,10 @@ def figures(remote: dict[str, Any]) -> list[tuple[str, str]]:
             )
         out.append(('Requests', rate(mon.get('requests_per_s'), 'req/s')))
         out.append(('Models running', str(mon.get('models_running', DASH))))
+    rpc = remote.get('rpc_server')
+    if rpc and rpc.get('status') not in STOPPED:
+        free = sum(int(d.get('free_bytes') or 0) for d in rpc.get('devices') or [])
+        out.append(('RPC worker', f'{rpc.get("status")} on {rpc.get("endpoint")}, {human_bytes(free)} free'))
     return out
 
 
@@ -120,6 +124,61 @@ class RemoteCard:
             working.done(f'{action.title()} on {self.name} failed: {message}', type='negative')
 
 
+class RpcWorkerCard:
+    """This machine's llama.cpp RPC worker: state, endpoint, the devices it lends with their memory, Start / Stop."""
+
+    def __init__(self, system: System, client: Client) -> None:
+        self.system, self.client = system, client
+        with ui.card().classes('w-full gap-2').mark('rpc-worker'):
+            with ui.row().classes('w-full items-center gap-2'):
+                ui.icon('memory').classes('text-xl text-indigo-500')
+                ui.label('RPC worker on this machine').classes('text-lg font-semibold')
+                self.state = ui.badge().mark('rpc-state')
+                self.endpoint = ui.label().classes('text-sm lap-muted')
+                ui.space()
+                self.start = ui.button('Start', icon='play_arrow', on_click=lambda: self.control('start'))
+                self.start.props('flat dense').mark('rpc-start')
+                self.stop = ui.button('Stop', icon='stop', on_click=lambda: self.control('stop'))
+                self.stop.props('flat dense color=negative').mark('rpc-stop')
+            ui.label(
+                'Lends this machine to a model loaded elsewhere (its `rpc` parameter lists host:port). The RPC '
+                'protocol has no authentication: keep it on loopback or a network you trust.'
+            ).classes('text-sm lap-muted')
+            self.error = ui.label().classes('text-sm text-negative break-all').mark('rpc-error')
+            self.devices = ui.column().classes('gap-0 text-sm').mark('rpc-devices')
+        self.show()
+
+    def show(self) -> None:
+        d = self.system.rpc.describe()
+        status = str(d['status'])
+        self.state.set_text(status)
+        self.state.props(f'color={STATE_COLORS.get({"ready": "up", "failed": "down"}.get(status, ""), "grey")}')
+        self.endpoint.set_text(d['endpoint'])
+        self.error.set_text(d.get('error') or '')
+        self.error.set_visibility(bool(d.get('error')))
+        running = status not in STOPPED
+        self.start.set_visibility(not running and bool(d.get('binary')))
+        self.stop.set_visibility(running)
+        self.devices.clear()
+        with self.devices:
+            for dev in d.get('devices') or []:
+                ui.label(
+                    f'{dev["name"]}: {dev["description"]}, {human_bytes(dev["free_bytes"])} free of '
+                    f'{human_bytes(dev["total_bytes"])}'
+                )
+
+    async def control(self, action: str) -> None:
+        from core.supervisor.rpc_worker import RpcError
+
+        working = Working(self.client, f'{"Starting" if action == "start" else "Stopping"} the RPC worker…')
+        try:
+            d = await (self.system.rpc.run() if action == 'start' else self.system.rpc.halt())
+        except RpcError as e:
+            working.done(f'RPC worker: {e.message}', type='negative')
+            return
+        working.done(f'RPC worker {d["status"]} on {d["endpoint"]}', type='positive')
+
+
 def register(system: System) -> None:
     @page(system, '/nodes', 'Nodes')
     async def nodes() -> None:
@@ -129,12 +188,16 @@ def register(system: System) -> None:
             'Configured under Settings → Other machines (or `remotes` in the config file). Requests for their '
             "models are routed there; a node's models can be loaded and unloaded here."
         ).classes('text-sm lap-muted')
+        worker = RpcWorkerCard(system, client)
         body = ui.column().classes('w-full gap-3')
         cards: dict[str, RemoteCard] = {}
+        drawn: list[list[str]] = []  # the remotes the cards were built for (none yet: not drawn)
 
         def redraw() -> None:
             remotes = system.remotes.all()
-            if [r.name for r in remotes] != list(cards):
+            names = [r.name for r in remotes]
+            if not drawn or names != drawn[-1]:
+                drawn[:] = [names]
                 body.clear()
                 cards.clear()
                 with body:
@@ -148,3 +211,4 @@ def register(system: System) -> None:
 
         redraw()
         live(system, ['remotes'], redraw, every_ms=500)
+        live(system, ['rpc'], worker.show, every_ms=300)

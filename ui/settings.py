@@ -90,7 +90,7 @@ GROUPS: tuple[Group, ...] = (
         'remotes',
         'Other machines',
         'lan',
-        ('remotes',),
+        ('remotes', 'rpc_server'),
         'OpenAI-compatible servers and other Llama Async Proxy nodes: a JSON list of {name, url, kind, api_key, '
         'models, prefix, aliases}. Their state is on the Nodes page.',
     ),

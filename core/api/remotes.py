@@ -1,4 +1,5 @@
-"""Remotes (other machines) over REST: their state, models and figures; a node's models loaded or unloaded there."""
+"""Other machines over REST: the remotes' state, models and figures, a node's models loaded or unloaded there, and
+this machine's RPC worker."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from core.api import get_system
+from core.supervisor.rpc_worker import RpcError
 from core.system import System
 
 router = APIRouter(prefix='/api', tags=['nodes'])
@@ -43,3 +45,26 @@ async def control_model(
     its error, with its status) is returned as it came. `model_id` is its name on the node."""
     status, body = await system.remotes.control(name, model_id, action)
     return body if status == 200 else JSONResponse(status_code=status, content=body)
+
+
+@router.get('/rpc-server')
+def rpc_server(system: System = Depends(get_system)) -> dict[str, Any]:
+    """This machine's llama.cpp RPC worker: state, endpoint, the devices it lends with their memory, pid, restarts,
+    last error and its last log lines. Its settings are `rpc_server`."""
+    return system.rpc.describe()
+
+
+@router.post(
+    '/rpc-server/{action}',
+    responses={
+        403: {'description': 'Its host is not loopback and the app has no API keys'},
+        409: {'description': 'No rpc-server binary (llama.cpp built without -DGGML_RPC=ON)'},
+        502: {'description': 'It did not start (with its last log lines)'},
+    },
+)
+async def control_rpc_server(action: Literal['start', 'stop'], system: System = Depends(get_system)) -> Any:
+    """Start the worker with the `rpc_server` settings (and wait until it listens), or stop it."""
+    try:
+        return await (system.rpc.run() if action == 'start' else system.rpc.halt())
+    except RpcError as e:
+        return JSONResponse(status_code=e.status, content={'detail': {'message': e.message}})

@@ -63,7 +63,8 @@ class FitEstimate:
     ram_needed_bytes: int
     vram_needed_bytes: int
     ram_free_bytes: int | None
-    vram_free_bytes: int | None
+    vram_free_bytes: int | None  # with RPC workers: the local GPU's and theirs
+    rpc_free_bytes: int | None = None  # what the model's RPC workers offer (None: it has none)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -96,12 +97,25 @@ def estimate(
     *,
     ram_free: int | None = None,
     vram_free: int | None = None,
+    rpc_free: list[int | None] | None = None,
 ) -> FitEstimate:
     """`params`: ModelParams, a dict or None; uses ctx_size, n_gpu_layers, parallel, batch_size, ubatch_size,
-    flash_attn, cache_type_k and cache_type_v. Free memory is passed in (see `free_memory`)."""
+    flash_attn, cache_type_k, cache_type_v and rpc. Free memory is passed in (see `free_memory`); `rpc_free`: the
+    free memory of each worker in `rpc` (None where unknown). Workers are devices like a GPU: offloaded layers are
+    spread over the local GPU and the workers, so their memory adds to the GPU's."""
     p = _params(params)
     notes: list[str] = []
     n_layer = meta.block_count or len(meta.layer_bytes)
+    workers = list(p.get('rpc') or [])
+    rpc_known: int | None = None
+    if workers:
+        offered = list(rpc_free or [])
+        offered += [None] * (len(workers) - len(offered))
+        for endpoint, free in zip(workers, offered, strict=False):
+            if free is None:
+                notes.append(f'RPC worker {endpoint}: its memory is unknown here (counted as none)')
+        rpc_known = sum(f for f in offered if f is not None)
+        vram_free = (vram_free or 0) + rpc_known
     has_gpu = vram_free is not None
 
     # --- weights -------------------------------------------------------------------------------------------
@@ -173,6 +187,7 @@ def estimate(
         vram_needed_bytes=vram_needed,
         ram_free_bytes=ram_free,
         vram_free_bytes=vram_free,
+        rpc_free_bytes=rpc_known,
         notes=notes,
     )
 

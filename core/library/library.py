@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,8 @@ class ModelLibrary:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher = FolderWatcher(self._on_files_changed)
         self.last_scan = ScanReport()
+        # endpoints -> each RPC worker's free memory (None where unknown); set by the System (core/system.py)
+        self.rpc_memory: Callable[[list[str]], list[int | None]] | None = None
         if hasattr(config, 'on_change'):
             config.on_change(self._on_config_change)
 
@@ -115,7 +118,9 @@ class ModelLibrary:
             params = self.effective_params(entry.id)
         if ram_free is None and vram_free is None:
             ram_free, vram_free = free_memory()
-        return estimate(entry.meta, params, ram_free=ram_free, vram_free=vram_free)
+        workers = getattr(params, 'rpc', None) if not isinstance(params, dict) else params.get('rpc')
+        rpc_free = self.rpc_memory(workers) if workers and self.rpc_memory is not None else None
+        return estimate(entry.meta, params, ram_free=ram_free, vram_free=vram_free, rpc_free=rpc_free)
 
     async def fits(self, entries: list[ModelEntry] | None = None) -> dict[str, FitEstimate]:
         """Fit estimates for `entries` (default: all usable), free memory read once and off the loop (NVML and

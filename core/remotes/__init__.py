@@ -29,6 +29,7 @@ import httpx
 
 from core.remotes.params import RemoteParams
 from core.supervisor.process import Upstream
+from core.supervisor.rpc_worker import devices_free_bytes
 
 if TYPE_CHECKING:
     from core.events import EventBus
@@ -78,6 +79,7 @@ class Remote:
         self.latency_ms: float | None = None
         self.models: dict[str, RemoteModel] = {}  # listed id -> model
         self.monitoring: dict[str, Any] | None = None  # a node's latest /api/monitoring sample
+        self.rpc: dict[str, Any] | None = None  # a node's RPC worker (/api/rpc-server)
         self.inflight = 0
         self.tls = _tls_context(params)
         self.wake = asyncio.Event()
@@ -131,7 +133,18 @@ class Remote:
                 for m in self.models.values()
             ],
             'monitoring': _monitoring_summary(self.monitoring),
+            'rpc_server': _rpc_summary(self.rpc),
         }
+
+    def rpc_free(self, endpoint: str) -> int | None:
+        """The free memory a node's RPC worker offers, if `endpoint` is it (reached at the node's host)."""
+        if not self.up or not self.rpc:
+            return None
+        host, _, port = endpoint.rpartition(':')
+        bound_host, _, bound_port = str(self.rpc.get('endpoint') or '').rpartition(':')
+        if port != bound_port or host not in (self.params.host, bound_host):
+            return None
+        return devices_free_bytes(self.rpc)
 
 
 class Remotes:
@@ -249,6 +262,8 @@ class Remotes:
         remote.models = _models(remote.params, {m['id']: (m.get('status'), m, m.get('aliases') or []) for m in rows})
         r = await client.get(base + '/api/monitoring', headers=remote.auth_headers())
         remote.monitoring = r.json() if r.status_code == 200 else None
+        r = await client.get(base + '/api/rpc-server', headers=remote.auth_headers())
+        remote.rpc = r.json() if r.status_code == 200 else None
 
     def mark_down(self, remote: Remote, error: str) -> None:
         """A request found it unreachable: down now, and checked again at once."""
@@ -339,6 +354,12 @@ def _row_summary(row: dict[str, Any]) -> dict[str, Any]:
         'vram_needed_bytes': fit.get('vram_needed_bytes'),
         'capabilities': row.get('capabilities') or [],
     }
+
+
+def _rpc_summary(rpc: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not rpc:
+        return None
+    return {k: rpc.get(k) for k in ('status', 'endpoint', 'devices', 'error')}
 
 
 def _monitoring_summary(sample: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -1,9 +1,11 @@
-"""One configured remote: another OpenAI-compatible server (`kind: openai`) or another instance of this app
-(`kind: node`). Part of `Settings.remotes`; its `api_key` is a secret like `api_keys` (shown as `***`)."""
+"""Settings for other machines: a remote (`RemoteParams`, in `Settings.remotes`) is another OpenAI-compatible
+server (`kind: openai`) or another instance of this app (`kind: node`); its `api_key` is a secret like `api_keys`
+(shown as `***`). `RpcServerParams` (`Settings.rpc_server`): this machine's llama.cpp RPC worker."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -12,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 REDACTED = '***'
 NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$')
 RemoteKind = Literal['openai', 'node']
+RPC_EXPOSED = (
+    'an RPC worker on an interface other than loopback needs the app to require API keys: the RPC protocol has no '
+    'authentication of its own'
+)
 
 
 class RemoteParams(BaseModel):
@@ -96,3 +102,24 @@ class RemoteParams(BaseModel):
 
     def listed_name(self, own: str) -> str:
         return f'{self.prefix}/{own}' if self.prefix else own
+
+
+class RpcServerParams(BaseModel):
+    model_config = ConfigDict(extra='forbid')
+
+    enabled: bool = Field(False, description='Run an RPC worker, lending this machine to models loaded elsewhere')
+    host: str = Field('127.0.0.1', min_length=1, description='Interface it binds; another than loopback needs api_keys')
+    port: int = Field(50052, ge=1, le=65535, description='Its TCP port')
+    threads: int | None = Field(None, ge=1, description='CPU threads for its CPU device')
+    devices: list[str] = Field(default_factory=list, description='Devices it lends (e.g. CUDA0); empty = all')
+    cache: bool = Field(False, description='Cache tensors on local disk (rpc-server -c)')
+
+    def argv(self, binary: Path | str) -> list[str]:
+        argv = [str(binary), '--host', self.host, '--port', str(self.port)]
+        if self.threads:
+            argv += ['--threads', str(self.threads)]
+        if self.devices:
+            argv += ['--device', ','.join(self.devices)]
+        if self.cache:
+            argv.append('--cache')
+        return argv

@@ -34,6 +34,7 @@ VALUE_FLAGS: dict[str, tuple[str, ...]] = {
     'split_mode': ('--split-mode', '-sm'),
     'tensor_split': ('--tensor-split', '-ts'),
     'flash_attn': ('--flash-attn', '-fa'),
+    'rpc': ('--rpc',),
     'cache_type_k': ('--cache-type-k', '-ctk'),
     'cache_type_v': ('--cache-type-v', '-ctv'),
     'rope_scaling': ('--rope-scaling',),
@@ -90,7 +91,7 @@ def _value(field: str, value: Any) -> str:
     if field == 'n_gpu_layers' and value == -1:
         return 'all'
     if isinstance(value, list):
-        return ','.join(_num(v) for v in value)
+        return ','.join(v if isinstance(v, str) else _num(v) for v in value)
     if isinstance(value, float):
         return _num(value)
     return str(value)

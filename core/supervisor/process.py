@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -494,9 +495,19 @@ class ServerProcess:
 
 def _exit_reason(tail: list[str]) -> str:
     """What to say about a server that exited while loading: its error lines when it printed some (a refused
-    argument is followed by its usage text, which says nothing), else its last three lines."""
-    errors = [line.strip() for line in tail if 'error' in line.lower() or 'invalid' in line.lower()]
-    return ' | '.join(errors[-3:] or [line.strip() for line in tail[-3:]])
+    argument is followed by its usage text, which says nothing), else its last three lines. A crash's backtrace
+    (ggml prints one through gdb when it aborts, e.g. "Failed to connect" to an RPC worker) is left out."""
+    lines = [line.strip() for line in tail if not _BACKTRACE.match(line)]
+    errors = [line for line in lines if _ERROR_WORDS.search(line)]
+    return ' | '.join(errors[-3:] or lines[-3:])
+
+
+_ERROR_WORDS = re.compile(r'error|invalid|failed|crashed', re.IGNORECASE)
+# gdb's lines in a ggml abort: frames, threads, "[Inferior 1 (process N) detached]", source-file misses.
+_BACKTRACE = re.compile(
+    r'^\s*(#\d+\s|\[New LWP|\[Inferior|\[Thread debugging|Using host libthread_db'
+    r'|\d+\s+\S+: No such file|0x[0-9a-f]+ in )'
+)
 
 
 def _slots(params: Any) -> int:

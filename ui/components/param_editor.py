@@ -17,7 +17,7 @@ from core.model_params import ModelParams
 INHERIT = '(inherit)'
 GROUPS = {
     'Context and threads': ('ctx_size', 'threads', 'threads_batch', 'batch_size', 'ubatch_size', 'parallel'),
-    'GPU': ('n_gpu_layers', 'main_gpu', 'split_mode', 'tensor_split', 'flash_attn'),
+    'GPU': ('n_gpu_layers', 'main_gpu', 'split_mode', 'tensor_split', 'flash_attn', 'rpc'),
     'KV cache and memory': ('cache_type_k', 'cache_type_v', 'mlock', 'no_mmap'),
     'RoPE': ('rope_scaling', 'rope_scale', 'rope_freq_base', 'rope_freq_scale', 'yarn_orig_ctx'),
     'Features': ('embeddings', 'pooling', 'jinja', 'chat_template', 'chat_template_file', 'mmproj', 'alias'),
