@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,11 +34,12 @@ class FakeOpenAI:
     seen: list[Seen] = field(default_factory=list)
     disconnects: int = 0
     model_lists: int = 0
+    tls: ssl.SSLContext | None = None  # serve HTTPS with this context
     _runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f'http://127.0.0.1:{self.port}/v1'
+        return f'{"https" if self.tls else "http"}://127.0.0.1:{self.port}/v1'
 
     async def start(self) -> FakeOpenAI:
         app = web.Application()
@@ -46,7 +48,7 @@ class FakeOpenAI:
         app.router.add_post('/v1/embeddings', self._embeddings)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.TCPSite(self._runner, '127.0.0.1', self.port, reuse_address=True).start()
+        await web.TCPSite(self._runner, '127.0.0.1', self.port, reuse_address=True, ssl_context=self.tls).start()
         return self
 
     async def stop(self) -> None:

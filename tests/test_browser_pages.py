@@ -4,6 +4,7 @@ running model; a screenshot of each (tests/artifacts/, ignored). The app log is 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import AppProcess, poll, start_app, stop_process
+from tests.conftest import AppProcess, free_port, poll, start_app, stop_process
 from tests.gguf_factory import write_tiny_gguf
 from tests.test_browser import ARGS, CHROMIUM
 
@@ -46,7 +47,10 @@ def shop(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator
     shutil.copy(tiny_model, models / 'tiny-llama.gguf')
     write_tiny_gguf(models / 'wide-llama.gguf', name='wide-llama', seed=7, n_embd=384, n_ff=1536, n_layer=4)
     (models / 'broken.gguf').write_bytes(b'GGUF\x03\x00\x00\x00' + b'\xff' * 24)
-    app = start_app(tmp, '--models-dir', str(models), env={'LAP_METRICS_INTERVAL': '0.5'})
+    # A node that is not there: the Nodes page shows how a down machine looks.
+    away = [{'name': 'gpu-box', 'kind': 'node', 'url': f'http://127.0.0.1:{free_port()}', 'api_key': 'k'}]
+    env = {'LAP_METRICS_INTERVAL': '0.5', 'LAP_REMOTES': json.dumps(away)}
+    app = start_app(tmp, '--models-dir', str(models), env=env)
     yield app
     stop_process(app.proc, timeout=30)
     log = (app.data_dir / 'logs' / 'app.log').read_text()

@@ -149,6 +149,59 @@ async def test_remote_keys_are_never_shown_and_survive_an_export_round_trip(make
             assert 'remotes' in fields and 'http://' in fields
 
 
+async def test_an_https_remote_is_verified_against_its_ca_file(make_served: Any, tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert('127.0.0.1').configure_cert(server_ctx)
+    ca_file = tmp_path / 'ca.pem'
+    ca.cert_pem.write_to_path(str(ca_file))
+    fake = await FakeOpenAI(tls=server_ctx).start()
+    try:
+        trusted = remote(fake, name='tls', prefix='tls', ca_file=str(ca_file))
+        untrusted = remote(fake, name='unknown-ca', prefix='other')
+        async with await make_served(remotes=[trusted, untrusted]) as s:
+            async with s.client() as c:
+                await wait_for(lambda: _listed_with(c, 'tls/gpt-fake'))
+                r = await c.post('/v1/chat/completions', json={'model': 'tls/gpt-fake', 'messages': [_hi()]})
+                assert r.status_code == 200, r.text
+                async with c.stream(
+                    'POST', '/v1/chat/completions', json={'model': 'tls/gpt-fake', 'messages': [_hi()], 'stream': True}
+                ) as r:
+                    assert r.status_code == 200
+                    assert [x async for x in r.aiter_lines() if x.startswith('data: ')][-1] == 'data: [DONE]'
+                state = await wait_for(lambda: _state(c, 'unknown-ca', 'down'))
+                assert 'certificate' in state['error'].lower()  # a certificate it cannot verify is refused
+    finally:
+        await fake.stop()
+
+
+async def test_a_request_fails_over_to_another_remote_holding_the_model(make_served: Any) -> None:
+    first, second = await FakeOpenAI().start(), await FakeOpenAI().start()
+    try:
+        # No prefix: both list gpt-fake, replicas of one model. A slow check leaves a dead one marked up.
+        a = {'name': 'a', 'url': first.url, 'api_key': first.key, 'check_interval': 3600}
+        b = {'name': 'b', 'url': second.url, 'api_key': second.key, 'check_interval': 3600}
+        async with await make_served(remotes=[a, b]) as s:
+            async with s.client() as c:
+                await wait_for(lambda: _all_up(c, 'a', 'b'))
+                body = {'model': 'gpt-fake', 'messages': [_hi()]}
+                assert (await c.post('/v1/chat/completions', json=body)).status_code == 200
+                served_first = 'a' if first.seen else 'b'
+                await (first if served_first == 'a' else second).stop()
+                r = await c.post('/v1/chat/completions', json=body)
+                assert r.status_code == 200, r.text  # the other one answered
+                assert (await c.get(f'/api/nodes/{served_first}')).json()['state'] == 'down'
+                rows = await wait_for(lambda: _requests(c, upstream='b' if served_first == 'a' else 'a', expect=1))
+                assert rows[0]['status'] == 200
+    finally:
+        await first.stop()
+        await second.stop()
+
+
 async def test_a_real_llama_server_as_a_remote_upstream(
     make_served: Any, llama_binary: Any, tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -217,6 +270,10 @@ async def _requests(c: httpx.AsyncClient, upstream: str, expect: int) -> list[di
 async def _state(c: httpx.AsyncClient, name: str, state: str) -> dict[str, Any] | None:
     r = (await c.get(f'/api/nodes/{name}')).json()
     return r if r['state'] == state else None
+
+
+async def _all_up(c: httpx.AsyncClient, *names: str) -> bool:
+    return all([await _state(c, name, 'up') for name in names])
 
 
 async def _slots_idle(c: httpx.AsyncClient, base: str) -> bool:

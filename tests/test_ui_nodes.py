@@ -61,9 +61,23 @@ async def test_nodes_page_shows_remotes_live_and_loads_a_nodes_model(
     await user.should_see('tiny-llama unloaded on gpu-box', retries=100)
     assert node.system.scheduler.describe('tiny-llama').get('status') == 'stopped'
 
+    # The Models page lists them too, with the machine as a column and a filter.
+    await user.open('/models')
+    await user.should_see('On other machines')
+    rows = await wait_for(lambda: _remote_rows(user) if len(_remote_rows(user)) >= 4 else None)
+    assert ('tiny-llama', 'gpu-box') in rows and ('cloud/gpt-fake', 'cloud') in rows
+    user.find(marker='remote-models-machine').elements.copy().pop().set_value('cloud')
+    assert {node for _, node in _remote_rows(user)} == {'cloud'}
+
+    await user.open('/nodes')
     await fake.stop()
     await user.should_see('down', marker='node-state-cloud', retries=100)
     await user.should_see('cannot connect', marker='node-error-cloud', retries=20)
+
+
+def _remote_rows(user: User) -> list[tuple[str, str]]:
+    found = user.find(marker='remote-models-table').elements
+    return [(r['id'], r['node']) for r in next(iter(found)).rows] if found else []
 
 
 def ids(user: User, marker: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ from core.supervisor import ModelState, SupervisorError
 from ui.components.first_run import FirstRun
 from ui.components.model_card import UNUSABLE, ModelCard, shown_state
 from ui.components.model_details import ModelDetails
+from ui.components.remote_models import RemoteModels
 from ui.layout import Working, empty, live, notify, page, subscribe
 
 if TYPE_CHECKING:
@@ -178,6 +179,8 @@ def register(system: System) -> None:
 
         with ui.column().classes('w-full gap-3').mark('models-list'):
             listing()
+        elsewhere = RemoteModels(system)
+        live(system, ['remotes'], elsewhere.show, every_ms=500)
 
         def on_sample(event: Event) -> None:
             for mid, card in cards.items():

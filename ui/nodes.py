@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import context, ui
 
+from ui.components.remote_models import STOPPED, model_row
 from ui.format import DASH, clock, human_bytes, pct, rate
 from ui.layout import Working, empty, live, page
 
@@ -33,21 +34,6 @@ ACTIONS_SLOT = r"""
          @click="() => $parent.$emit('unload', props.row)" />
 </q-td>
 """
-STOPPED = ('stopped', 'failed', 'crashed', None)
-
-
-def model_row(remote: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
-    node = remote['kind'] == 'node' and remote['state'] == 'up'
-    status = m.get('status')
-    return {
-        'id': m['id'],
-        'own_id': m['own_id'],
-        'status': status or ('serves it' if remote['state'] == 'up' else remote['state']),
-        'fit': m.get('fit') or DASH,
-        'size': human_bytes(m.get('size_bytes')) if m.get('size_bytes') else DASH,
-        'can_load': node and status in STOPPED,
-        'can_unload': node and status not in STOPPED,
-    }
 
 
 def figures(remote: dict[str, Any]) -> list[tuple[str, str]]:
