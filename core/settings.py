@@ -25,7 +25,7 @@ from pydantic_settings.exceptions import SettingsError
 from core.fsutil import atomic_write_text, keep_copy
 from core.model_params import ModelParams
 from core.netutil import is_loopback
-from core.remotes.params import RPC_EXPOSED, RemoteParams, RpcServerParams
+from core.remote_params import RPC_EXPOSED, RemoteParams, RpcServerParams
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,10 @@ class Settings(BaseSettings):
         description='OpenAI-compatible servers and other Llama Async Proxy nodes whose models are served here too',
     )
 
+    rpc_workers: list[str] = Field(
+        default_factory=list,
+        description="RPC workers (host:port) a model's rpc parameter may name, besides this app's own worker",
+    )
     rpc_server: RpcServerParams = Field(
         default_factory=RpcServerParams, description="This machine's llama.cpp RPC worker, lent to models elsewhere"
     )
@@ -208,7 +212,17 @@ CORRUPT_TAG = 'corrupt'  # a config file the app could not use is kept as `confi
 # each names a file or program the app would trust (a key list, a binary to run, where to write its data).
 LOCAL_ONLY_FIELDS = frozenset(
     # hf_endpoint: the token is sent there, so only someone at this machine may point it elsewhere.
-    {'llama_server_path', 'api_keys_file', 'ssl_certfile', 'ssl_keyfile', 'data_dir', 'download_dir', 'hf_endpoint'}
+    # rpc_workers: a model's rpc parameter sends the model there.
+    {
+        'llama_server_path',
+        'api_keys_file',
+        'ssl_certfile',
+        'ssl_keyfile',
+        'data_dir',
+        'download_dir',
+        'hf_endpoint',
+        'rpc_workers',
+    }
 )
 
 
@@ -524,8 +538,11 @@ class SettingsManager:
         if exposed and not candidate.api_keys:  # the app may listen beyond this machine: never without a key
             raise ConfigInvalid([FieldError('api_keys', 'a non-loopback host needs an API key', source)])
         rpc = candidate.rpc_server
-        if rpc.enabled and not is_loopback(rpc.host) and not candidate.api_keys:
+        if not is_loopback(rpc.host) and not candidate.api_keys:  # enabled or not: it can be started by hand
             raise ConfigInvalid([FieldError('rpc_server.host', RPC_EXPOSED, source)])
+        refused = rpc_refusals(candidate)
+        if refused:
+            raise ConfigInvalid([FieldError(f, m, source) for f, m in refused])
         return candidate, Settings(**new_file).model_dump(mode='json', include=set(new_file))
 
     def _save(self, new_file: dict[str, Any], patch: dict[str, Any]) -> UpdateResult:
@@ -600,13 +617,47 @@ def redact(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def keep_remote_keys(remotes: list[Any], saved: Any) -> list[Any]:
-    """`remotes` with each `***` api_key replaced by the saved key of the remote of that name (or dropped)."""
-    keys = {r.get('name'): r.get('api_key') for r in saved or [] if isinstance(r, dict)}
-    return [
-        {**r, 'api_key': keys.get(r.get('name'))} if isinstance(r, dict) and r.get('api_key') == REDACTED else r
-        for r in remotes
-    ]
+def allowed_rpc_workers(settings: Settings) -> set[str]:
+    """Where a model's `rpc` may send it: this app's own worker and the `rpc_workers` someone at this machine
+    listed (a local-only setting)."""
+    own = {f'{h}:{settings.rpc_server.port}' for h in ('127.0.0.1', 'localhost', settings.rpc_server.host)}
+    return own | set(settings.rpc_workers)
+
+
+def rpc_refusals(settings: Settings) -> list[tuple[str, str]]:
+    """(field, message) for each model `rpc` endpoint that is not an allowed worker."""
+    allowed = allowed_rpc_workers(settings)
+    out = []
+    for where, params in [('defaults', settings.defaults), *((f'models.{k}', v) for k, v in settings.models.items())]:
+        for endpoint in params.rpc or []:
+            if endpoint not in allowed:
+                out.append((f'{where}.rpc', rpc_refusal(endpoint)))
+    return out
+
+
+def rpc_refusal(endpoint: str) -> str:
+    return (
+        f"{endpoint} is neither this app's RPC worker nor listed in rpc_workers (which is set in the config file, "
+        'the environment or on the command line)'
+    )
+
+
+def keep_remote_keys(remotes: list[Any], saved: Any, source: str = 'request') -> list[Any]:
+    """`remotes` with each `***` api_key replaced by the saved key of the remote of that name, as long as its URL is
+    the saved one: a key never follows a remote to a new address (raises ConfigInvalid: give the key again)."""
+    known = {r.get('name'): r for r in saved or [] if isinstance(r, dict)}
+    out, errors = [], []
+    for i, r in enumerate(remotes):
+        if isinstance(r, dict) and r.get('api_key') == REDACTED:
+            old = known.get(r.get('name')) or {}
+            if old.get('api_key') and str(old.get('url', '')).rstrip('/') != str(r.get('url', '')).strip().rstrip('/'):
+                message = 'the URL changed: give the key again (a saved key is never sent to a new address)'
+                errors.append(FieldError(f'remotes.{i}.api_key', message, source))
+            r = {**r, 'api_key': old.get('api_key')}
+        out.append(r)
+    if errors:
+        raise ConfigInvalid(errors)
+    return out
 
 
 def _redact(value: Any) -> Any:

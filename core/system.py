@@ -157,7 +157,8 @@ class System:
             self._health_watch.close()
         if self.config_watch is not None:
             await self.config_watch.stop()
-        for name in ('remotes', 'downloads', 'proxy', 'rpc', 'metrics', 'scheduler', 'library'):
+        # The RPC worker after the scheduler: the models split over it stop first, not abort on a lost worker.
+        for name in ('remotes', 'downloads', 'proxy', 'metrics', 'scheduler', 'rpc', 'library'):
             try:
                 await getattr(self, name).stop()
             except Exception:

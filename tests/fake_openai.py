@@ -35,6 +35,7 @@ class FakeOpenAI:
     disconnects: int = 0
     model_lists: int = 0
     tls: ssl.SSLContext | None = None  # serve HTTPS with this context
+    refuse: int | None = None  # answer every chat with this status (a full or failing server)
     _runner: web.AppRunner | None = None
 
     @property
@@ -71,6 +72,8 @@ class FakeOpenAI:
             return web.json_response({'error': {'message': 'bad key', 'type': 'auth'}}, status=401)
         body = await request.json()
         self.seen.append(Seen(request.path, dict(request.headers), body))
+        if self.refuse is not None:
+            return web.json_response({'error': {'message': f'refused with {self.refuse}'}}, status=self.refuse)
         if body.get('model') not in self.models:
             return web.json_response({'error': {'message': f'no model {body.get("model")}'}}, status=404)
         return body

@@ -110,6 +110,9 @@ def test_the_front_serves_lists_and_controls_a_nodes_models(pair: dict[str, Any]
         assert r.status_code == 200 and r.json()['status'] == 'ready'
         assert a.post('/api/nodes/b/models/no-such-model/load').status_code == 404  # B's own answer
         assert a.post('/api/nodes/nowhere/models/x/load').status_code == 404
+        for sneaky in ('..%2F..%2Fmodels%2Funload', 'x%2F..', '.'):  # only a model's own path on the node
+            assert a.post(f'/api/nodes/b/models/{sneaky}/load').status_code == 404
+        assert b.get('/api/models').json()['models'][0]['status'] in ('ready', 'stopped')
 
 
 def test_placement_sends_a_model_to_the_node_where_it_fits(pair: dict[str, Any]) -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from core.remote_params import RemoteParams
 from core.remotes import Remote, RemoteModel
-from core.remotes.params import RemoteParams
 from core.remotes.placement import Place, ordered, remote_place
 
 
 def node(name: str, status: str | None, fit: str = 'fits', free: int = 0, inflight: int = 0) -> Place:
     remote = Remote(RemoteParams(name=name, url=f'http://{name}:8080', kind='node'))
-    remote.inflight = inflight
+    remote.busy['m'] = inflight
     row = {'fit': {'label': fit, 'ram_free_bytes': free, 'vram_needed_bytes': 0}}
     return remote_place(remote, RemoteModel('m', 'm', status, row))
 

@@ -143,6 +143,16 @@ async def test_remote_keys_are_never_shown_and_survive_an_export_round_trip(make
             r = await c.post('/v1/chat/completions', json={'model': 'renamed/gpt-fake', 'messages': [_hi()]})
             assert r.status_code == 200
 
+            # The saved key never follows a remote to a new address.
+            moved = [{**exported['remotes'][0], 'url': 'http://198.51.100.7:8000/v1'}]
+            r = await c.put('/api/config', json={'remotes': moved})
+            assert r.status_code == 422 and 'give the key again' in r.text
+            r = await c.post('/api/config/import', json={**exported, 'remotes': moved})
+            assert r.status_code == 422 and 'give the key again' in r.text
+            assert s.system.config.settings.remotes[0].url == fake.url
+            r = await c.put('/api/config', json={'remotes': [{**remote(fake), 'api_key': 'two\r\nX-Evil: 1'}]})
+            assert r.status_code == 422  # a key goes in a header line as it is
+
             r = await c.put('/api/config', json={'remotes': [{'name': 'bad name', 'url': 'ftp://x'}]})
             assert r.status_code == 422
             fields = json.dumps(r.json())
@@ -200,6 +210,28 @@ async def test_a_request_fails_over_to_another_remote_holding_the_model(make_ser
     finally:
         await first.stop()
         await second.stop()
+
+
+async def test_a_remote_that_refuses_is_passed_over_and_request_params_apply(make_served: Any) -> None:
+    full, good = await FakeOpenAI(refuse=503).start(), await FakeOpenAI().start()
+    try:
+        a = {'name': 'full', 'url': full.url, 'api_key': full.key, 'check_interval': 3600}
+        b = {'name': 'good', 'url': good.url, 'api_key': good.key, 'check_interval': 3600}
+        forced = {'defaults': {'request': {'force': {'temperature': 0.25}, 'max_tokens_cap': 7}}}
+        async with await make_served(remotes=[a, b], **forced) as s:
+            async with s.client() as c:
+                await wait_for(lambda: _all_up(c, 'full', 'good'))
+                for _ in range(3):  # whichever is tried first, the answer comes from the one that can
+                    r = await c.post('/v1/chat/completions', json={'model': 'gpt-fake', 'messages': [_hi()]})
+                    assert r.status_code == 200, r.text
+                assert good.seen and all(x.body['temperature'] == 0.25 and x.body['max_tokens'] == 7 for x in good.seen)
+                assert (await c.get('/api/nodes/full')).json()['state'] == 'up'  # it answered: not down
+                await good.stop()
+                r = await c.post('/v1/chat/completions', json={'model': 'gpt-fake', 'messages': [_hi()]})
+                assert r.status_code == 503 and 'refused with 503' in r.text  # the reason, from the one that answered
+    finally:
+        await full.stop()
+        await good.stop()
 
 
 async def test_a_real_llama_server_as_a_remote_upstream(

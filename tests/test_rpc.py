@@ -120,9 +120,22 @@ async def test_an_rpc_worker_beyond_loopback_needs_api_keys(settings_factory: An
     assert config.settings.rpc_server.host == '0.0.0.0'
 
 
+async def test_a_model_may_name_only_workers_listed_at_this_machine(make_served: Any) -> None:
+    async with await make_served(rpc_workers=['10.0.0.7:50052']) as s:
+        async with s.client() as c:
+            r = await c.put('/api/models/tiny-llama/parameters', json={'rpc': ['203.0.113.9:50052']})
+            assert r.status_code == 422, r.text
+            assert 'rpc_workers' in r.text
+            r = await c.put('/api/models/tiny-llama/parameters', json={'rpc': ['10.0.0.7:50052']})
+            assert r.status_code == 200, r.text
+            r = await c.put('/api/config', json={'rpc_workers': ['203.0.113.9:50052']})
+            assert r.status_code == 422 and 'config file' in r.text  # local-only: not over the API
+
+
 async def test_a_model_on_an_rpc_worker_serves_fails_clearly_and_recovers(make_served: Any, worker: Worker) -> None:
     params = {'rpc': [worker.endpoint], 'n_gpu_layers': -1, 'ctx_size': 512}
-    async with await make_served(models={'tiny-llama': params}, restart_backoff=0.05) as s:
+    served = make_served(models={'tiny-llama': params}, rpc_workers=[worker.endpoint], restart_backoff=0.05)
+    async with await served as s:
         async with s.client() as c:
             body = {'model': 'tiny-llama', 'messages': HI, 'max_tokens': 4}
             r = await c.post('/v1/chat/completions', json=body)

@@ -31,8 +31,12 @@ def include_all(app: FastAPI) -> None:
     """Register every API router. Call before any catch-all page is defined."""
     from core.api import config, health, hub, logs, models, models_control, monitoring, parameters, remotes, requests
 
+    # None of the routers has a lifespan, but each include wraps the app's in one more merged context: the test
+    # suite builds the app once per page test in one process, and ~1000 nested contexts end in a RecursionError.
+    lifespan = app.router.lifespan_context
     for module in (health, config, models, models_control, parameters, requests, monitoring, logs, hub, remotes):
         app.include_router(module.router, responses=PERIMETER)
+    app.router.lifespan_context = lifespan
     _document_front_door_routes(app)
 
 

@@ -55,8 +55,8 @@ async def import_config(
     applied like a save. `dry_run=true` changes nothing and says what would change and which running models
     would restart. Local-only fields (paths the app trusts) keep their values; `***` keys keep the keys in force."""
     config = system.config
-    data = _keep_redacted_secrets(data, config.file_data(secrets=True))
     try:
+        data = _keep_redacted_secrets(data, config.file_data(secrets=True))
         candidate = config.candidate(data)
     except ConfigInvalid as e:
         return JSONResponse(status_code=422, content={'detail': [err.as_dict() for err in e.errors]})

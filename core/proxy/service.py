@@ -342,8 +342,8 @@ class Proxy:
         return entry, [p for p in order if not p.local]
 
     async def _local_place(self, entry: Any, need_no_fit: bool) -> Place:
-        ready = self.scheduler.describe(entry.id).get('status') == 'ready'
-        inflight = self._per_model.get(entry.id, 0)
+        info = self.scheduler.describe(entry.id)
+        ready, inflight = info.get('status') == 'ready', int(info.get('inflight') or 0)  # its own, not relayed ones
         if ready or need_no_fit:  # placement by fit only when nothing holds the model ready
             return Place(None, None, ready, inflight, 'unknown', 0)
         fit = await asyncio.to_thread(self.library.fit, entry)  # reads free memory (NVML may block)
@@ -433,28 +433,45 @@ class Proxy:
         """Relay on the first remote that answers, in placement order. One found unreachable is marked down and
         the next is tried; False when none answered and the model is also here; a 503 when it is not."""
         assert self.remotes is not None
-        failed = []
+        failed: list[ProxyError | _RemoteAnswer] = []
         for place in call.remotes:
             remote, model = place.remote, place.model
             assert remote is not None and model is not None
             if not remote.up:
                 continue
             call.rec.upstream = remote.name
-            body = call.body
-            if model.own_id != call.model_id:
-                body = _dumps({**call.data, 'model': model.own_id})
-            remote.inflight += 1
+            body = self._remote_body(call, model.own_id)
+            remote.busy[model.own_id] = remote.busy.get(model.own_id, 0) + 1
             try:
                 await self._relay(call, remote.upstream, remote.target(call.target), body, who=f'remote {remote.name}')
                 return True
             except _ServerDied as died:
                 self.remotes.mark_down(remote, died.error.message)
-                failed.append(died.error.message)
+                failed.append(died.error)
+            except _TryElsewhere as refused:  # it answered, but cannot serve it now; nothing reached the client
+                if refused.error.code == 'remote_auth':
+                    self.remotes.mark_down(remote, refused.error.message)
+                failed.append(_RemoteAnswer(refused.error))
             finally:
-                remote.inflight -= 1
+                remote.busy[model.own_id] -= 1
         if call.fallback is not None:
             return False
-        raise unavailable('; '.join(failed) or f'no remote holding {call.model_id!r} is reachable', 'remote_down')
+        if failed and isinstance(failed[-1], _RemoteAnswer):  # it answered: its own status and reason
+            raise failed[-1].error
+        raise unavailable(
+            '; '.join(e.message for e in failed) or f'no remote holding {call.model_id!r} is reachable', 'remote_down'
+        )
+
+    def _remote_body(self, call: _Call, own_id: str) -> bytes:
+        """What a remote is sent: the request params in force for the model as listed here (defaults, forced and
+        stripped fields, the max_tokens cap) applied, and the remote's own name for it."""
+        data = call.data
+        if call.spec.generates:
+            params = request_params.for_model(self.config.settings, call.model_id)
+            data = request_params.apply(data, params, call.spec.max_tokens_field)
+        if data is call.data and own_id == call.model_id:
+            return call.body  # the client's bytes, as they came
+        return _dumps({**data, 'model': own_id})
 
     @contextlib.asynccontextmanager
     async def _leased(self, call: _Call) -> AsyncIterator[Upstream]:
@@ -497,18 +514,15 @@ class Proxy:
         body = call.body if body is None else body
         sent = time.perf_counter()
         try:
-            resp = await self._client().request(
-                call.scope['method'],
-                up.host,
-                up.port,
-                target or call.target,
-                _request_headers(call.scope, body, up.headers),
-                body,
-                sse_sink=assembly.feed if assembly is not None else None,
-                max_idle=up.slots,
-                tls=up.tls,
-                connect_timeout=up.connect_timeout,
-            )
+            if up.response_timeout is None:  # a local llama-server: prompt processing may take as long as it takes
+                resp = await self._request(call, up, target or call.target, body, assembly)
+            else:
+                async with asyncio.timeout(up.response_timeout):
+                    resp = await self._request(call, up, target or call.target, body, assembly)
+        except TimeoutError:
+            raise ProxyError(
+                504, f'{call.model_id}: {who} did not start answering within {up.response_timeout:g} s', 'timeout'
+            ) from None
         except UpstreamError as e:
             if isinstance(e, Unreachable) and not call.reply.started:
                 raise _ServerDied(_gateway_error(call.model_id, e, who)) from e
@@ -516,8 +530,8 @@ class Proxy:
         complete = False
         try:
             call.rec.status = resp.status
-            if not up.pid and resp.status in (401, 403):  # our key for the remote, not the client's
-                raise bad_gateway(f'{who} refused the api_key configured for it (HTTP {resp.status})', 'remote_auth')
+            if not up.pid and resp.status in _ELSEWHERE and not call.reply.started:
+                raise _TryElsewhere(_remote_refusal(who, resp.status, await resp.read()))
             if call.reply.started and resp.status >= 400:  # loading progress already opened a 200 stream
                 raise _upstream_error(resp.status, await resp.read())
             if assembly is not None and resp.sink is not None:  # the stream was read whole, as it came
@@ -532,6 +546,22 @@ class Proxy:
                 resp.release()
             else:
                 resp.abort()
+
+    async def _request(
+        self, call: _Call, up: Upstream, target: str, body: bytes, assembly: _Assembly | None
+    ) -> Response:
+        return await self._client().request(
+            call.scope['method'],
+            up.host,
+            up.port,
+            target,
+            _request_headers(call.scope, body, up.headers),
+            body,
+            sse_sink=assembly.feed if assembly is not None else None,
+            max_idle=up.slots,
+            tls=up.tls,
+            connect_timeout=up.connect_timeout,
+        )
 
     async def _pass_on(self, call: _Call, resp: Response, sent_s: float) -> None:
         reply, rec = call.reply, call.rec
@@ -789,6 +819,34 @@ class _LoadingState:
 
 def _unusable(model_id: str, error: str) -> ProxyError:
     return ProxyError(409, f'{model_id} cannot be loaded: {error}', 'invalid_request_error', 'model_unusable')
+
+
+_ELSEWHERE = frozenset({401, 403, 502, 503})  # a remote's answers that another place holding the model may not give
+
+
+@dataclass(frozen=True, slots=True)
+class _RemoteAnswer:
+    """A remote's own refusal (not its silence), kept to answer with if no other place serves the request."""
+
+    error: ProxyError
+
+    @property
+    def message(self) -> str:
+        return self.error.message
+
+
+class _TryElsewhere(Exception):
+    """A remote answered that it cannot serve this now (its key refused, its model failed or it is full)."""
+
+    def __init__(self, error: ProxyError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _remote_refusal(who: str, status: int, body: bytes) -> ProxyError:
+    if status in (401, 403):  # our key for the remote, not the client's
+        return bad_gateway(f'{who} refused the api_key configured for it (HTTP {status})', 'remote_auth')
+    return ProxyError(status, f'{who}: {_error_message(body)}', 'upstream_error', status)
 
 
 class _ServerDied(Exception):

@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import httpx
 
-from core.remotes.params import RemoteParams
+from core.remote_params import RemoteParams
 from core.supervisor.process import Upstream
 from core.supervisor.rpc_worker import devices_free_bytes
 
@@ -80,7 +80,7 @@ class Remote:
         self.models: dict[str, RemoteModel] = {}  # listed id -> model
         self.monitoring: dict[str, Any] | None = None  # a node's latest /api/monitoring sample
         self.rpc: dict[str, Any] | None = None  # a node's RPC worker (/api/rpc-server)
-        self.inflight = 0
+        self.busy: dict[str, int] = {}  # its own model id -> requests in flight to it from here
         self.tls = _tls_context(params)
         self.wake = asyncio.Event()
         headers = [(FORWARDED, b'1')]
@@ -96,6 +96,7 @@ class Remote:
             slots=MAX_IDLE,
             tls=self.tls,
             connect_timeout=params.connect_timeout,
+            response_timeout=params.response_timeout,
         )
 
     @property
@@ -127,7 +128,7 @@ class Remote:
             'error': self.error,
             'checked_at': self.checked_at,
             'latency_ms': self.latency_ms,
-            'inflight': self.inflight,
+            'inflight': sum(self.busy.values()),
             'models': [
                 {'id': m.id, 'own_id': m.own_id, 'status': m.status, **_row_summary(m.row)}
                 for m in self.models.values()
@@ -155,6 +156,7 @@ class Remotes:
         self._remotes: dict[str, Remote] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -163,6 +165,7 @@ class Remotes:
         self._sync(self.config.settings)
 
     async def stop(self) -> None:
+        self._stopped = True
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -170,23 +173,42 @@ class Remotes:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self._remotes.clear()
 
     def _settings_changed(self, settings: Settings, changed: list[str]) -> None:
         if 'remotes' in changed and self._loop is not None:  # saves run in threads: hop to the loop
             self._loop.call_soon_threadsafe(self._sync, settings)
 
     def _sync(self, settings: Settings) -> None:
+        if self._stopped:
+            return
         wanted = {p.name: p for p in settings.remotes}
+        old: dict[str, Remote] = {}
         for name in list(self._remotes):
             if name not in wanted or wanted[name] != self._remotes[name].params:
-                self._remotes.pop(name)
+                old[name] = self._remotes.pop(name)
                 task = self._tasks.pop(name, None)
                 if task is not None:
                     task.cancel()
         for name, params in wanted.items():
-            if name not in self._remotes:
-                remote = self._remotes[name] = Remote(params)
-                self._tasks[name] = asyncio.create_task(self._watch(remote), name=f'remote {name}')
+            if name in self._remotes:
+                continue
+            try:
+                remote = Remote(params)
+            except Exception as e:  # e.g. a CA file that went away since it was saved
+                log.error('remote %s cannot be used: %s', name, e)
+                continue
+            before = old.get(name)
+            if before is not None and (before.params.url, before.params.kind, before.params.api_key) == (
+                params.url,
+                params.kind,
+                params.api_key,
+            ):  # the same server: what is known of it stays known until the next check (no 404 meanwhile)
+                remote.state, remote.error, remote.checked_at = before.state, before.error, before.checked_at
+                remote.monitoring, remote.rpc = before.monitoring, before.rpc
+                remote.models = _models(params, {m.own_id: (m.status, m.row, []) for m in before.models.values()})
+            self._remotes[name] = remote
+            self._tasks[name] = asyncio.create_task(self._watch(remote), name=f'remote {name}')
         self.bus.publish('remotes', 'configured', {'remotes': sorted(wanted)})
 
     # ---- reading -------------------------------------------------------------------------------------------
@@ -211,7 +233,10 @@ class Remotes:
             trust_env=False,  # a node on the LAN is not reached through the user's HTTP proxy
         ) as client:
             while True:
-                await self.check(remote, client)
+                try:
+                    await self.check(remote, client)
+                except Exception:  # a bug must not end the checks: the remote would never come back
+                    log.exception('checking remote %s failed', remote.name)
                 wait = remote.params.check_interval if remote.up else min(DOWN_RETRY_S, remote.params.check_interval)
                 remote.wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -246,7 +271,7 @@ class Remotes:
     async def _check_openai(self, remote: Remote, client: httpx.AsyncClient) -> None:
         r = await client.get(remote.params.base + '/v1/models', headers=remote.auth_headers())
         _raise_for(r)
-        data = r.json().get('data')
+        data = _object(r).get('data')
         if not isinstance(data, list):
             raise ValueError('its /v1/models answer has no "data" list')
         own = remote.params.models or [str(m['id']) for m in data if isinstance(m, dict) and m.get('id')]
@@ -256,14 +281,16 @@ class Remotes:
         base = remote.params.base
         r = await client.get(base + '/api/models', headers=remote.auth_headers())
         _raise_for(r)
-        rows = [m for m in r.json().get('models') or [] if isinstance(m, dict) and m.get('id') and not m.get('error')]
+        listing = _object(r)
+        rows = [_model_row(m) for m in listing.get('models') or [] if isinstance(m, dict)]
+        rows = [m for m in rows if m['id'] and not m.get('error')]
         if remote.params.models is not None:
             rows = [m for m in rows if m['id'] in remote.params.models]
-        remote.models = _models(remote.params, {m['id']: (m.get('status'), m, m.get('aliases') or []) for m in rows})
+        remote.models = _models(remote.params, {m['id']: (m['status'], m, m['aliases']) for m in rows})
         r = await client.get(base + '/api/monitoring', headers=remote.auth_headers())
-        remote.monitoring = r.json() if r.status_code == 200 else None
+        remote.monitoring = _object(r) if r.status_code == 200 else None
         r = await client.get(base + '/api/rpc-server', headers=remote.auth_headers())
-        remote.rpc = r.json() if r.status_code == 200 else None
+        remote.rpc = _object(r) if r.status_code == 200 else None
 
     def mark_down(self, remote: Remote, error: str) -> None:
         """A request found it unreachable: down now, and checked again at once."""
@@ -284,6 +311,8 @@ class Remotes:
             return 404, {'detail': {'message': f'no remote named {name!r}'}}
         if remote.params.kind != 'node':
             return 409, {'detail': {'message': f'{name} is an OpenAI server, not a node: its models are its own'}}
+        if any(part in ('', '.', '..') for part in unquote(model).split('/')):
+            return 404, {'detail': {'message': f'no model {model!r} on {name}'}}
         url = f'{remote.params.base}/api/models/{quote(model, safe="/")}/{action}'
         try:
             async with httpx.AsyncClient(
@@ -317,6 +346,37 @@ def _models(params: RemoteParams, own: _Own) -> dict[str, RemoteModel]:
             status, row, _ = own[own_id]
             out[alias] = RemoteModel(alias, own_id, status, row)
     return out
+
+
+def _object(r: httpx.Response) -> dict[str, Any]:
+    data = r.json()
+    if not isinstance(data, dict):
+        raise ValueError(f'{r.request.url.path} did not answer a JSON object')
+    return data
+
+
+def _model_row(m: dict[str, Any]) -> dict[str, Any]:
+    """A node's /api/models row, with the fields read here of the types used here (it is another machine's JSON)."""
+    fit = _dict(m.get('fit'))
+    return {
+        **m,
+        'id': m['id'] if isinstance(m.get('id'), str) else '',
+        'status': m['status'] if isinstance(m.get('status'), str) else None,
+        'aliases': _strings(m.get('aliases')),
+        'fit': {k: v for k, v in fit.items() if k == 'label' or isinstance(v, int)},
+        'size_bytes': m['size_bytes'] if isinstance(m.get('size_bytes'), int) else None,
+        'mtime': m['mtime'] if isinstance(m.get('mtime'), (int, float)) else 0,
+        'meta': _dict(m.get('meta')),
+        'capabilities': _strings(m.get('capabilities')),
+    }
+
+
+def _strings(value: Any) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _listing(remote: Remote) -> tuple[tuple[str, str | None], ...]:
@@ -359,15 +419,17 @@ def _row_summary(row: dict[str, Any]) -> dict[str, Any]:
 def _rpc_summary(rpc: dict[str, Any] | None) -> dict[str, Any] | None:
     if not rpc:
         return None
-    return {k: rpc.get(k) for k in ('status', 'endpoint', 'devices', 'error')}
+    devices = (
+        [d for d in rpc.get('devices') or [] if isinstance(d, dict)] if isinstance(rpc.get('devices'), list) else []
+    )
+    return {**{k: rpc.get(k) for k in ('status', 'endpoint', 'error')}, 'devices': devices}
 
 
 def _monitoring_summary(sample: dict[str, Any] | None) -> dict[str, Any] | None:
     """A node's memory and live figures, from its latest sample."""
     if not sample:
         return None
-    system = sample.get('system') or {}
-    proxy = sample.get('proxy') or {}
+    system, proxy, gpu = (_dict(sample.get(k)) for k in ('system', 'proxy', 'gpu'))
     return {
         'cpu_pct': system.get('cpu_pct'),
         'ram_used_bytes': system.get('ram_used_bytes'),
@@ -375,9 +437,9 @@ def _monitoring_summary(sample: dict[str, Any] | None) -> dict[str, Any] | None:
         'ram_available_bytes': system.get('ram_available_bytes'),
         'gpus': [
             {k: g.get(k) for k in ('name', 'memory_used_bytes', 'memory_total_bytes', 'memory_free_bytes')}
-            for g in (sample.get('gpu') or {}).get('gpus') or []
+            for g in gpu.get('gpus') or []
             if isinstance(g, dict)
         ],
         'requests_per_s': proxy.get('requests_per_s'),
-        'models_running': len(sample.get('models') or {}),
+        'models_running': len(sample['models']) if isinstance(sample.get('models'), dict) else None,
     }

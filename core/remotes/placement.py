@@ -1,6 +1,6 @@
 """Where a request for a model held by more than one place goes: this app's own llama-server or a remote's.
 
-Order: places with the model ready first, the least busy of them (requests in flight from here) first; then, if
+Order: places with the model ready first, the least busy of them (its requests in flight from here) first; then, if
 it must be loaded somewhere, where it fits best (each node's own fit estimate with its free memory; this app's
 from its library), the most free memory first. The rest follow in that order, for failover when the first turns
 out to be down. An OpenAI server counts as ready (it serves its models itself). Down remotes are left out.
@@ -37,14 +37,15 @@ class Place:
 
 
 def remote_place(remote: Remote, model: RemoteModel) -> Place:
+    busy = remote.busy.get(model.own_id, 0)
     if remote.params.kind == 'openai':
-        return Place(remote, model, True, remote.inflight, 'unknown', 0)
+        return Place(remote, model, True, busy, 'unknown', 0)
     fit = model.row.get('fit') or {}
     free = fit.get('vram_free_bytes') if fit.get('vram_needed_bytes') else None
-    if free is None:
+    if not isinstance(free, int):
         free = fit.get('ram_free_bytes')
     ready = model.status == READY
-    return Place(remote, model, ready, remote.inflight, str(fit.get('label') or 'unknown'), int(free or 0))
+    return Place(remote, model, ready, busy, str(fit.get('label') or 'unknown'), free if isinstance(free, int) else 0)
 
 
 def ordered(places: list[Place]) -> list[Place]:

@@ -80,6 +80,7 @@ class Upstream:
     slots: int = AUTO_SLOTS  # its -np: the proxy keeps no more idle connections than this (see UpstreamClient)
     tls: ssl.SSLContext | None = None  # a remote upstream over HTTPS (core/remotes)
     connect_timeout: float | None = None  # a remote's own; None: the pool's
+    response_timeout: float | None = None  # a remote's: seconds to the start of its answer; None: no limit
 
 
 @dataclass(frozen=True)

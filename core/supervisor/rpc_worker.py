@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.netutil import is_loopback
-from core.remotes.params import RPC_EXPOSED, RpcServerParams
+from core.remote_params import RPC_EXPOSED, RpcServerParams
 from core.supervisor.process import Launch, ServerProcess, Timings, _exit_reason, _Exited
 from core.supervisor.states import ModelState
 
@@ -75,6 +75,8 @@ class RpcWorkerProcess(ServerProcess):
 
     async def _start_once(self, launch: Launch) -> None:
         self.devices, self.banner_done = [], False
+        if await _accepts(self.params.host, self.params.port):  # ready would be a lie: something else listens
+            raise _Exited(f'{self.params.host}:{self.params.port} is in use by another process')
         self._set(ModelState.STARTING, port=self.params.port, pid=None, progress=0.0)
         await self._spawn(launch.argv(self.params.port), launch.env)
         proc = self._proc
@@ -135,6 +137,7 @@ class RpcWorker:
         self.proc: RpcWorkerProcess | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
+        self._following: asyncio.Task[None] | None = None
 
     @property
     def params(self) -> RpcServerParams:
@@ -199,6 +202,7 @@ class RpcWorker:
             try:
                 await self.proc.wait_ready()
             except Exception as e:
+                await self._halt_unlocked()  # one clear failure, not a retry loop behind it
                 raise RpcError(502, str(getattr(e, 'message', e))) from e
             log.info('rpc-server listening on %s:%d', params.host, params.port)
             return self.describe()
@@ -217,7 +221,10 @@ class RpcWorker:
 
     def _settings_changed(self, settings: Settings, changed: list[str]) -> None:
         if 'rpc_server' in changed and self._loop is not None:
-            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._follow()))
+            self._loop.call_soon_threadsafe(self._follow_soon)
+
+    def _follow_soon(self) -> None:
+        self._following = asyncio.ensure_future(self._follow())  # kept: a task nobody holds may be collected
 
     async def _follow(self) -> None:
         try:
@@ -248,6 +255,7 @@ async def _accepts(host: str, port: int) -> bool:
 
 def devices_free_bytes(described: dict[str, Any]) -> int | None:
     """What a worker offers a model: the free memory of its devices (None when it is not running)."""
-    if described.get('status') != ModelState.READY or not described.get('devices'):
+    devices = described.get('devices')
+    if described.get('status') != ModelState.READY or not isinstance(devices, list) or not devices:
         return None
-    return sum(int(d['free_bytes']) for d in described['devices'])
+    return sum(d['free_bytes'] for d in devices if isinstance(d, dict) and isinstance(d.get('free_bytes'), int))

@@ -25,6 +25,7 @@ import psutil
 from core import launch_policy as policy
 from core.fsutil import write_private
 from core.model_params import ModelParams, effective_params
+from core.settings import allowed_rpc_workers, rpc_refusal
 from core.supervisor.argv import LaunchSpec, accepted_flags, check_policy, validate_params
 from core.supervisor.errors import ArgvError, ModelNotFound, ModelUnusable, NoCapacity, StartFailed
 from core.supervisor.pidfile import PidRegistry
@@ -530,6 +531,9 @@ class Scheduler:
             params = await asyncio.to_thread(validate_params, params, help_text, roots)
         except ArgvError as e:
             raise StartFailed(f'{entry.id}: {e}', model=entry.id) from None
+        refused = [e for e in params.rpc or [] if e not in allowed_rpc_workers(self.settings)]
+        if refused:  # a config file edited by hand: saves refuse it already
+            raise StartFailed(f'{entry.id}: rpc {rpc_refusal(refused[0])}', model=entry.id)
         mmproj = params.mmproj or getattr(entry, 'mmproj', None)
         spec = LaunchSpec(Path(binary.path), Path(entry.path), Path(mmproj) if mmproj else None, params)
         # The app's environment only in part (LLAMA_ARG_* would set flags we did not choose), then the model's.

@@ -5,6 +5,7 @@ server (`kind: openai`) or another instance of this app (`kind: node`); its `api
 from __future__ import annotations
 
 import re
+import ssl
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -28,7 +29,7 @@ class RemoteParams(BaseModel):
     kind: RemoteKind = Field(
         'openai', description='openai: any OpenAI-compatible server; node: another Llama Async Proxy (its admin key)'
     )
-    api_key: str | None = Field(None, description='Sent upstream as a bearer token; never shown back')
+    api_key: str | None = Field(None, description='Sent upstream as a bearer token; never shown back', repr=False)
     models: list[str] | None = Field(
         None, description="Its models; empty = read from its /v1/models (a node's: /api/models) and refreshed"
     )
@@ -36,6 +37,9 @@ class RemoteParams(BaseModel):
     aliases: dict[str, str] = Field(default_factory=dict, description='More names: alias -> its model name')
     ca_file: str | None = Field(None, description='PEM file of the CA that signed its HTTPS certificate (self-signed)')
     connect_timeout: float = Field(5.0, gt=0, le=120, description='Seconds to connect before it counts as down')
+    response_timeout: float = Field(
+        600.0, gt=0, le=86400, description='Seconds it may take to start answering (prompt processing included)'
+    )
     check_interval: float = Field(15.0, ge=0.2, le=3600, description='Seconds between checks (and model refreshes)')
 
     @field_validator('name')
@@ -64,7 +68,20 @@ class RemoteParams(BaseModel):
     def _key(cls, v: str | None) -> str | None:
         if v == REDACTED:
             raise ValueError(f'{REDACTED!r} stands for the key in an export; it cannot be the key itself')
+        if v and not all(33 <= ord(c) < 127 for c in v):  # it goes in a header line as it is
+            raise ValueError('letters, digits and punctuation only (no spaces, line breaks or other characters)')
         return v or None
+
+    @field_validator('ca_file')
+    @classmethod
+    def _ca(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        try:
+            ssl.create_default_context(cafile=v)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f'cannot load it as a PEM certificate: {e}') from None
+        return v
 
     @field_validator('prefix')
     @classmethod
