@@ -75,6 +75,14 @@ async def test_a_remote_servers_models_are_listed_and_served_like_local_ones(
             local = (await c.get('/api/requests', params={'upstream': 'local'})).json()['requests']
             assert all(row['upstream'] is None for row in local)
 
+            metrics = (await c.get('/metrics')).text  # Prometheus: counted with the upstream's name
+            assert any(
+                line.startswith('lap_proxy_requests_total{')
+                and 'model="cloud/gpt-fake"' in line
+                and 'upstream="cloud"' in line
+                for line in metrics.splitlines()
+            ), metrics[-2000:]
+
             nodes = (await c.get('/api/nodes')).json()['remotes']
             assert nodes[0]['name'] == 'cloud' and nodes[0]['state'] == 'up'
             assert fake.key not in json.dumps(nodes)

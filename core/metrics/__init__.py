@@ -196,7 +196,8 @@ class MetricsService:
         while self._finished:
             data, ts = self._finished.popleft()
             req = from_event(data, ts)
-            if req.model and self.library is not None and self.library.get(req.model) is None:
+            local = req.upstream == 'local'  # a remote's model name was one a remote lists: a real one
+            if req.model and local and self.library is not None and self.library.get(req.model) is None:
                 # A failed request keeps the name it asked for in its row; as a metrics label every made-up name
                 # would be a new series, kept forever.
                 req = dataclasses.replace(req, model=UNKNOWN_MODEL)

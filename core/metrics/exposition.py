@@ -133,7 +133,7 @@ class Exposition:
     def __init__(self, latest: Callable[[], dict[str, Any] | None], active_alerts: Callable[[], int]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_SampleCollector(latest, active_alerts))
-        labels = ['model', 'route', 'status']
+        labels = ['model', 'route', 'status', 'upstream']  # upstream: a remote's name, or `local`
         self.requests = Counter('lap_proxy_requests', 'Finished proxy requests', labels, registry=self.registry)
         self.latency = Histogram(
             'lap_proxy_request_duration_seconds',
@@ -142,7 +142,7 @@ class Exposition:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._children: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
         self.ttft = Histogram(
             'lap_proxy_time_to_first_token_seconds',
             'Time to the first streamed token',
@@ -153,7 +153,7 @@ class Exposition:
 
     def observe(self, r: FinishedRequest) -> None:
         # Label lookups cost more than the updates; this runs once per proxied request, so keep the children.
-        key = (r.model, r.route, r.status)
+        key = (r.model, r.route, r.status, r.upstream)
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = (

@@ -27,6 +27,7 @@ class FinishedRequest:
     duration_s: float | None
     ttft_s: float | None
     error: bool
+    upstream: str = 'local'  # the remote that served it (core/remotes), or this app's own llama-server
 
 
 def seconds(data: dict[str, Any], *names: str) -> float | None:
@@ -53,6 +54,7 @@ def from_event(data: dict[str, Any], ts: float) -> FinishedRequest:
         duration_s=seconds(data, 'duration_s', 'duration', 'duration_ms'),
         ttft_s=seconds(data, 'ttft_s', 'ttft', 'ttft_ms'),
         error=error,
+        upstream=str(data.get('upstream') or 'local'),
     )
 
 
