@@ -79,7 +79,8 @@ class RemoteCard:
             self.error = ui.label().classes('text-sm text-negative break-all').mark(f'node-error-{remote.name}')
             self.facts = ui.row().classes('gap-x-6 gap-y-1 flex-wrap text-sm').mark(f'node-figures-{remote.name}')
             with ui.element('div').classes('overflow-x-auto w-full'):
-                self.table = ui.table(columns=MODEL_COLUMNS, rows=[], row_key='id').props('flat dense')
+                self.table = ui.table(columns=MODEL_COLUMNS, rows=[], row_key='id')
+                self.table.props('flat dense no-data-label="No models listed (yet)"')
                 self.table.classes('w-full').mark(f'node-models-{remote.name}')
             self.table.add_slot('body-cell-actions', ACTIONS_SLOT)
             self.table.on('load', lambda e: self.control(e.args, 'load'))
@@ -127,7 +128,7 @@ class RpcWorkerCard:
                 self.stop = ui.button('Stop', icon='stop', on_click=lambda: self.control('stop'))
                 self.stop.props('flat dense color=negative').mark('rpc-stop')
             ui.label(
-                'Lends this machine to a model loaded elsewhere (its `rpc` parameter lists host:port). The RPC '
+                'Lends this machine to a model loaded elsewhere (its "rpc" parameter lists host:port). The RPC '
                 'protocol has no authentication: keep it on loopback or a network you trust.'
             ).classes('text-sm lap-muted')
             self.error = ui.label().classes('text-sm text-negative break-all').mark('rpc-error')
@@ -171,7 +172,7 @@ def register(system: System) -> None:
         client = context.client
         ui.label('Other machines').classes('text-lg font-medium')
         ui.label(
-            'Configured under Settings → Other machines (or `remotes` in the config file). Requests for their '
+            'Configured under Settings → Other machines (or "remotes" in the config file). Requests for their '
             "models are routed there; a node's models can be loaded and unloaded here."
         ).classes('text-sm lap-muted')
         worker = RpcWorkerCard(system, client)

@@ -48,7 +48,9 @@ class RemoteModels:
                 self.machine = ui.select({ANY: 'All machines'}, value=ANY, label='Machine', on_change=self.show)
                 self.machine.props('dense').classes('w-40').mark('remote-models-machine')
             with ui.element('div').classes('overflow-x-auto w-full'):
-                self.table = ui.table(columns=COLUMNS, rows=[], row_key='key').props('flat bordered dense')
+                self.table = ui.table(columns=COLUMNS, rows=[], row_key='key').props(
+                    'flat bordered dense no-data-label="No models listed (yet)"'
+                )
                 self.table.classes('w-full').mark('remote-models-table')
         self.show()
 
