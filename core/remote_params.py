@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 REDACTED = '***'
 NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$')
 RemoteKind = Literal['openai', 'node']
+NODE_CHECK_S, OPENAI_CHECK_S = 5.0, 30.0
 RPC_EXPOSED = (
     'an RPC worker on an interface other than loopback needs the app to require API keys: the RPC protocol has no '
     'authentication of its own'
@@ -40,7 +41,9 @@ class RemoteParams(BaseModel):
     response_timeout: float = Field(
         600.0, gt=0, le=86400, description='Seconds it may take to start answering (prompt processing included)'
     )
-    check_interval: float = Field(15.0, ge=0.2, le=3600, description='Seconds between checks (and model refreshes)')
+    check_interval: float | None = Field(
+        None, ge=0.2, le=3600, description='Seconds between checks and model refreshes; empty: 5 for a node, 30 else'
+    )
 
     @field_validator('name')
     @classmethod
@@ -92,6 +95,13 @@ class RemoteParams(BaseModel):
         return v or None
 
     # ---- derived -------------------------------------------------------------------------------------------
+    @property
+    def interval(self) -> float:
+        """A node's figures are shown live, so it is read more often than an OpenAI server's model list."""
+        if self.check_interval is not None:
+            return self.check_interval
+        return NODE_CHECK_S if self.kind == 'node' else OPENAI_CHECK_S
+
     @property
     def tls(self) -> bool:
         return urlsplit(self.url).scheme == 'https'

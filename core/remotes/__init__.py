@@ -7,10 +7,10 @@ check per remote, and plain HTTP; no cluster protocol of our own.
   for each come from its `/api/models`, its memory and live figures from `/api/monitoring`; a model is loaded or
   unloaded there through its own `/api/models/{id}/load|unload`.
 
-A remote is checked every `check_interval` seconds while up and every `DOWN_RETRY_S` while down, so one that comes
-back is used again by itself. A request the proxy forwards carries `x-lap-forwarded`: the app that receives it
-serves it from its own models only and lists only those, so two nodes that name each other never pass a request,
-or a model list, back and forth.
+A remote is checked every `check_interval` seconds (5 for a node, 30 else) while up and every `DOWN_RETRY_S` while
+down, so one that comes back is used again by itself. A request the proxy forwards carries `x-lap-forwarded`: the
+app that receives it serves it from its own models only and lists only those, so two nodes that name each other
+never pass a request, or a model list, back and forth.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ class Remotes:
                     await self.check(remote, client)
                 except Exception:  # a bug must not end the checks: the remote would never come back
                     log.exception('checking remote %s failed', remote.name)
-                wait = remote.params.check_interval if remote.up else min(DOWN_RETRY_S, remote.params.check_interval)
+                wait = remote.params.interval if remote.up else min(DOWN_RETRY_S, remote.params.interval)
                 remote.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
