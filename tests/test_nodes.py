@@ -148,7 +148,8 @@ def test_no_forwarding_loop_when_each_lists_the_other(pair: dict[str, Any]) -> N
 def test_a_node_killed_fails_fast_and_is_used_again_when_back(pair: dict[str, Any]) -> None:
     with api(pair['a'], FRONT_KEY) as a:
         poll(lambda: model_there(a, 'b', 'only-on-b'), 20, 'node b listed on the front')
-        assert chat(a, 'only-on-b').status_code == 200
+        r = chat(a, 'only-on-b')
+        assert r.status_code == 200, r.text
         os.killpg(pair['b'].proc.pid, signal.SIGKILL)  # the app and its llama-servers, at once
         pair['b'].proc.wait(10)
         t0 = time.monotonic()

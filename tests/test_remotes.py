@@ -88,6 +88,24 @@ async def test_a_remote_servers_models_are_listed_and_served_like_local_ones(
             assert fake.key not in json.dumps(nodes)
 
 
+async def test_a_local_model_wins_over_an_openai_server_with_the_same_name(make_served: Any) -> None:
+    same = await FakeOpenAI(models=['tiny-llama']).start()
+    try:
+        other = {'name': 'same', 'url': same.url, 'api_key': same.key, 'check_interval': 0.5}
+        async with await make_served(remotes=[other]) as s:
+            async with s.client() as c:
+                await wait_for(lambda: _state(c, 'same', 'up'))
+                body = {'model': 'tiny-llama', 'messages': [_hi()], 'max_tokens': 2}
+                assert (await c.post('/v1/chat/completions', json=body)).status_code == 200
+                assert same.seen == []  # served here, by its own llama-server
+                row = (await wait_for(lambda: _requests(c, upstream='local', expect=1)))[0]
+                assert row['model'] == 'tiny-llama'
+                listed = [m for m in (await c.get('/v1/models')).json()['data'] if m['id'] == 'tiny-llama']
+                assert [m['owned_by'] for m in listed] == ['llama-async-proxy']  # listed once, as this app's
+    finally:
+        await same.stop()
+
+
 async def test_a_client_that_goes_away_ends_the_remote_stream(make_served: Any, fake: FakeOpenAI) -> None:
     fake.chunks, fake.chunk_delay_s = 200, 0.02  # 4 s if nobody stops it
     async with await make_served(remotes=[remote(fake)]) as s:

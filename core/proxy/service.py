@@ -324,10 +324,11 @@ class Proxy:
         entry = self.library.get(asked)
         if entry is not None and entry.error:
             entry = None
-        places = [remote_place(r, m) for r, m in held if r.up]
+        # A name this app has too competes only with nodes (replicas); an OpenAI server's same name stays second.
+        places = [remote_place(r, m) for r, m in held if r.up and (entry is None or r.params.kind == 'node')]
+        if entry is not None and not places:
+            return entry, []
         if not places:
-            if entry is not None:
-                return entry, []
             downs = '; '.join(f'{r.name} ({r.error or r.state})' for r, _ in held)
             raise unavailable(
                 f'model {asked!r} is served by a remote that is not reachable now: {downs}; it is checked again '

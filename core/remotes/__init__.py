@@ -248,14 +248,16 @@ class Remotes:
         t0 = time.perf_counter()
         try:
             if remote.params.kind == 'node':
-                await self._check_node(remote, client)
+                found = await self._check_node(remote, client)
             else:
-                await self._check_openai(remote, client)
+                found = await self._check_openai(remote, client)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             remote.state, remote.error = RemoteState.DOWN, _reason(e)
         else:
+            # All at once, after the last await: a request never sees its models listed while it is not up yet.
+            remote.models, remote.monitoring, remote.rpc = found
             remote.state, remote.error = RemoteState.UP, None
             remote.latency_ms = round((time.perf_counter() - t0) * 1000, 1)
         remote.checked_at = time.time()
@@ -268,16 +270,16 @@ class Remotes:
         elif remote.params.kind == 'node':
             self.bus.publish('remotes', 'sampled', {'name': remote.name})
 
-    async def _check_openai(self, remote: Remote, client: httpx.AsyncClient) -> None:
+    async def _check_openai(self, remote: Remote, client: httpx.AsyncClient) -> _Found:
         r = await client.get(remote.params.base + '/v1/models', headers=remote.auth_headers())
         _raise_for(r)
         data = _object(r).get('data')
         if not isinstance(data, list):
             raise ValueError('its /v1/models answer has no "data" list')
         own = remote.params.models or [str(m['id']) for m in data if isinstance(m, dict) and m.get('id')]
-        remote.models = _models(remote.params, {name: (None, {}, []) for name in own})
+        return _models(remote.params, {name: (None, {}, []) for name in own}), None, None
 
-    async def _check_node(self, remote: Remote, client: httpx.AsyncClient) -> None:
+    async def _check_node(self, remote: Remote, client: httpx.AsyncClient) -> _Found:
         base = remote.params.base
         r = await client.get(base + '/api/models', headers=remote.auth_headers())
         _raise_for(r)
@@ -286,11 +288,11 @@ class Remotes:
         rows = [m for m in rows if m['id'] and not m.get('error')]
         if remote.params.models is not None:
             rows = [m for m in rows if m['id'] in remote.params.models]
-        remote.models = _models(remote.params, {m['id']: (m['status'], m, m['aliases']) for m in rows})
+        models = _models(remote.params, {m['id']: (m['status'], m, m['aliases']) for m in rows})
         r = await client.get(base + '/api/monitoring', headers=remote.auth_headers())
-        remote.monitoring = _object(r) if r.status_code == 200 else None
+        monitoring = _object(r) if r.status_code == 200 else None
         r = await client.get(base + '/api/rpc-server', headers=remote.auth_headers())
-        remote.rpc = _object(r) if r.status_code == 200 else None
+        return models, monitoring, _object(r) if r.status_code == 200 else None
 
     def mark_down(self, remote: Remote, error: str) -> None:
         """A request found it unreachable: down now, and checked again at once."""
@@ -332,6 +334,8 @@ class Remotes:
         return r.status_code, body
 
 
+# What a check found: models (listed id -> model), a node's monitoring sample and its RPC worker.
+_Found = tuple[dict[str, 'RemoteModel'], dict[str, Any] | None, dict[str, Any] | None]
 _Own = dict[str, tuple[str | None, dict[str, Any], list[str]]]  # own id -> (status, row, its own aliases)
 
 
