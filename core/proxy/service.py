@@ -23,8 +23,8 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
@@ -256,7 +256,8 @@ class Proxy:
             asked = data.get('model')
             rec.model = asked[:MODEL_NAME_KEPT] if isinstance(asked, str) else None  # a failure names what was asked
             stream = bool(data.get('stream'))
-            entry, elsewhere = await self._placed(scope, asked)
+            held = self.remotes.holders(asked) if self.remotes is not None and isinstance(asked, str) else None
+            entry, elsewhere = await self._placed(scope, asked, held) if held else (self._resolve(asked), [])
             if elsewhere:  # another machine first: its answer is passed on as it comes
                 qs = scope.get('query_string') or b''
                 target = upstream_path + ('?' + qs.decode('latin-1') if qs else '')
@@ -313,13 +314,11 @@ class Proxy:
             scope, receive, reply, rec, spec, entry.id, target, _dumps(upstream), face.client_stream, False, face
         )
 
-    async def _placed(self, scope: Scope, asked: Any) -> tuple[Any, list[Place]]:
-        """The local model for `asked`, and the remotes to try first, in order (empty: serve it here). A model
-        only this app has, or a forwarded request, never looks further."""
-        if self.remotes is None or not isinstance(asked, str) or not asked or _forwarded(scope):
-            return self._resolve(asked), []
-        held = self.remotes.holders(asked)
-        if not held:
+    async def _placed(self, scope: Scope, asked: str, held: list[tuple[Remote, Any]]) -> tuple[Any, list[Place]]:
+        """The local model for `asked`, which the remotes in `held` list too, and the remotes to try first, in
+        order (empty: serve it here). A forwarded request never looks further. (A name no remote lists does not
+        come here: the local path stays as short as it was.)"""
+        if _forwarded(scope):
             return self._resolve(asked), []
         entry = self.library.get(asked)
         if entry is not None and entry.error:
@@ -415,8 +414,9 @@ class Proxy:
         if call.remotes:
             if await self._relay_remote(call):
                 return
-            call.remotes = []
+            call.remotes = None
             entry = call.fallback  # every remote that held it failed before answering: this app has it too
+            assert call.data is not None
             call.rec.upstream = None
             call.model_id = entry.id
             call.body, call.assemble = self._upstream_body(call.body, call.data, call.spec, entry.id, call.stream)
@@ -433,7 +433,7 @@ class Proxy:
     async def _relay_remote(self, call: _Call) -> bool:
         """Relay on the first remote that answers, in placement order. One found unreachable is marked down and
         the next is tried; False when none answered and the model is also here; a 503 when it is not."""
-        assert self.remotes is not None
+        assert self.remotes is not None and call.remotes is not None
         failed: list[ProxyError | _RemoteAnswer] = []
         for place in call.remotes:
             remote, model = place.remote, place.model
@@ -467,6 +467,7 @@ class Proxy:
         """What a remote is sent: the request params in force for the model as listed here (defaults, forced and
         stripped fields, the max_tokens cap) applied, and the remote's own name for it."""
         data = call.data
+        assert data is not None
         if call.spec.generates:
             params = request_params.for_model(self.config.settings, call.model_id)
             data = request_params.apply(data, params, call.spec.max_tokens_field)
@@ -548,10 +549,10 @@ class Proxy:
             else:
                 resp.abort()
 
-    async def _request(
+    def _request(
         self, call: _Call, up: Upstream, target: str, body: bytes, assembly: _Assembly | None
-    ) -> Response:
-        return await self._client().request(
+    ) -> Awaitable[Response]:
+        return self._client().request(
             call.scope['method'],
             up.host,
             up.port,
@@ -664,8 +665,8 @@ class _Call:
     stream: bool  # the client asked for a stream
     assemble: bool  # llama-server was asked for a stream the client did not ask for: the reply is built from it
     face: Face | None = None  # another API's shape (see `Proxy.serve_face`)
-    remotes: list[Place] = field(default_factory=list)  # other machines to try first, in order (core/remotes)
-    data: dict[str, Any] = field(default_factory=dict)  # the parsed body, for a remote's own model name
+    remotes: list[Place] | None = None  # other machines to try first, in order (core/remotes)
+    data: dict[str, Any] | None = None  # the parsed body, for a remote's own model name (with `remotes`)
     fallback: Any = None  # this app's own entry for the model, used when none of `remotes` answers
 
 
