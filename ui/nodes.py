@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from core.system import System
 
 STATE_COLORS = {'up': 'positive', 'down': 'negative', 'checking': 'grey'}
+RPC_COLORS = {'ready': 'positive', 'failed': 'negative', 'restarting': 'warning', 'starting': 'primary'}
 MODEL_COLUMNS = [
     {'name': 'id', 'label': 'Model', 'field': 'id', 'align': 'left'},
     {'name': 'status', 'label': 'State there', 'field': 'status', 'align': 'left'},
@@ -139,7 +140,7 @@ class RpcWorkerCard:
         d = self.system.rpc.describe()
         status = str(d['status'])
         self.state.set_text(status)
-        self.state.props(f'color={STATE_COLORS.get({"ready": "up", "failed": "down"}.get(status, ""), "grey")}')
+        self.state.props(f'color={RPC_COLORS.get(status, "grey")}')
         self.endpoint.set_text(d['endpoint'])
         self.error.set_text(d.get('error') or '')
         self.error.set_visibility(bool(d.get('error')))

@@ -83,16 +83,14 @@ class Remote:
         self.busy: dict[str, int] = {}  # its own model id -> requests in flight to it from here
         self.tls = _tls_context(params)
         self.wake = asyncio.Event()
-        headers = [(FORWARDED, b'1')]
-        if params.api_key:
-            headers.append((b'authorization', b'Bearer ' + params.api_key.encode('latin-1')))
+        headers = tuple((k.lower().encode(), v.encode('latin-1')) for k, v in self.auth_headers().items())
         self.upstream = Upstream(
             model_id='',
             host=params.host,
             port=params.port,
             base_url=params.url,
             pid=0,
-            headers=tuple(headers),
+            headers=headers,
             slots=MAX_IDLE,
             tls=self.tls,
             connect_timeout=params.connect_timeout,
