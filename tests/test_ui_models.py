@@ -112,7 +112,8 @@ async def test_details_show_metadata_template_and_command_line(shelf: Path, user
     keys = [r['key'] for r in table.rows]
     assert 'general.architecture' in keys and 'llama.context_length' in keys
     assert next(r['value'] for r in table.rows if r['key'] == 'general.architecture') == 'llama'
-    command = await wait_for(lambda: user.find(marker='command-line').elements)
+    await user.should_see(marker='command-line', retries=100)  # drawn once the launch is worked out, off the loop
+    command = user.find(marker='command-line').elements
     line = command.pop().content
     assert '--model' in line and str(shelf / 'tiny-llama.gguf') in line
     assert user.find(marker='details-template').elements.pop().content  # the fixture has a chat template

@@ -17,6 +17,8 @@ from ui.components.remote_models import RemoteModels
 from ui.layout import Working, empty, live, notify, page, subscribe
 
 if TYPE_CHECKING:
+    from nicegui import Client
+
     from core.events import Event
     from core.library import ModelEntry
     from core.library.fit import FitEstimate
@@ -78,8 +80,9 @@ def select_models(
 
 
 def register(system: System) -> None:
-    async def act(action: str, model_id: str, details: ModelDetails) -> None:
-        client = context.client  # the clicked button is redrawn away long before a load ends
+    async def act(action: str, model_id: str, details: ModelDetails, client: Client) -> None:
+        # `client` is the page's, taken when the page was built: the clicked card may be redrawn away before this
+        # coroutine even starts (a state event every 100 ms), and `context.client` then has no element to ask.
         try:
             if action == 'details':
                 await details.open(model_id)
@@ -106,6 +109,7 @@ def register(system: System) -> None:
 
     @page(system, '/models', 'Models')
     async def models_page() -> None:
+        client = context.client
         FirstRun(system)
         details = ModelDetails(system)
         view: dict[str, Any] = {'text': '', 'sort': 'name', 'status': 'all', 'capability': 'all', 'fit': 'all'}
@@ -166,7 +170,7 @@ def register(system: System) -> None:
                     fits.get(entry.id),
                     pinned=pinned,
                     failure_log=failure,
-                    on_action=lambda a, m: act(a, m, details),
+                    on_action=lambda a, m: act(a, m, details, client),
                 )
             sample = system.metrics.latest
             for card in cards.values():
