@@ -4,6 +4,7 @@ server (`kind: openai`) or another instance of this app (`kind: node`); its `api
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import ssl
 from pathlib import Path
@@ -135,11 +136,26 @@ class RpcServerParams(BaseModel):
     model_config = ConfigDict(extra='forbid')
 
     enabled: bool = Field(False, description='Run an RPC worker, lending this machine to models loaded elsewhere')
-    host: str = Field('127.0.0.1', min_length=1, description='Interface it binds; another than loopback needs api_keys')
+    host: str = Field(
+        '127.0.0.1',
+        min_length=1,
+        description='IPv4 address of the interface it binds (0.0.0.0: all); another than loopback needs api_keys',
+    )
     port: int = Field(50052, ge=1, le=65535, description='Its TCP port')
     threads: int | None = Field(None, ge=1, description='CPU threads for its CPU device')
     devices: list[str] = Field(default_factory=list, description='Devices it lends (e.g. CUDA0); empty = all')
     cache: bool = Field(False, description='Cache tensors on local disk (rpc-server -c)')
+
+    @field_validator('host')
+    @classmethod
+    def _ipv4(cls, host: str) -> str:
+        # rpc-server binds with inet_addr(): a name (even localhost) or an IPv6 address fails to bind there.
+        if host == 'localhost':
+            return '127.0.0.1'
+        try:
+            return str(ipaddress.IPv4Address(host))
+        except ValueError:
+            raise ValueError('an IPv4 address of this machine, e.g. 127.0.0.1 or 0.0.0.0 (no names)') from None
 
     def argv(self, binary: Path | str) -> list[str]:
         argv = [str(binary), '--host', self.host, '--port', str(self.port)]

@@ -120,6 +120,31 @@ async def test_an_rpc_worker_beyond_loopback_needs_api_keys(settings_factory: An
     assert config.settings.rpc_server.host == '0.0.0.0'
 
 
+async def test_an_endpoint_the_worker_cannot_have_is_the_users_to_change(make_served: Any, worker: Worker) -> None:
+    # Taken by another process (the fixture's worker), or an address that is not this machine's (TEST-NET-1): a
+    # conflict told with the endpoint, and nothing left running.
+    taken = {'port': worker.port}
+    elsewhere = {'host': '192.0.2.1', 'port': free_port()}
+    for rpc, told in ((taken, f'127.0.0.1:{worker.port} is in use'), (elsewhere, 'could not listen on 192.0.2.1:')):
+        async with await make_served(api_keys=['k'], rpc_server=rpc) as s:
+            async with s.client(headers={'Authorization': 'Bearer k'}) as c:
+                r = await c.post('/api/rpc-server/start')
+                assert r.status_code == 409, r.text
+                assert told in r.json()['detail']['message']
+                state = (await c.get('/api/rpc-server')).json()
+                assert state['status'] == 'stopped' and state['pid'] is None
+
+
+async def test_the_worker_binds_an_ipv4_address(settings_factory: Any) -> None:
+    # rpc-server binds numeric IPv4 only: a name is a field error, localhost is 127.0.0.1.
+    config = settings_factory()
+    with pytest.raises(ConfigInvalid) as e:
+        await asyncio.to_thread(config.update, {'rpc_server': {'host': 'gpu-box'}})
+    assert e.value.errors[0].field == 'rpc_server.host' and 'IPv4' in e.value.errors[0].message
+    config.update({'rpc_server': {'host': 'localhost'}})
+    assert config.settings.rpc_server.host == '127.0.0.1'
+
+
 async def test_a_model_may_name_only_workers_listed_at_this_machine(make_served: Any) -> None:
     async with await make_served(rpc_workers=['10.0.0.7:50052']) as s:
         async with s.client() as c:

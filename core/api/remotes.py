@@ -58,7 +58,10 @@ def rpc_server(system: System = Depends(get_system)) -> dict[str, Any]:
     '/rpc-server/{action}',
     responses={
         403: {'description': 'Its host is not loopback and the app has no API keys'},
-        409: {'description': 'No rpc-server binary (llama.cpp built without -DGGML_RPC=ON)'},
+        409: {
+            'description': 'No rpc-server binary (llama.cpp built without -DGGML_RPC=ON), or its endpoint is taken or '
+            'not an address of this machine'
+        },
         502: {'description': 'It did not start (with its last log lines)'},
     },
 )

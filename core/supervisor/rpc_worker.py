@@ -36,6 +36,7 @@ SOURCE = 'rpc-server'  # its log source and its name in events
 BINARY_NAMES = ('ggml-rpc-server', 'rpc-server')
 CONNECT_POLL_S = 0.05
 BANNER_WAIT_S = 1.0
+BIND_FAILED = 'Failed to create server socket'  # what it prints when bind() or listen() fails
 ANY = ('0.0.0.0', '::')  # a bind to every interface: loopback reaches it too
 # "  CPU: AMD EPYC (24105 MiB, 24105 MiB free)" under "Devices:" in its start-up lines
 _DEVICE = re.compile(r'^\s+(?P<name>[^:]+):\s*(?P<desc>.*?)\s*\((?P<total>\d+) MiB, (?P<free>\d+) MiB free\)\s*$')
@@ -63,6 +64,7 @@ class RpcWorkerProcess(ServerProcess):
         self.params = params
         self.devices: list[dict[str, Any]] = []
         self.banner_done = False
+        self.bind_refused = False  # its endpoint could not be had: the user's to change, not a crash
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
@@ -74,9 +76,11 @@ class RpcWorkerProcess(ServerProcess):
         return d
 
     async def _start_once(self, launch: Launch) -> None:
-        self.devices, self.banner_done = [], False
+        self.devices, self.banner_done, self.bind_refused = [], False, False
+        endpoint = f'{self.params.host}:{self.params.port}'
         if await _accepts(self.params.host, self.params.port):  # ready would be a lie: something else listens
-            raise _Exited(f'{self.params.host}:{self.params.port} is in use by another process')
+            self.bind_refused = True
+            raise _Exited(f'{endpoint} is in use by another process')
         self._set(ModelState.STARTING, port=self.params.port, pid=None, progress=0.0)
         await self._spawn(launch.argv(self.params.port), launch.env)
         proc = self._proc
@@ -88,6 +92,11 @@ class RpcWorkerProcess(ServerProcess):
                 if exited.done():
                     await self._drain_readers()
                     reason = _exit_reason(list(self.tail))
+                    if any(BIND_FAILED in line for line in self.tail):
+                        self.bind_refused = True
+                        reason = (
+                            f"could not listen on {endpoint}: the port is taken or the address is not this machine's"
+                        )
                     raise _Exited(f'rpc-server exited with code {proc.returncode} while starting: {reason}')
                 if await _accepts(self.params.host, self.params.port):
                     # The connection also makes it flush its start-up lines (its devices and their memory).
@@ -203,7 +212,8 @@ class RpcWorker:
                 await self.proc.wait_ready()
             except Exception as e:
                 await self._halt_unlocked()  # one clear failure, not a retry loop behind it
-                raise RpcError(502, str(getattr(e, 'message', e))) from e
+                status = 409 if self.proc.bind_refused else 502
+                raise RpcError(status, str(getattr(e, 'message', e))) from e
             log.info('rpc-server listening on %s:%d', params.host, params.port)
             return self.describe()
 
