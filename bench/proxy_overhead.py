@@ -44,6 +44,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import wakeup_summary
 from bench.report import write_section
 from core.llama_binary import BinaryResolver
 from core.settings import Settings
@@ -480,6 +481,18 @@ c=4 loop of 3000 requests, proxy CPU from psutil). The c=4 stream ratio swings w
 step against the run before the last proxy changes, `bench/ab_commits.sh 87ba402 3 real_slots,real_rps_chat`,
 showed no difference in streams: the spread is the machine's).
 
+Where the c=4 shortfall comes from, measured on 2026-12-01 (a slow day: direct chat 300-450 req/s at c=4, a third of
+the table's): waking another process is what this VM charges most for. A 1-byte socket ping-pong between two
+processes takes ~68 us per round trip when they sit on different CPUs and ~12 us on one (`bench/machine.py`, now
+printed with each run); the proxy's one write to llama-server per request took ~350 us of wall time for ~40 us of
+its own CPU (timed around the write in a probe), and the proxy adds a hop each way. Tried, and not kept, since
+interleaved pairs showed nothing: llama-server under `SCHED_BATCH` (no wakeup preemption of the proxy; 16 pairs,
+median ratio 0.81 vs 0.84 without), and a response's head and body in one socket write (uvicorn writes them apart:
+3.2 vs 2.2 writes per request by `strace -c`; 14 pairs of c=4 chat, median ratio difference +0.025, 8 of 14 ahead;
+proxy CPU per request equal at c=32). At the c=4 embeddings rate (direct ~3900 req/s) the proxy's serial CPU per
+request (~0.25 ms on a normal day) would fill a core of its own, on two cores the client and llama-server already
+keep busy: 90 % there needs a data path several times cheaper than this Python one, not a tweak of it.
+
 Reading it: the proxy costs CPU per request (~0.15-0.2 ms at c=32, ~0.3-0.45 ms at c=1, where the app also wakes
 for each request alone) against nginx's ~0.02-0.08 ms; on this box that CPU is taken from the load client and the
 upstream, hence ~35-45 % of direct req/s at c=32. The machine's speed drifts by up to ~1.6x within minutes (direct
@@ -731,6 +744,7 @@ def render(bench: Bench, args: argparse.Namespace, targets: list[str], prof: dic
 # ---- main -------------------------------------------------------------------------------------------------------
 async def run(args: argparse.Namespace, tmp: Path) -> None:
     t_start = time.perf_counter()
+    wakeup_before = wakeup_summary()  # the machine's state, before anything of the run is started
     app, base, ports = await asyncio.to_thread(start_app, tmp)
     nginx = None
     try:
@@ -801,13 +815,15 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
         cpu = platform.processor() or platform.machine()
         meta = (
             f'{cpu}, {psutil.cpu_count()} cores shared by client, upstream and proxy, Python '
-            f'{platform.python_version()}; whole run {time.perf_counter() - t_start:.0f} s'
+            f'{platform.python_version()}; whole run {time.perf_counter() - t_start:.0f} s; {wakeup_before} '
+            '(`bench/machine.py`)'
         )
         names = [t.name for t in bench.scripted]
         if args.only_profile:
             print(json.dumps(prof, indent=1))
             return
         if args.only:
+            print(wakeup_before)
             print(quick_summary(bench, [st[0] for st in steps], names))
             failed = httpx.get(f'{base}/api/requests', params={'status': 'error', 'limit': 5}).json()['requests']
             for row in failed:
