@@ -3,8 +3,9 @@
 A proxy adds a process hop each way, so its ratio to direct depends on what waking another process costs, and on
 these shared VMs that swings by several times between hours: on 2026-12-01 a socket round trip between two processes
 took ~70 us when they sat on different CPUs and ~12 us on one (bare metal: a few us either way), and the proxy's one
-write to llama-server per request took ~350 us of wall time for ~40 us of its CPU. Runs are only comparable when
-this figure is alike.
+write to llama-server per request took ~350 us of wall time for ~40 us of its CPU. That VM boots with guest halt
+polling off (`haltpoll.guest_halt_poll_ns=0`), so a CPU that waits is halted and each wakeup of it goes through the
+hypervisor; left as it is (the machine's setting, not ours). Runs are only comparable when this figure is alike.
 
     .venv/bin/python bench/machine.py
 """
@@ -15,8 +16,10 @@ import os
 import socket
 import statistics
 import time
+from pathlib import Path
 
 ROUND_TRIPS = 5000
+HALT_POLL = Path('/sys/module/haltpoll/parameters/guest_halt_poll_ns')
 
 
 def round_trip_us(parent_cpu: int | None = None, child_cpu: int | None = None, n: int = ROUND_TRIPS) -> float:
@@ -52,14 +55,26 @@ def round_trip_us(parent_cpu: int | None = None, child_cpu: int | None = None, n
     return statistics.median(batches)
 
 
+def halt_poll_ns() -> int | None:
+    """A KVM guest's halt polling (`haltpoll.guest_halt_poll_ns`): 0 means an idle CPU halts at once, and waking it
+    is a trip through the hypervisor. None where the guest driver is absent."""
+    try:
+        return int(HALT_POLL.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def wakeup_summary() -> str:
-    """'socket round trip between processes: X us across CPUs, Y us on one' (one CPU only: the latter)."""
+    """'socket round trip between processes: X us across CPUs, Y us on one' (one CPU only: the latter), and the
+    guest's halt polling where there is one."""
     cpus = sorted(os.sched_getaffinity(0))
     same = round_trip_us(cpus[0], cpus[0])
+    poll = halt_poll_ns()
+    guest = '' if poll is None else f' (guest halt polling {poll} ns)'
     if len(cpus) < 2:
-        return f'socket round trip between processes: {same:.0f} us (one CPU)'
+        return f'socket round trip between processes: {same:.0f} us (one CPU){guest}'
     across = round_trip_us(cpus[0], cpus[1])
-    return f'socket round trip between processes: {across:.0f} us across CPUs, {same:.0f} us on one'
+    return f'socket round trip between processes: {across:.0f} us across CPUs, {same:.0f} us on one{guest}'
 
 
 if __name__ == '__main__':

@@ -484,7 +484,7 @@ showed no difference in streams: the spread is the machine's).
 Where the c=4 shortfall comes from, measured on 2026-12-01 (a slow day: direct chat 300-450 req/s at c=4, a third of
 the table's): waking another process is what this VM charges most for. A 1-byte socket ping-pong between two
 processes takes ~68 us per round trip when they sit on different CPUs and ~12 us on one (`bench/machine.py`, now
-printed with each run); the proxy's one write to llama-server per request took ~350 us of wall time for ~40 us of
+printed with each run; the VM halts an idle CPU at once, guest halt polling 0 ns); the proxy's one write to llama-server per request took ~350 us of wall time for ~40 us of
 its own CPU (timed around the write in a probe), and the proxy adds a hop each way. Tried, and not kept, since
 interleaved pairs showed nothing: llama-server under `SCHED_BATCH` (no wakeup preemption of the proxy; 16 pairs,
 median ratio 0.81 vs 0.84 without), and a response's head and body in one socket write (uvicorn writes them apart:
