@@ -133,6 +133,7 @@ async def test_an_endpoint_the_worker_cannot_have_is_the_users_to_change(make_se
                 assert told in r.json()['detail']['message']
                 state = (await c.get('/api/rpc-server')).json()
                 assert state['status'] == 'stopped' and state['pid'] is None
+                assert told in state['error']  # the Nodes page says why, not only the reply to Start
 
 
 async def test_the_worker_binds_an_ipv4_address(settings_factory: Any) -> None:

@@ -95,7 +95,8 @@ class RpcWorkerProcess(ServerProcess):
                     if any(BIND_FAILED in line for line in self.tail):
                         self.bind_refused = True
                         reason = (
-                            f"could not listen on {endpoint}: the port is taken or the address is not this machine's"
+                            f'could not listen on {endpoint}: the port is taken (or needs root), or the address is '
+                            "not this machine's"
                         )
                     raise _Exited(f'rpc-server exited with code {proc.returncode} while starting: {reason}')
                 if await _accepts(self.params.host, self.params.port):
@@ -147,6 +148,7 @@ class RpcWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
         self._following: asyncio.Task[None] | None = None
+        self._failed: str | None = None  # why the last start failed, shown until the next start or stop
 
     @property
     def params(self) -> RpcServerParams:
@@ -168,6 +170,8 @@ class RpcWorker:
         }
         if self.proc is not None:
             base.update(self.proc.describe())
+        if self._failed and base['status'] == ModelState.STOPPED:
+            base['error'] = self._failed  # a failed start is halted (so its own error is cleared): say why here
         return base
 
     def free_at(self, endpoint: str) -> int | None:
@@ -206,19 +210,22 @@ class RpcWorker:
                 raise RpcError(403, RPC_EXPOSED)
             timings = Timings(load_timeout=30.0, stop_timeout=s.stop_timeout, restart_backoff=s.restart_backoff)
             env = self.binary.current.child_env() if self.binary.current else {}
+            self._failed = None
             self.proc = RpcWorkerProcess(self.logs, self._publish, self.registry, params)
             self.proc.start(Launch(lambda _port: params.argv(binary), env, timings))
             try:
                 await self.proc.wait_ready()
             except Exception as e:
-                await self._halt_unlocked()  # one clear failure, not a retry loop behind it
                 status = 409 if self.proc.bind_refused else 502
-                raise RpcError(status, str(getattr(e, 'message', e))) from e
+                self._failed = str(getattr(e, 'message', e))  # set first: the stopped state published says why
+                await self._halt_unlocked()  # one clear failure, not a retry loop behind it
+                raise RpcError(status, self._failed) from e
             log.info('rpc-server listening on %s:%d', params.host, params.port)
             return self.describe()
 
     async def halt(self) -> dict[str, Any]:
         async with self._lock:
+            self._failed = None
             await self._halt_unlocked()
             return self.describe()
 
