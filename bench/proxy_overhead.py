@@ -489,10 +489,11 @@ llama-server per request took ~350 us of wall time for ~40 us of its own CPU (ti
 and the proxy adds a hop each way. Tried, and not kept, since interleaved pairs showed nothing: llama-server under
 `SCHED_BATCH` (no wakeup preemption of the proxy; 16 pairs, median ratio 0.81 vs 0.84 without), and a response's
 head and body in one socket write (uvicorn writes them apart: 3.2 vs 2.2 writes per request by `strace -c`; 14 pairs
-of c=4 chat, median ratio difference +0.025, 8 of 14 ahead; proxy CPU per request equal at c=32). At the c=4
-embeddings rate (direct ~3900 req/s) the proxy's serial CPU per request (~0.25 ms on a normal day) would fill a core
-of its own, on two cores the client and llama-server already keep busy: 90 % there needs a data path several times
-cheaper than this Python one, not a tweak of it.
+of c=4 chat, median ratio difference +0.025, 8 of 14 ahead; proxy CPU per request equal at c=32; in
+`bench/proxy_timeline.py`, three runs each way alternated, the reply stage went from 67 to 65 us for chat and from
+66 to 52 us for embeddings). At the c=4 embeddings rate (direct ~3900 req/s) the proxy's serial CPU per request
+(~0.25 ms on a normal day) would fill a core of its own, on two cores the client and llama-server already keep busy:
+90 % there needs a data path several times cheaper than this Python one, not a tweak of it.
 
 Reading it: the proxy costs CPU per request (~0.15-0.2 ms at c=32, ~0.3-0.45 ms at c=1, where the app also wakes
 for each request alone) against nginx's ~0.02-0.08 ms; on this box that CPU is taken from the load client and the
