@@ -37,7 +37,7 @@ BINARY_NAMES = ('ggml-rpc-server', 'rpc-server')
 CONNECT_POLL_S = 0.05
 BANNER_WAIT_S = 1.0
 BIND_FAILED = 'Failed to create server socket'  # what it prints when bind() or listen() fails
-ANY = ('0.0.0.0', '::')  # a bind to every interface: loopback reaches it too
+ANY = '0.0.0.0'  # a bind to every interface: loopback reaches it too (rpc-server binds IPv4 only)
 # "  CPU: AMD EPYC (24105 MiB, 24105 MiB free)" under "Devices:" in its start-up lines
 _DEVICE = re.compile(r'^\s+(?P<name>[^:]+):\s*(?P<desc>.*?)\s*\((?P<total>\d+) MiB, (?P<free>\d+) MiB free\)\s*$')
 
@@ -179,7 +179,7 @@ class RpcWorker:
         host, _, port = endpoint.rpartition(':')
         p = self.params
         if port != str(p.port) or not (
-            host == p.host or (is_loopback(host) and (is_loopback(p.host) or p.host in ANY))
+            host == p.host or (is_loopback(host) and (is_loopback(p.host) or p.host == ANY))
         ):
             return None
         return devices_free_bytes(self.describe())
