@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         # address on every request.
         proxy_headers=False,
         server_header=False,  # one header less on every reply, and nothing said about the server software
-        **uvicorn_options(settings, system.config),  # slow clients closed, connections capped, TLS (core/httpguard.py)
+        # Slow clients closed, connections capped, TLS, the proxy's fast lane (core/httpguard.py).
+        **uvicorn_options(settings, system.config, system.fast_lane),
     )
 
 

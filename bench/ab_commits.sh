@@ -2,7 +2,8 @@
 # Proxy c=1 overhead of two commits, alternated in one session so the machine's drift hits both alike.
 #   bench/ab_commits.sh BASE [ROUNDS] [STEPS]     e.g. bench/ab_commits.sh 6cf543a 3 lat_chat,lat_emb
 # BASE is checked out in a temporary worktree; HEAD's working tree is the other side. Prints each side's
-# `bench/proxy_overhead.py --only STEPS` lines; compare the "paired" figures.
+# `bench/proxy_overhead.py --only STEPS` lines (each target, so a side's ratio to its own direct can be read);
+# compare the "paired" figures.
 set -euo pipefail
 base=${1:?base revision}
 rounds=${2:-3}
@@ -16,6 +17,6 @@ for i in $(seq "$rounds"); do
   for side in base head; do
     dir=$root; [ "$side" = base ] && dir=$tree
     echo "== $side round $i"
-    (cd "$dir" && "$py" bench/proxy_overhead.py --only "$steps" --no-profile 2>&1 | grep -E 'proxy  (p50|[0-9])')
+    (cd "$dir" && "$py" bench/proxy_overhead.py --only "$steps" --no-profile 2>&1 | grep -E ' (direct|proxy|nginx) ')
   done
 done

@@ -186,6 +186,14 @@ def start_nginx(tmp: Path, upstream_ports: dict[str, int]) -> tuple[subprocess.P
     return proc, listen
 
 
+def start_bare(upstream_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    """`bench/bare_proxy.py` in front of one upstream: the ceiling of a Python proxy on this machine."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'bench' / 'bare_proxy.py'), str(port), str(upstream_port)])
+    wait_http(f'http://127.0.0.1:{port}/health', 20, proc)
+    return proc, port
+
+
 def proc_cpu_s(pids: list[int], children: bool = False) -> float:
     """CPU seconds used so far by `pids` (and their children: nginx's workers; never the app's llama-servers)."""
     total = 0.0
@@ -555,7 +563,10 @@ def quick_summary(bench: Bench, steps: list[str], targets: list[str]) -> str:
                 if s.values['round_p50']:
                     added += f' (paired {1000 * paired(bench.results, test, t):+.3f})'
             cpu = f' CPU {1e6 * s.cpu_s[test] / s.units[key]:.0f} us' if s.units[key] and t != 'direct' else ''
-            fig = f'{med(v):.0f}/s' if key in ('rps', 'chunks_per_s') else f'p50 {1000 * pctl(v, 0.5):.3f} ms'
+            if key in ('rps', 'chunks_per_s'):
+                fig = f'{med(v):.0f}/s ({med(v) / med(d):.0%})'
+            else:
+                fig = f'p50 {1000 * pctl(v, 0.5):.3f} ms'
             out.append(f'{test:10} {t:6} {fig}{added}{cpu} errors {sum(s.errors.values())}')
     return '\n'.join(out)
 
@@ -749,10 +760,14 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
     wakeup_before = wakeup_summary()  # the machine's state, before anything of the run is started
     app, base, ports = await asyncio.to_thread(start_app, tmp)
     nginx = None
+    bare: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     try:
         use_nginx = not args.no_nginx and shutil.which('nginx') is not None
         if use_nginx:
             nginx, listen = await asyncio.to_thread(start_nginx, tmp, ports)
+        if args.bare:
+            for model in (REAL, LARGE):
+                bare[model] = await asyncio.to_thread(start_bare, ports[model])
 
         def targets_for(model: str) -> list[Target]:
             key = key_path(tmp / 'data', model)
@@ -763,6 +778,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
             ]
             if nginx is not None:
                 out.append(Target('nginx', f'http://127.0.0.1:{listen[model]}', [nginx.pid], headers))
+            if model in bare:
+                proc, port = bare[model]
+                out.append(Target('bare', f'http://127.0.0.1:{port}', [proc.pid], headers))
             return out
 
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
@@ -826,7 +844,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
             return
         if args.only:
             print(wakeup_before)
-            print(quick_summary(bench, [st[0] for st in steps], names))
+            print(quick_summary(bench, [st[0] for st in steps], [t.name for t in bench.real]))
             failed = httpx.get(f'{base}/api/requests', params={'status': 'error', 'limit': 5}).json()['requests']
             for row in failed:
                 print(f'proxy error: {row["status"]} {row["route"]} {row["error"]}')
@@ -836,6 +854,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
         if not args.no_write:
             write_section(SECTION, text)
     finally:
+        for proc, _ in bare.values():
+            proc.terminate()
+            proc.wait(10)
         if nginx is not None:
             nginx.send_signal(signal.SIGTERM)
             nginx.wait(10)
@@ -864,6 +885,7 @@ def main() -> None:
     ap.add_argument('--only-profile', action='store_true', help='skip the measurements (for looking into a profile)')
     ap.add_argument('--only', help='steps, comma-separated (lat_chat,lat_emb,...): print a summary only')
     ap.add_argument('--no-nginx', action='store_true')
+    ap.add_argument('--bare', action='store_true', help='also bench/bare_proxy.py before the real models (a ceiling)')
     ap.add_argument('--no-profile', action='store_true')
     ap.add_argument('--no-write', action='store_true', help='print only; leave docs/BENCHMARKS.md alone')
     args = ap.parse_args()

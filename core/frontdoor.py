@@ -20,6 +20,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # request pass may put headers for its answer under `scope[RESPONSE_HEADERS]` (CORS does).
 Guard = Callable[[Scope], ASGIApp | None]
 RESPONSE_HEADERS = 'lap.response_headers'
+# Set by the fast lane (core/proxy/fastlane.py), which runs the guards before the ASGI path does: their answer (None:
+# passed), so that a request handed on is not checked (and rate-counted) twice.
+GUARDED = 'lap.guarded'
 # Pages and the API in no other site's frame (clickjacking); the proxy's answers are not rendered, so skip them.
 NO_FRAMING = ((b'x-frame-options', b'DENY'), (b'content-security-policy', b"frame-ancestors 'none'"))
 
@@ -136,7 +139,7 @@ class FrontDoor:
     async def dispatch(self, scope: Scope, receive: Receive, send: Send, inner: ASGIApp) -> None:
         """`inner` behind the guards, with the headers a guard asked for added to the answer (a refusal by a later
         guard too: a listed origin must be able to read its 401 or 429)."""
-        deny = self.denied(scope)
+        deny = scope[GUARDED] if GUARDED in scope else self.denied(scope)
         extra = scope.get(RESPONSE_HEADERS)
         await (deny or inner)(scope, receive, _with_headers(send, extra) if extra else send)
 

@@ -15,10 +15,19 @@ Per request it costs a timer armed and cancelled (two with a body) and a call pe
 from __future__ import annotations
 
 import asyncio
+import logging
+import urllib.parse
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+
+if TYPE_CHECKING:
+    from core.frontdoor import Scope
+    from core.proxy.fastlane import FastLane, LaneRequest
+
+log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; uvicorn's h11 default is 16 KiB, llama-server's 8 KiB
 FIRST_BYTE_S = 5.0  # a new connection that sends nothing: a browser's preconnect is used within a second or two
@@ -26,12 +35,31 @@ WARN_EVERY_S = 10.0  # a flood of refused connections is one log line per this, 
 _TOO_LARGE = b'HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n'
 
 
+class _LaneCycle:
+    """Stands in for uvicorn's request cycle while the fast lane serves a request: a pipelined request waits for
+    it, a shutdown lets it finish, a disconnect is told to it."""
+
+    __slots__ = ('disconnected', 'keep_alive', 'message_event', 'response_complete', 'scope')
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope, self.response_complete, self.keep_alive, self.disconnected = scope, False, True, False
+        self.message_event = self  # uvicorn sets it on a disconnect
+
+    def set(self) -> None:
+        pass
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     client_timeout = 30.0
     max_connections = 1000
+    fast_lane: FastLane | None = None  # core/proxy/fastlane.py: plain /v1 requests served with no ASGI task
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._held: Scope | None = None  # a request held back for the lane until its body is in
+        self._held_body: list[bytes] = []
+        self._lane: LaneRequest | None = None  # the lane's request in flight on this connection
+        self._lane_cycle: _LaneCycle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._in_headers = True  # from a request's first byte (or the connection) to its headers' end
         self._between = True  # no request is being read: the connection is new, or the last one was whole
@@ -59,6 +87,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            lane.client_gone()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -108,6 +139,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         self._in_headers = False
+        if self.fast_lane is not None and self._hold(self.fast_lane):
+            self._body_at = self.loop.time()
+            self._arm(self._body_late)
+            return
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.scope is self.scope and not self.transport.is_closing():
             if _has_body(self.scope['headers']):
@@ -116,12 +151,103 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._body_at = self.loop.time()
+        if self._held is not None:
+            self._held_body.append(body)  # no more than the declared length, which the lane allowed
+            return
         super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._disarm()
         self._between = True
-        super().on_message_complete()
+        scope = self._held
+        if scope is None:
+            super().on_message_complete()
+            return
+        body = b''.join(self._held_body)
+        self._held, self._held_body = None, []
+        self._lane_cycle = _LaneCycle(scope)
+        self.cycle = self._lane_cycle  # type: ignore[assignment]  # uvicorn reads only what it has
+        assert self.fast_lane is not None
+        try:
+            self._lane = self.fast_lane.serve(self, scope, body)
+        except Exception as exc:  # the ASGI path answers it, errors included
+            log.error('fast lane: %s', scope['path'], exc_info=exc)
+        if self._lane is None:
+            self.lane_hand_back(scope, body)
+
+    # ---- the fast lane (core/proxy/fastlane.py) -------------------------------------------------------------
+    def _hold(self, lane: FastLane) -> bool:
+        """Whether to hold this request back for the lane: a kept-alive HTTP/1.1 POST to a lane path with a
+        declared body length (not chunked, no `Expect`), the connection serving nothing else."""
+        parser = self.parser
+        if self._lane is not None or self.expect_100_continue or self.transport.is_closing():
+            return False
+        if self.cycle is not None and not self.cycle.response_complete:  # pipelined: uvicorn queues it
+            return False
+        if parser.get_method() != b'POST' or parser.get_http_version() != '1.1' or not parser.should_keep_alive():
+            return False
+        length = -1
+        for name, value in self.headers:
+            if name == b'content-length':
+                length = int(value) if value.isdigit() else -1
+            elif name == b'transfer-encoding':
+                return False
+        raw_path = httptools.parse_url(self.url)
+        path = raw_path.path.decode('ascii')
+        if '%' in path:
+            path = urllib.parse.unquote(path)
+        if not lane.wants(self.root_path + path, length):
+            return False
+        scope: Scope = self.scope  # type: ignore[assignment]
+        scope['method'], scope['path'] = 'POST', self.root_path + path
+        scope['raw_path'] = self.root_path.encode('ascii') + raw_path.path
+        scope['query_string'] = raw_path.query or b''
+        self._held = scope
+        return True
+
+    def lane_reply(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """The lane's whole answer, as uvicorn would have written it; then the next request, as after any."""
+        cycle, self._lane = self._lane_cycle, None
+        if cycle is None or self.transport.is_closing():
+            return
+        out = [STATUS_LINE[status]]
+        for name, value in (*self.server_state.default_headers, *headers):
+            out += (name, b': ', value, b'\r\n')
+        out.append(b'content-length: %d\r\n' % len(body))
+        if not cycle.keep_alive:
+            out.append(b'connection: close\r\n')
+        out += (b'\r\n', body)
+        self.transport.write(b''.join(out))
+        cycle.response_complete = True
+        if not cycle.keep_alive:  # the server is shutting down
+            self.transport.close()
+        else:
+            self.on_response_complete()
+
+    def lane_hand_back(self, scope: Scope, body: bytes) -> None:
+        """Serve a held request the ASGI way: the cycle uvicorn would have made at its headers, body complete."""
+        lane_cycle, self._lane = self._lane_cycle, None
+        if self.transport.is_closing():
+            return
+        cycle = RequestResponseCycle(
+            scope=scope,  # type: ignore[arg-type]
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=False,
+            keep_alive=lane_cycle is None or lane_cycle.keep_alive,
+            on_response=self.on_response_complete,
+        )
+        cycle.body += body
+        cycle.more_body = False
+        cycle.message_event.set()  # as uvicorn's own on_message_complete does: receive() returns the body
+        if self.cycle is lane_cycle:  # (else a pipelined request came since; it waits for this one)
+            self.cycle = cycle
+        self._start_asgi_task(cycle, self.app)
 
     # ---- timers --------------------------------------------------------------------------------------------
     def _arm(self, callback: Any, delay: float | None = None) -> None:
@@ -158,10 +284,11 @@ def _has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-def protocol_for(settings: Any, live: Any = None) -> type[GuardedHttpProtocol]:
+def protocol_for(settings: Any, live: Any = None, fast_lane: FastLane | None = None) -> type[GuardedHttpProtocol]:
     """The protocol class with this configuration's limits (uvicorn takes a class, not an instance). With `live`
     (the SettingsManager), a saved change of the limits applies to the next connection and request."""
     attrs = {'client_timeout': settings.client_timeout, 'max_connections': settings.max_connections}
+    attrs['fast_lane'] = fast_lane
     cls: type[GuardedHttpProtocol] = type('GuardedHttpProtocol', (GuardedHttpProtocol,), attrs)
     if live is not None:
 
@@ -172,9 +299,10 @@ def protocol_for(settings: Any, live: Any = None) -> type[GuardedHttpProtocol]:
     return cls
 
 
-def uvicorn_options(settings: Any, live: Any = None) -> dict[str, Any]:
-    """What `uvicorn.Config` (or `ui.run`) gets from the settings: the guarded protocol, and TLS when set."""
-    options: dict[str, Any] = {'http': protocol_for(settings, live)}
+def uvicorn_options(settings: Any, live: Any = None, fast_lane: FastLane | None = None) -> dict[str, Any]:
+    """What `uvicorn.Config` (or `ui.run`) gets from the settings: the guarded protocol (with the proxy's fast
+    lane, if given), and TLS when set."""
+    options: dict[str, Any] = {'http': protocol_for(settings, live, fast_lane)}
     if settings.ssl_certfile and settings.ssl_keyfile:
         options |= {'ssl_certfile': str(settings.ssl_certfile), 'ssl_keyfile': str(settings.ssl_keyfile)}
     return options

@@ -25,6 +25,7 @@ from core.metrics import MetricsService
 from core.model_params import effective_params
 from core.ollama import OllamaAPI
 from core.proxy import Proxy
+from core.proxy.fastlane import FastLane
 from core.remotes import Remotes
 from core.settings import SettingsManager, UpdateResult
 from core.store import Store
@@ -111,6 +112,8 @@ class System:
         self.ollama = OllamaAPI(self.proxy, self.library, self.scheduler, measured=lambda: self.metrics.latest)
         self.ollama.register_routes(self.frontdoor)
         self.metrics.register_routes(self.frontdoor)
+        # Plain /v1 requests to a ready model, served from the HTTP protocol (core/proxy/fastlane.py).
+        self.fast_lane = FastLane(self.proxy, self.frontdoor)
         self._log_handler: logging.Handler | None = None
         watchable = hasattr(config, 'reload_file')  # a SettingsManager, not a test's bare settings holder
         self.config_watch = ConfigWatcher(config, self.apply_config, self.bus) if watchable else None

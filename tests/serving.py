@@ -49,7 +49,7 @@ async def serve(system: Any) -> AsyncIterator[Served]:
         log_level='warning',
         lifespan='off',
         timeout_graceful_shutdown=2,
-        **uvicorn_options(system.config.settings, system.config),
+        **uvicorn_options(system.config.settings, system.config, system.fast_lane),
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

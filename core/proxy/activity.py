@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,17 @@ CREATE INDEX IF NOT EXISTS proxy_requests_open ON proxy_requests (id) WHERE stat
 """
 
 
+CARRIED = 'lap.record'  # scope key: the record of a request the fast lane began and handed to the ASGI path
+
+
+class Cancellable(Protocol):
+    """What serves a request in flight, for an operator's cancel: its task, or a fast-lane request."""
+
+    def done(self) -> bool: ...
+
+    def cancel(self) -> Any: ...
+
+
 @dataclass(slots=True)
 class RequestRecord:
     id: str
@@ -101,10 +112,12 @@ class RequestRecord:
     prompt_tps: float | None = None
     gen_tps: float | None = None
     error: str | None = None
-    # Not stored: monotonic start, and the task serving it (for cancel).
+    # Not stored: monotonic start, what serves it (a task, or a fast-lane request: for cancel), whether its start
+    # was published.
     t0: float = field(default_factory=time.perf_counter)
-    task: asyncio.Task[Any] | None = None
+    task: Cancellable | None = None
     cancelled_by: str | None = None
+    announced: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in COLUMNS}
@@ -114,7 +127,7 @@ class RequestRecord:
             self.ttft_s = round(time.perf_counter() - self.t0, 4)
 
 
-COLUMNS = tuple(f.name for f in fields(RequestRecord) if f.name not in ('t0', 'task', 'cancelled_by'))
+COLUMNS = tuple(f.name for f in fields(RequestRecord) if f.name not in ('t0', 'task', 'cancelled_by', 'announced'))
 _INSERT = f'INSERT OR REPLACE INTO proxy_requests ({", ".join(COLUMNS)}) VALUES ({", ".join("?" * len(COLUMNS))})'
 _values = operator.attrgetter(*COLUMNS)  # a record's row as a tuple in COLUMNS order, in one C call
 _STATUS = COLUMNS.index('status')
@@ -203,7 +216,11 @@ class Activity:
 
     def announce(self, rec: RequestRecord) -> None:
         """Publish the start once the model is known (so listeners see which model is busy), and queue its row
-        (status NULL) so that a crash before `finish` leaves it to be marked interrupted."""
+        (status NULL) so that a crash before `finish` leaves it to be marked interrupted. Once per record: one the
+        fast lane handed back to the ASGI path (core/proxy/fastlane.py) was announced there."""
+        if rec.announced:
+            return
+        rec.announced = True
         self._pending.append(rec)  # its row is read in the flush: nothing is copied on the loop
         self.bus.publish('requests', 'started', _started(rec))
 

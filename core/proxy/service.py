@@ -33,7 +33,7 @@ from core.auth import AuthGuard
 from core.cors import CorsGuard
 from core.frontdoor import Receive, Scope, Send
 from core.proxy import jsonio
-from core.proxy.activity import CLIENT_CLOSED, Activity, RequestRecord
+from core.proxy.activity import CARRIED, CLIENT_CLOSED, Activity, RequestRecord
 from core.proxy.asgi import SSE_HEADERS, ClientGone, Reply, read_body, wait_disconnect
 from core.proxy.errors import ProxyError, bad_gateway, bad_request, not_found, unavailable
 from core.proxy.routes import DROP_REQUEST_HEADERS, DROP_RESPONSE_HEADERS, ROOT_PATHS, ROUTES, RouteSpec
@@ -208,8 +208,10 @@ class Proxy:
         else:
             assert send is not None
             reply = Reply(send)
-        client = scope.get('client')
-        rec = self.activity.begin(client[0] if client else '', scope['path'], scope['method'])
+        rec = scope.pop(CARRIED, None)  # begun in the fast lane, which handed the request on
+        if rec is None:
+            client = scope.get('client')
+            rec = self.activity.begin(client[0] if client else '', scope['path'], scope['method'])
         try:
             if face is not None:
                 call = await self._route_face(scope, receive, reply, rec, spec, face)

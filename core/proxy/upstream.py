@@ -72,6 +72,7 @@ class Response:
         'content_type',
         'headers',
         'keep_alive',
+        'on_wake',
         'sink',
         'sse_sink',
         'status',
@@ -94,9 +95,15 @@ class Response:
         # ended. No task wakes per network read, or for the headers; the work overlaps the wait for the rest.
         self.sse_sink: Callable[[bytes], None] | None = None  # offered
         self.sink: Callable[[bytes], None] | None = None  # taken: the response is a 2xx event stream
+        # A reader with no task (core/proxy/fastlane.py) is called instead, from the protocol callback, whenever
+        # a task would be woken: headers, body bytes, the end, a failure.
+        self.on_wake: Callable[[], None] | None = None
 
     # ---- fed by the connection -----------------------------------------------------------------------------
     def _wake(self) -> None:
+        if self.on_wake is not None:
+            self.on_wake()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -129,12 +136,20 @@ class Response:
             if self._error is not None:
                 raise self._error
             await self._wait()
+        return self.take()
+
+    def take(self) -> bytes:
+        """The body bytes that arrived since the last call, without waiting (b'' when none did)."""
         data = self._chunks[0] if len(self._chunks) == 1 else b''.join(self._chunks)
         self._chunks.clear()
         if self._buffered > HIGH_WATER:
             self._conn.resume()
         self._buffered = 0
         return data
+
+    @property
+    def error(self) -> UpstreamError | None:
+        return self._error
 
     async def read(self) -> bytes:
         parts = []
@@ -367,6 +382,19 @@ class UpstreamClient:
                 conn.abort()
                 raise
             return resp
+
+    def send_now(
+        self, host: str, port: int, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes, max_idle: int
+    ) -> Response | None:
+        """POST on an idle pooled connection at once, with no task: the response is read through its `on_wake`.
+        None when no connection is idle (then `request()` opens one). A pooled connection that the server closed
+        unanswered shows as an `Unreachable` error on the response: the request was not taken, so it may be sent
+        again the usual way."""
+        conn = self._take((host, port, None))
+        if conn is None:
+            return None
+        conn.max_idle = max_idle
+        return conn.send(request_head('POST', target, f'{host}:{port}', headers, len(body)), body, False)
 
     async def _connect(self, key: _Key, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()

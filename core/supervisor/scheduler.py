@@ -73,7 +73,7 @@ class Lease:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._proc is not None:
-            self._scheduler._release(self._proc)
+            self._scheduler.release(self._proc)
             self._proc = None
 
 
@@ -256,14 +256,23 @@ class Scheduler:
         pid, port, progress (0..1 while starting), error, log_tail."""
         return Lease(self, model, on_progress)
 
+    def lease_ready(self, model_id: str) -> ServerProcess | None:
+        """Without waiting: count the caller in flight on the model's server if it is ready now (and not being
+        swapped), as a lease does; `release(proc)` once answered. None: lease it the usual way."""
+        proc = self._procs.get(model_id)
+        if proc is None or proc.state != ModelState.READY or model_id in self._restarts:
+            return None
+        proc.inflight += 1
+        proc.last_used = time.monotonic()
+        self._notify()
+        return proc
+
     async def _acquire(self, model: str, on_progress: Callable[[dict[str, Any]], Any] | None) -> ServerProcess:
         entry = self._entry(model)
+        ready = self.lease_ready(entry.id)  # the common case: nothing to register
+        if ready is not None:
+            return ready
         proc = self._proc(entry.id)
-        if proc.state == ModelState.READY and entry.id not in self._restarts:  # the common case: nothing to register
-            proc.inflight += 1
-            proc.last_used = time.monotonic()
-            self._notify()
-            return proc
         await self._after_restart(entry.id)
         proc.waiters += 1
         if on_progress is not None:
@@ -278,7 +287,7 @@ class Scheduler:
             self._notify()
         return proc
 
-    def _release(self, proc: ServerProcess) -> None:
+    def release(self, proc: ServerProcess) -> None:
         proc.inflight -= 1
         proc.last_used = time.monotonic()
         # A short keep_alive (0: unload once answered) expires now or soon: the TTL loop must look again.
@@ -646,7 +655,7 @@ class Scheduler:
                     continue
                 if proc.busy:  # look again once it may have gone idle (a request only ever postpones expiry)
                     # Not sooner than a second: a ttl of 0 (keep_alive 0) would spin here while it generates; its
-                    # release wakes this loop anyway (`_release`).
+                    # release wakes this loop anyway (`release`).
                     again = now + max(ttl, 1.0)
                     next_at = again if next_at is None else min(next_at, again)
                     continue

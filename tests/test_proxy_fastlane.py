@@ -1,0 +1,245 @@
+"""The fast lane (core/proxy/fastlane.py), against a real llama-server: a plain request to a ready model is served
+from the HTTP protocol and answered as the ASGI path would answer it; the perimeter holds; what the lane does not
+take is answered the usual way; a client that leaves, an operator's cancel, a pooled connection closed under it and
+pipelined requests are handled."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from core.proxy.upstream import _Connection
+from tests.conftest import SLOW_MODEL, wait_for
+from tests.proxy_helpers import Served, serve, slot_busy
+from tests.supervisor_helpers import direct
+
+A = 'tiny-llama'
+ORIGIN = 'http://app.example'
+KEY = 'lane-test-key-0123456789'
+HELLO = [{'role': 'user', 'content': 'hello'}]
+CHAT = {'model': A, 'messages': HELLO, 'max_tokens': 4, 'temperature': 0}
+TINY = {A: {'embeddings': True, 'pooling': 'mean', 'parallel': 2}}
+
+
+@pytest.fixture
+async def served(system_factory: Any, models_dir: Path, tiny_model: Path) -> Any:
+    system = await system_factory(
+        models_dirs=[models_dir], scan_well_known_dirs=False, models=TINY, cors_origins=[ORIGIN]
+    )
+    async with serve(system) as s:
+        yield s
+
+
+async def warm(s: Served, c: httpx.AsyncClient, model: str = A, headers: dict[str, str] | None = None) -> None:
+    """Loaded, its speed known (the first plain chat is assembled from a stream) and a kept-alive connection to
+    its llama-server pooled: what the lane needs."""
+    body = {**CHAT, 'model': model}
+    for _ in range(3):
+        r = await c.post('/v1/chat/completions', json=body, headers=headers)
+        assert r.status_code == 200, r.text
+    up = s.upstream(model)
+    assert s.system.proxy._client().idle_count(up.host, up.port) >= 1
+
+
+async def rows(c: httpx.AsyncClient, n: int) -> list[dict[str, Any]]:
+    return (await c.get('/api/requests', params={'limit': n})).json()['requests']
+
+
+async def test_plain_requests_take_the_lane_and_get_llama_servers_answer(served: Served) -> None:
+    lane = served.system.fast_lane
+    text_body = {'model': A, 'prompt': 'hello', 'max_tokens': 3, 'temperature': 0}
+    async with served.client() as c:
+        await warm(served, c)
+        before = lane.taken
+        chat = await c.post('/v1/chat/completions', json=CHAT, headers={'origin': ORIGIN})
+        emb = await c.post('/v1/embeddings', json={'model': A, 'input': 'hello'})
+        text = await c.post('/v1/completions', json=text_body)
+        assert lane.taken == before + 3  # all three went the lane
+        recorded = await rows(c, 3)
+        other = await c.get('/api/health')  # an answer the ASGI path wrote
+    async with direct(served.upstream(A)) as own:
+        own_chat = (await own.post('/v1/chat/completions', json={**CHAT, 'model': None})).json()
+        own_emb = (await own.post('/v1/embeddings', json={'input': 'hello'})).json()
+        own_text = (await own.post('/v1/completions', json={**text_body, 'model': None})).json()
+    for r in (chat, emb, text):
+        assert r.status_code == 200, r.text
+        assert r.headers['content-type'].startswith('application/json')
+        assert int(r.headers['content-length']) == len(r.content)
+        assert ('server' in r.headers) == ('server' in other.headers) and 'date' in r.headers  # as uvicorn's
+    assert chat.headers['access-control-allow-origin'] == ORIGIN  # the CORS guard's headers are added
+    assert chat.json()['choices'][0]['message']['content'] == own_chat['choices'][0]['message']['content']
+    assert chat.json()['usage']['completion_tokens'] == 4
+    assert emb.json()['data'][0]['embedding'] == pytest.approx(own_emb['data'][0]['embedding'], abs=1e-5)
+    assert text.json()['choices'][0]['text'] == own_text['choices'][0]['text']
+    # Recorded as any request: model, status, token counts, time to the first token for the generations.
+    by_route = {row['route']: row for row in recorded}
+    assert set(by_route) == {'/v1/chat/completions', '/v1/embeddings', '/v1/completions'}
+    assert all(row['model'] == A and row['status'] == 200 and not row['stream'] for row in recorded)
+    assert by_route['/v1/chat/completions']['completion_tokens'] == 4
+    assert by_route['/v1/completions']['completion_tokens'] == 3
+    assert by_route['/v1/embeddings']['prompt_tokens'] > 0
+    assert by_route['/v1/chat/completions']['ttft_s'] > 0
+    assert served.system.scheduler.describe(A)['inflight'] == 0  # every lease given back
+
+
+async def test_what_the_lane_does_not_take_is_answered_the_usual_way(served: Served) -> None:
+    lane = served.system.fast_lane
+    async with served.client() as c:
+        await warm(served, c)
+        before = lane.taken
+        unknown = await c.post('/v1/chat/completions', json={**CHAT, 'model': 'no-such-model'})
+        json_type = {'content-type': 'application/json'}
+        broken = await c.post('/v1/chat/completions', content=b'{"model": ', headers=json_type)
+        async with c.stream('POST', '/v1/chat/completions', json={**CHAT, 'stream': True}) as r:
+            assert r.status_code == 200 and r.headers['content-type'].startswith('text/event-stream')
+            assert [line async for line in r.aiter_lines() if line.startswith('data: ')][-1] == 'data: [DONE]'
+        unbounded = await c.post('/v1/chat/completions', json={**CHAT, 'max_tokens': None})  # assembled
+        assert lane.taken == before
+    assert unknown.status_code == 404 and unknown.json()['error']['code'] == 'model_not_found'
+    assert broken.status_code == 400 and broken.json()['error']['type'] == 'invalid_request_error'
+    assert unbounded.status_code == 200 and unbounded.json()['object'] == 'chat.completion'
+
+
+@pytest.fixture
+async def keyed(system_factory: Any, models_dir: Path, tiny_model: Path) -> Any:
+    system = await system_factory(models_dirs=[models_dir], scan_well_known_dirs=False, models=TINY, api_keys=[KEY])
+    async with serve(system) as s:
+        yield s
+
+
+async def test_the_lane_keeps_the_perimeter(keyed: Served) -> None:
+    lane = keyed.system.fast_lane
+    auth = {'authorization': f'Bearer {KEY}'}
+    async with keyed.client() as c:
+        await warm(keyed, c, headers=auth)
+        before = lane.taken
+        no_key = await c.post('/v1/chat/completions', json=CHAT)
+        wrong = await c.post('/v1/chat/completions', json=CHAT, headers={'authorization': 'Bearer nope'})
+        rebound = await c.post('/v1/chat/completions', json=CHAT, headers={**auth, 'host': 'evil.example'})
+        assert lane.taken == before
+        ok = await c.post('/v1/chat/completions', json=CHAT, headers=auth)
+        assert lane.taken == before + 1
+    assert no_key.status_code == 401 and wrong.status_code == 401
+    assert no_key.json()['error']['type'] == 'authentication_error'
+    assert rebound.status_code == 403
+    assert ok.status_code == 200 and ok.json()['choices'][0]['message']['content']
+
+
+async def test_a_pooled_connection_closed_under_the_lane_is_sent_again(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken: list[Any] = []
+    send = _Connection.send
+
+    def closed_first(conn: _Connection, head: bytes, body: bytes, head_only: bool) -> Any:
+        if not broken:  # as if llama-server had closed it just now: the request never reaches it
+            broken.append(conn)
+            conn.transport.get_extra_info('socket').shutdown(socket.SHUT_RDWR)
+        return send(conn, head, body, head_only)
+
+    async with served.client() as c:
+        await warm(served, c)
+        count, taken = len(await rows(c, 50)), served.system.fast_lane.taken
+        monkeypatch.setattr(_Connection, 'send', closed_first)
+        r = await c.post('/v1/chat/completions', json=CHAT)
+        assert r.status_code == 200, r.text
+        assert r.json()['choices'][0]['message']['content']
+        assert broken and served.system.fast_lane.taken == taken + 1  # the lane took it, on that connection
+        recorded = await rows(c, 50)
+    assert len(recorded) == count + 1  # one record for it, not one per path it took
+    assert recorded[0]['status'] == 200 and recorded[0]['completion_tokens'] == 4
+
+
+async def test_pipelined_requests_are_answered_in_order(served: Served) -> None:
+    async with served.client() as c:
+        await warm(served, c)
+    host, port = served.base_url.removeprefix('http://').split(':')
+    bodies = [httpx.Request('POST', 'http://x/v1/embeddings', json={'model': A, 'input': w}) for w in ('a', 'b b')]
+    bodies.append(httpx.Request('POST', 'http://x/v1/chat/completions', json=CHAT))
+    raw = b''
+    for req in bodies:
+        head = f'POST {req.url.raw_path.decode()} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n'
+        raw += head.encode() + b'content-length: %d\r\n\r\n' % len(req.content) + req.content
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(raw)  # all three in one write: the second and third wait for the first
+    await writer.drain()
+    answers = []
+    for _ in bodies:
+        status = await reader.readline()
+        length = 0
+        while (line := await reader.readline()) != b'\r\n':
+            if line.lower().startswith(b'content-length:'):
+                length = int(line.split(b':')[1])
+        answers.append((status.split()[1], await reader.readexactly(length)))
+    writer.close()
+    assert [s for s, _ in answers] == [b'200'] * 3
+    first, second, third = (httpx.Response(200, content=body).json() for _, body in answers)
+    assert first['usage']['prompt_tokens'] < second['usage']['prompt_tokens']  # 'a' before 'b b'
+    assert third['object'] == 'chat.completion'
+
+
+# ---- a client that leaves, an operator's cancel: one slot, held by a long stream, so the lane's request waits --
+SLOW = SLOW_MODEL
+SLOW_PARAMS = {SLOW: {'parallel': 1, 'threads': 1, 'ctx_size': 4096, 'extra_args': ['--threads-http', '8']}}
+
+
+@pytest.fixture
+async def slow(system_factory: Any, slow_models: Path) -> Any:
+    system = await system_factory(models_dirs=[slow_models], scan_well_known_dirs=False, models=SLOW_PARAMS)
+    async with serve(system) as s:
+        yield s
+
+
+async def waiting_in_the_lane(s: Served, c: httpx.AsyncClient) -> tuple[asyncio.Task[httpx.Response], str]:
+    """A short plain request taken by the lane while a long stream holds the one slot; returns it and its id."""
+    await warm(s, c, SLOW)
+    up = s.upstream(SLOW)
+    hold = {'prompt': 'hi', 'n_predict': 100000, 'ignore_eos': True, 'stream': True}
+    holder = direct(up, timeout=120)
+    s.holder = holder  # type: ignore[attr-defined]
+    stream = await holder.send(holder.build_request('POST', '/completion', json=hold), stream=True)
+    s.hold_stream = stream  # type: ignore[attr-defined]
+    await wait_for(lambda: slot_busy(up), 10, interval=0.01)
+    taken = s.system.fast_lane.taken
+    call = asyncio.create_task(c.post('/v1/chat/completions', json={**CHAT, 'model': SLOW}))
+    await wait_for(lambda: s.system.fast_lane.taken == taken + 1, 10, interval=0.005)
+    inflight = (await c.get('/api/requests/inflight')).json()['requests']
+    assert [r['model'] for r in inflight] == [SLOW]
+    return call, inflight[0]['id']
+
+
+async def release_slot(s: Served) -> None:
+    await s.hold_stream.aclose()  # type: ignore[attr-defined]
+    await s.holder.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_client_leaving_the_lane_is_recorded_and_its_lease_given_back(slow: Served) -> None:
+    async with slow.client() as c:
+        call, _ = await waiting_in_the_lane(slow, c)
+        call.cancel()  # closes the client's connection
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await wait_for(lambda: slow.system.scheduler.describe(SLOW)['inflight'] == 0, 10)
+        await release_slot(slow)
+        row = (await rows(c, 1))[0]
+        assert row['status'] == 499 and row['error'] == 'client disconnected'
+        after = await c.post('/v1/chat/completions', json={**CHAT, 'model': SLOW})  # the model serves on
+        assert after.status_code == 200
+
+
+async def test_an_operator_cancel_in_the_lane_answers_503(slow: Served) -> None:
+    async with slow.client() as c:
+        call, request_id = await waiting_in_the_lane(slow, c)
+        r = await c.post(f'/api/requests/{request_id}/cancel')
+        assert r.status_code == 200
+        answer = await asyncio.wait_for(call, 10)
+        await release_slot(slow)
+        assert answer.status_code == 503 and answer.json()['error']['code'] == 'cancelled'
+        row = (await rows(c, 1))[0]
+        assert row['status'] == 499 and row['error'] == 'cancelled (operator)'
+        assert slow.system.scheduler.describe(SLOW)['inflight'] == 0
