@@ -503,6 +503,18 @@ of c=4 chat, median ratio difference +0.025, 8 of 14 ahead; proxy CPU per reques
 (~0.25 ms on a normal day) would fill a core of its own, on two cores the client and llama-server already keep busy:
 90 % there needs a data path several times cheaper than this Python one, not a tweak of it.
 
+The fast lane (`core/proxy/fastlane.py`, 2026-12-02): a plain request to a ready model is served from the HTTP
+protocol's callbacks, with no ASGI task. How far any Python relay gets here: `bench/bare_proxy.py` (the same relay
+alone: no checks, no records, no logs), run beside the app and nginx with `--bare`, got 87-95 % of direct for c=4
+chat and 70-116 % for embeddings over four runs (nginx 87-97 % and 81-105 %). `bench/ab_commits.sh ead4f99 3
+real_rps_chat,real_rps_emb` (the commit before the lane against it, alternated): the proxy's CPU per request fell
+from 932-1163 to 642-870 us for chat and from 420-538 to 300-328 us for embeddings; the c=4 ratios went from 79-82 %
+to 78-108 % (median 94 %) for chat and from 60-63 % to 58-78 % (median 65 %) for embeddings; at c=1 (the same
+script, 2 rounds, `lat_*,real_lat_*`) the paired added p50s of both sides overlapped (a slow day: nginx's own
++0.06-0.7 ms). The rest of the gap to the bare relay is what it leaves out: the record (begun, announced, flushed to
+SQLite in a thread), the guards, llama-server's log lines (3 per embedding, read, published and written), the
+metrics sampler.
+
 Reading it: the proxy costs CPU per request (~0.15-0.2 ms at c=32, ~0.3-0.45 ms at c=1, where the app also wakes
 for each request alone) against nginx's ~0.02-0.08 ms; on this box that CPU is taken from the load client and the
 upstream, hence ~35-45 % of direct req/s at c=32. The machine's speed drifts by up to ~1.6x within minutes (direct
