@@ -196,19 +196,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         path = raw_path.path.decode('ascii')
         if '%' in path:
             path = urllib.parse.unquote(path)
-        if not lane.wants(self.root_path + path, length):
-            return False
+        if self.flow.write_paused or not lane.wants(self.root_path + path, length):
+            return False  # (a client not reading its answers waits in uvicorn's send, as before)
         scope: Scope = self.scope  # type: ignore[assignment]
         scope['method'], scope['path'] = 'POST', self.root_path + path
         scope['raw_path'] = self.root_path.encode('ascii') + raw_path.path
         scope['query_string'] = raw_path.query or b''
+        if not lane.admits(scope):  # refused at the headers, as uvicorn would: its body is never held
+            return False
         self._held = scope
         return True
 
     def lane_reply(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """The lane's whole answer, as uvicorn would have written it; then the next request, as after any."""
         cycle, self._lane = self._lane_cycle, None
-        if cycle is None or self.transport.is_closing():
+        if cycle is None or cycle.response_complete or self.transport.is_closing():
             return
         out = [STATUS_LINE[status]]
         for name, value in (*self.server_state.default_headers, *headers):
@@ -224,11 +226,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         else:
             self.on_response_complete()
 
-    def lane_hand_back(self, scope: Scope, body: bytes) -> None:
-        """Serve a held request the ASGI way: the cycle uvicorn would have made at its headers, body complete."""
+    def lane_hand_back(self, scope: Scope, body: bytes) -> bool:
+        """Serve a held request the ASGI way: the cycle uvicorn would have made at its headers, body complete.
+        False when the connection is closing (nothing to answer)."""
         lane_cycle, self._lane = self._lane_cycle, None
         if self.transport.is_closing():
-            return
+            return False
         cycle = RequestResponseCycle(
             scope=scope,  # type: ignore[arg-type]
             transport=self.transport,
@@ -248,6 +251,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.cycle is lane_cycle:  # (else a pipelined request came since; it waits for this one)
             self.cycle = cycle
         self._start_asgi_task(cycle, self.app)
+        return True
 
     # ---- timers --------------------------------------------------------------------------------------------
     def _arm(self, callback: Any, delay: float | None = None) -> None:

@@ -243,3 +243,16 @@ async def test_an_operator_cancel_in_the_lane_answers_503(slow: Served) -> None:
         row = (await rows(c, 1))[0]
         assert row['status'] == 499 and row['error'] == 'cancelled (operator)'
         assert slow.system.scheduler.describe(SLOW)['inflight'] == 0
+
+
+async def test_a_refused_request_is_answered_at_its_headers_not_held(keyed: Served) -> None:
+    # No key, a large body declared and not sent: refused at once, as the ASGI path refuses, its body never held.
+    host, port = keyed.base_url.removeprefix('http://').split(':')
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f'POST /v1/embeddings HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n'
+    writer.write(head.encode() + b'content-length: 1000000\r\n\r\n{"model": ')
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    assert status.split()[1] == b'401'
+    assert keyed.system.fast_lane.taken == 0

@@ -49,8 +49,8 @@ class LaneConnection(Protocol):
     def lane_reply(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """Write the whole answer; the connection then serves its next request."""
 
-    def lane_hand_back(self, scope: Scope, body: bytes) -> None:
-        """Serve the request the ASGI way after all (its body already read)."""
+    def lane_hand_back(self, scope: Scope, body: bytes) -> bool:
+        """Serve the request the ASGI way after all (its body already read); False if the connection closes."""
 
 
 class FastLane:
@@ -64,12 +64,15 @@ class FastLane:
         """Whether to hold a POST to `path` with this declared body length back for the lane."""
         return path in self.routes and 0 < length <= self.proxy.config.settings.max_body_bytes
 
+    def admits(self, scope: Scope) -> bool:
+        """The front door's guards, at the request's headers (before its body is held). Their answer is kept in
+        the scope: the ASGI path answers a refusal, and checks (and rate-counts) nothing twice."""
+        deny = scope[GUARDED] = self.door.denied(scope)
+        return deny is None
+
     def serve(self, conn: LaneConnection, scope: Scope, body: bytes) -> LaneRequest | None:
-        """Take the request (returning it in flight) or None: the caller serves it the ASGI way."""
-        deny = self.door.denied(scope)
-        scope[GUARDED] = deny  # the ASGI path answers a refusal, and counts nothing twice
-        if deny is not None:
-            return None
+        """Take the request (returning it in flight) or None: the caller serves it the ASGI way. `admits` has
+        passed it."""
         proxy = self.proxy
         try:
             data = jsonio.loads(body)
@@ -89,21 +92,27 @@ class FastLane:
         if proxy._per_model.get(model_id, 0) >= proxy.config.settings.concurrency_limit:
             return None
         spec = self.routes[scope['path']]
-        upstream_body, assemble = proxy._upstream_body(body, data, spec, model_id, False)
+        try:
+            upstream_body, assemble = proxy._upstream_body(body, data, spec, model_id, False)
+        except ProxyError:  # the client's error (e.g. nesting too deep to write again): the ASGI path says so
+            return None
         if assemble:
             return None
         proc = proxy.scheduler.lease_ready(model_id)
         if proc is None:
             return None
-        up = proc.upstream()
         resp = None
-        if up.pid and up.tls is None and up.response_timeout is None:  # this machine's llama-server
-            qs = scope.get('query_string') or b''
-            target = scope['path'] + ('?' + qs.decode('latin-1') if qs else '')
-            headers = _request_headers(scope, upstream_body, up.headers)
-            resp = proxy._client().send_now(up.host, up.port, target, headers, upstream_body, up.slots)
-        if resp is None:  # no idle connection yet: the ASGI path opens (and pools) one
-            proxy.scheduler.release(proc)
+        try:
+            up = proc.upstream()
+            if up.pid and up.tls is None and up.response_timeout is None:  # this machine's llama-server
+                qs = scope.get('query_string') or b''
+                target = scope['path'] + ('?' + qs.decode('latin-1') if qs else '')
+                headers = _request_headers(scope, upstream_body, up.headers)
+                resp = proxy._client().send_now(up.host, up.port, target, headers, upstream_body, up.slots)
+        finally:
+            if resp is None:  # no idle connection yet (the ASGI path opens and pools one), or a failure
+                proxy.scheduler.release(proc)
+        if resp is None:
             return None
         client = scope.get('client')
         rec = proxy.activity.begin(client[0] if client else '', scope['path'], 'POST')
@@ -187,7 +196,8 @@ class LaneRequest:
                 self.parts.append(chunk)
         except Exception as exc:  # a bug here must not leave the client waiting
             log.error('fast lane: %s for %s failed', self.scope['path'], self.rec.model, exc_info=exc)
-            self._fail(ProxyError(500, f'internal error: {exc}', 'internal_error', 'internal_error'))
+            if not self._ended:
+                self._fail(ProxyError(500, f'internal error: {exc}', 'internal_error', 'internal_error'))
 
     def _answer(self) -> None:
         resp, rec = self.resp, self.rec
@@ -214,9 +224,14 @@ class LaneRequest:
         self._release()
         self.rec.task = None
         self.scope[CARRIED] = self.rec
-        self.conn.lane_hand_back(self.scope, self.body)
+        if not self.conn.lane_hand_back(self.scope, self.body):  # the client is gone: the record ends here
+            self.scope.pop(CARRIED, None)
+            self.rec.status, self.rec.error = CLIENT_CLOSED, 'client disconnected'
+            self.lane.proxy.activity.finish(self.rec)
 
     def _release(self) -> None:
+        if self._ended:
+            return
         self._ended = True
         proxy, model_id = self.lane.proxy, self.proc.model_id
         proxy._per_model[model_id] -= 1
