@@ -30,7 +30,7 @@ from core.proxy.activity import CARRIED, CLIENT_CLOSED, RequestRecord
 from core.proxy.asgi import JSON
 from core.proxy.errors import ProxyError
 from core.proxy.routes import CHAT, PLAIN, TEXT, RouteSpec
-from core.proxy.service import _DROP_RESPONSE, _gateway_error, _record_end, _request_headers
+from core.proxy.service import gateway_error, record_end, relayed_headers, request_headers, upstream_target
 from core.proxy.upstream import Response, Unreachable
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LANE_ROUTES: dict[str, RouteSpec] = {'/v1/chat/completions': CHAT, '/v1/completions': TEXT, '/v1/embeddings': PLAIN}
-_DROP = _DROP_RESPONSE | {b'content-length'}
 
 
 class LaneConnection(Protocol):
@@ -89,8 +88,6 @@ class FastLane:
         if entry is None or entry.error:
             return None
         model_id = entry.id
-        if proxy._per_model.get(model_id, 0) >= proxy.config.settings.concurrency_limit:
-            return None
         spec = self.routes[scope['path']]
         try:
             upstream_body, assemble = proxy._upstream_body(body, data, spec, model_id, False)
@@ -98,30 +95,37 @@ class FastLane:
             return None
         if assemble:
             return None
-        proc = proxy.scheduler.lease_ready(model_id)
-        if proc is None:
+        if not proxy.count_in(model_id):  # at its concurrency_limit: the ASGI path answers 429
             return None
+        proc = proxy.scheduler.lease_ready(model_id)
         resp = None
         try:
-            up = proc.upstream()
-            if up.pid and up.tls is None and up.response_timeout is None:  # this machine's llama-server
-                qs = scope.get('query_string') or b''
-                target = scope['path'] + ('?' + qs.decode('latin-1') if qs else '')
-                headers = _request_headers(scope, upstream_body, up.headers)
-                resp = proxy._client().send_now(up.host, up.port, target, headers, upstream_body, up.slots)
+            if proc is not None:
+                resp = self._send(proc, scope, upstream_body)
         finally:
-            if resp is None:  # no idle connection yet (the ASGI path opens and pools one), or a failure
-                proxy.scheduler.release(proc)
-        if resp is None:
+            if resp is None:  # not ready, no idle connection yet (the ASGI path opens and pools one), or a failure
+                proxy.count_out(model_id)
+                if proc is not None:
+                    proxy.scheduler.release(proc)
+        if resp is None or proc is None:
             return None
         client = scope.get('client')
         rec = proxy.activity.begin(client[0] if client else '', scope['path'], 'POST')
         rec.model = model_id
-        proxy._per_model[model_id] = proxy._per_model.get(model_id, 0) + 1
         proxy.activity.announce(rec)
-        proxy.slot_time.serving(model_id, up.pid)
         self.taken += 1
         return LaneRequest(self, conn, scope, body, rec, proc, resp)
+
+    def _send(self, proc: ServerProcess, scope: Scope, body: bytes) -> Response | None:
+        """Written at once on an idle pooled connection to this machine's llama-server; None if there is none."""
+        up = proc.upstream()
+        if not up.pid or up.tls is not None or up.response_timeout is not None:
+            return None
+        self.proxy.slot_time.serving(proc.model_id, up.pid)  # (a new server: the speeds seen on the old one go)
+        headers = request_headers(scope, body, up.headers)
+        return self.proxy._client().send_now(
+            up.host, up.port, upstream_target(scope, scope['path']), headers, body, up.slots
+        )
 
 
 class LaneRequest:
@@ -139,15 +143,8 @@ class LaneRequest:
         proc: ServerProcess,
         resp: Response,
     ) -> None:
-        self.lane, self.conn, self.scope, self.body, self.rec, self.proc, self.resp = (
-            lane,
-            conn,
-            scope,
-            body,
-            rec,
-            proc,
-            resp,
-        )
+        self.lane, self.conn, self.scope, self.body = lane, conn, scope, body
+        self.rec, self.proc, self.resp = rec, proc, resp
         self.sent = time.perf_counter() - rec.t0
         self.parts: list[bytes] = []
         self._ended = False
@@ -159,14 +156,9 @@ class LaneRequest:
         return self._ended
 
     def cancel(self) -> None:
-        if self._ended:
-            return
-        reason = f'cancelled ({self.rec.cancelled_by or "operator"})'
-        self.resp.abort()
-        self.rec.status, self.rec.error = CLIENT_CLOSED, reason
-        err = ProxyError(503, f'request {reason}', 'cancelled', 'cancelled')
-        self._end()
-        self._reply(err.status, [(b'content-type', JSON)], err.body())
+        if not self._ended:
+            reason = f'cancelled ({self.rec.cancelled_by or "operator"})'
+            self._fail(ProxyError(503, f'request {reason}', 'cancelled', 'cancelled'), CLIENT_CLOSED, reason)
 
     # ---- from the client's connection ----------------------------------------------------------------------
     def client_gone(self) -> None:
@@ -189,7 +181,7 @@ class LaneRequest:
                 if isinstance(error, Unreachable):  # not taken by the server: the ASGI path sends it again
                     self._hand_back()
                 else:
-                    self._fail(_gateway_error(self.rec.model or '', error))
+                    self._fail(gateway_error(self.rec.model or '', error))
             elif resp.complete:
                 self._answer()
             elif chunk := resp.take():  # a large answer: keep reading it
@@ -203,16 +195,17 @@ class LaneRequest:
         resp, rec = self.resp, self.rec
         self.parts.append(resp.take())
         body = b''.join(self.parts)
-        headers = [h for h in resp.headers if h[0] not in _DROP and not h[0].startswith(b'access-control-')]
+        headers = [h for h in relayed_headers(resp.headers) if h[0] != b'content-length']  # (written anew)
         resp.release()
         rec.status = resp.status
         self._reply(resp.status, headers, body)
-        _record_end(rec, resp.status, body, True, False, self.sent, time.perf_counter() - rec.t0)
+        record_end(rec, resp.status, body, True, False, self.sent, time.perf_counter() - rec.t0)
         self._end()
 
-    def _fail(self, err: ProxyError) -> None:
+    def _fail(self, err: ProxyError, status: int | None = None, reason: str | None = None) -> None:
+        """Answer `err`; recorded as it (or as `status`, `reason`: a cancel is the client's, not an error)."""
         self.resp.abort()
-        self.rec.status, self.rec.error = err.status, err.message
+        self.rec.status, self.rec.error = status or err.status, reason or err.message
         self._end()
         self._reply(err.status, [(b'content-type', JSON)], err.body())
 
@@ -227,21 +220,17 @@ class LaneRequest:
         if not self.conn.lane_hand_back(self.scope, self.body):  # the client is gone: the record ends here
             self.scope.pop(CARRIED, None)
             self.rec.status, self.rec.error = CLIENT_CLOSED, 'client disconnected'
-            self.lane.proxy.activity.finish(self.rec)
+            self.lane.proxy.finish_record(self.rec)
 
     def _release(self) -> None:
         if self._ended:
             return
         self._ended = True
-        proxy, model_id = self.lane.proxy, self.proc.model_id
-        proxy._per_model[model_id] -= 1
-        proxy.scheduler.release(self.proc)
+        self.lane.proxy.count_out(self.proc.model_id)
+        self.lane.proxy.scheduler.release(self.proc)
 
     def _end(self) -> None:
         """The bookkeeping every ending shares (`Proxy._serve`'s `finally`)."""
         self._release()
-        rec, proxy = self.rec, self.lane.proxy
-        rec.task = None
-        if rec.gen_tps and (rec.completion_tokens or 0) > 1:
-            proxy.slot_time.observe(rec.model or '', rec.prompt_tps, rec.gen_tps)
-        proxy.activity.finish(rec)
+        self.rec.task = None
+        self.lane.proxy.finish_record(self.rec)

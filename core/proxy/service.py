@@ -237,9 +237,14 @@ class Proxy:
         finally:
             if face is not None:
                 face.finished(rec)
-            if rec.gen_tps and (rec.completion_tokens or 0) > 1 and rec.upstream is None:
-                self.slot_time.observe(rec.model or '', rec.prompt_tps, rec.gen_tps)
-            self.activity.finish(rec)
+            self.finish_record(rec)
+
+    def finish_record(self, rec: RequestRecord) -> None:
+        """A request's end, however it was served (here or in the fast lane): the model's speed learnt from a
+        local generation, the record finished."""
+        if rec.gen_tps and (rec.completion_tokens or 0) > 1 and rec.upstream is None:
+            self.slot_time.observe(rec.model or '', rec.prompt_tps, rec.gen_tps)
+        self.activity.finish(rec)
 
     async def _route(
         self,
@@ -261,8 +266,7 @@ class Proxy:
             held = self.remotes.holders(asked) if self.remotes is not None and isinstance(asked, str) else None
             entry, elsewhere = await self._placed(scope, asked, held) if held else (self._resolve(asked), [])
             if elsewhere:  # another machine first: its answer is passed on as it comes
-                qs = scope.get('query_string') or b''
-                target = upstream_path + ('?' + qs.decode('latin-1') if qs else '')
+                target = upstream_target(scope, upstream_path)
                 rec.stream = stream
                 return _Call(
                     scope,
@@ -292,8 +296,7 @@ class Proxy:
                 _parse_json(body, object_only=False)
             stream = assemble = False
         rec.model, rec.stream = entry.id, stream
-        qs = scope.get('query_string') or b''
-        target = upstream_path + ('?' + qs.decode('latin-1') if qs else '')
+        target = upstream_target(scope, upstream_path)
         return _Call(scope, receive, reply, rec, spec, entry.id, target, body, stream, assemble)
 
     async def _route_face(
@@ -355,20 +358,31 @@ class Proxy:
     @contextlib.contextmanager
     def _admitted(self, call: _Call) -> Iterator[None]:
         """Counted against the model's `concurrency_limit` while it is served; 429 beyond it."""
-        limit, model_id = self.config.settings.concurrency_limit, call.model_id
-        if self._per_model.get(model_id, 0) >= limit:
+        model_id = call.model_id
+        if not self.count_in(model_id):
             raise ProxyError(
                 429,
-                f'{model_id} has {limit} requests in flight (concurrency_limit); retry shortly',
+                f'{model_id} has {self.config.settings.concurrency_limit} requests in flight (concurrency_limit); '
+                'retry shortly',
                 'rate_limit_error',
                 'too_many_requests',
                 headers={'Retry-After': '1'},
             )
-        self._per_model[model_id] = self._per_model.get(model_id, 0) + 1
         try:
             yield
         finally:
-            self._per_model[model_id] -= 1
+            self.count_out(model_id)
+
+    def count_in(self, model_id: str) -> bool:
+        """Count one more request served for the model, unless its `concurrency_limit` is reached (False)."""
+        n = self._per_model.get(model_id, 0)
+        if n >= self.config.settings.concurrency_limit:
+            return False
+        self._per_model[model_id] = n + 1
+        return True
+
+    def count_out(self, model_id: str) -> None:
+        self._per_model[model_id] -= 1
 
     @contextlib.asynccontextmanager
     async def _watching(self, call: _Call) -> AsyncIterator[None]:
@@ -529,8 +543,8 @@ class Proxy:
             ) from None
         except UpstreamError as e:
             if isinstance(e, Unreachable) and not call.reply.started:
-                raise _ServerDied(_gateway_error(call.model_id, e, who)) from e
-            raise _gateway_error(call.model_id, e, who) from e
+                raise _ServerDied(gateway_error(call.model_id, e, who)) from e
+            raise gateway_error(call.model_id, e, who) from e
         complete = False
         try:
             call.rec.status = resp.status
@@ -544,7 +558,7 @@ class Proxy:
                 await self._pass_on(call, resp, sent - call.rec.t0)
             complete = True
         except Lost as e:
-            raise _gateway_error(call.model_id, e, who) from e
+            raise gateway_error(call.model_id, e, who) from e
         finally:
             if complete:
                 resp.release()
@@ -559,7 +573,7 @@ class Proxy:
             up.host,
             up.port,
             target,
-            _request_headers(call.scope, body, up.headers),
+            request_headers(call.scope, body, up.headers),
             body,
             sse_sink=assembly.feed if assembly is not None else None,
             max_idle=up.slots,
@@ -570,8 +584,7 @@ class Proxy:
     async def _pass_on(self, call: _Call, resp: Response, sent_s: float) -> None:
         reply, rec = call.reply, call.rec
         is_sse = resp.content_type.startswith(b'text/event-stream')
-        # llama-server's CORS headers allow every origin: CORS is the app's (the cors_origins setting).
-        headers = [h for h in resp.headers if h[0] not in _DROP_RESPONSE and not h[0].startswith(b'access-control-')]
+        headers = relayed_headers(resp.headers)
         if is_sse:
             headers = [h for h in headers if h[0] not in _SSE_HEADER_NAMES] + SSE_HEADERS
         if not reply.started:
@@ -596,7 +609,7 @@ class Proxy:
         try:
             await reply.body(chunk, more=False)
         finally:
-            _record_end(rec, resp.status, b''.join(tail), n <= TAIL_CHUNKS, is_sse, sent_s, first_s)
+            record_end(rec, resp.status, b''.join(tail), n <= TAIL_CHUNKS, is_sse, sent_s, first_s)
 
     def _resolve(self, name: Any, also: Callable[[str], list[str]] | None = None) -> Any:
         if name is None or name == '':
@@ -708,7 +721,7 @@ async def _tell(reply: Reply, rec: RequestRecord, err: ProxyError, gone_is_recor
             rec.status, rec.error = CLIENT_CLOSED, 'client disconnected'
 
 
-def _record_end(
+def record_end(
     rec: RequestRecord, status: int, tail: bytes, whole: bool, is_sse: bool, sent_s: float, first_s: float
 ) -> None:
     """Token counts and speeds from the answer's last bytes (`whole`: `tail` is all of it). A JSON reply comes
@@ -861,7 +874,7 @@ class _ServerDied(Exception):
         self.error = error
 
 
-def _gateway_error(model_id: str, e: UpstreamError, who: str = 'llama-server') -> ProxyError:
+def gateway_error(model_id: str, e: UpstreamError, who: str = 'llama-server') -> ProxyError:
     if isinstance(e, Lost):
         return bad_gateway(f'{model_id}: {who} connection lost mid-response ({e})')
     return bad_gateway(f'{model_id}: cannot reach {who}: {e}')
@@ -914,7 +927,19 @@ def _parse_json(body: bytes, object_only: bool = True) -> Any:
     return data
 
 
-def _request_headers(scope: Scope, body: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
+def upstream_target(scope: Scope, path: str) -> str:
+    """The path and query llama-server is asked for."""
+    qs = scope.get('query_string') or b''
+    return path + ('?' + qs.decode('latin-1') if qs else '')
+
+
+def relayed_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """llama-server's response headers as the client gets them: less hop-by-hop ones and its CORS headers, which
+    allow every origin (CORS is the app's: the cors_origins setting)."""
+    return [h for h in headers if h[0] not in _DROP_RESPONSE and not h[0].startswith(b'access-control-')]
+
+
+def request_headers(scope: Scope, body: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
     """The client's headers less ours and hop-by-hop ones, plus `extra` (the server's own key)."""
     out = [(name, value) for name, value in scope.get('headers') or () if name not in _DROP_REQUEST]
     if body and not any(name == b'content-type' for name, _ in out):
