@@ -60,6 +60,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._held_body: list[bytes] = []
         self._lane: LaneRequest | None = None  # the lane's request in flight on this connection
         self._lane_cycle: _LaneCycle | None = None
+        self._last_request = False  # a graceful shutdown came while a held body was arriving: answer it, then close
         self._timer: asyncio.TimerHandle | None = None
         self._in_headers = True  # from a request's first byte (or the connection) to its headers' end
         self._between = True  # no request is being read: the connection is new, or the last one was whole
@@ -166,6 +167,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         body = b''.join(self._held_body)
         self._held, self._held_body = None, []
         self._lane_cycle = _LaneCycle(scope)
+        self._lane_cycle.keep_alive = not self._last_request
         self.cycle = self._lane_cycle  # type: ignore[assignment]  # uvicorn reads only what it has
         assert self.fast_lane is not None
         try:
@@ -174,6 +176,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             log.error('fast lane: %s', scope['path'], exc_info=exc)
         if self._lane is None:
             self.lane_hand_back(scope, body)
+
+    def shutdown(self) -> None:
+        """A graceful shutdown. uvicorn lets a request whose body is arriving finish (its cycle began at the
+        headers) and closes idle connections; a body held for the lane has no cycle yet, so it is marked here."""
+        if self._held is not None:
+            self._last_request = True
+            return
+        super().shutdown()
 
     # ---- the fast lane (core/proxy/fastlane.py) -------------------------------------------------------------
     def _hold(self, lane: FastLane) -> bool:
