@@ -89,8 +89,12 @@ def build(args: argparse.Namespace) -> Any:
     with data_dir_errors(storage_path):
         storage_path.mkdir(mode=0o700, parents=True, exist_ok=True)
     app.state.system = system
-    app.on_startup(system.start)
-    app.on_startup(freeze_startup_objects)  # after the System has started: its objects are built
+
+    async def start() -> None:  # (NiceGUI runs an async startup handler as a task: not awaited before the next)
+        await system.start()
+        freeze_startup_objects()  # once the System's own objects are built too
+
+    app.on_startup(start)
     app.on_shutdown(system.stop)
     include_all(app)  # API routers before any page
     system.frontdoor.install(app)
@@ -99,10 +103,10 @@ def build(args: argparse.Namespace) -> Any:
 
 
 def freeze_startup_objects() -> None:
-    """Leave what the imports and the startup built (NiceGUI, FastAPI, plotly: ~160k objects) out of the garbage
-    collector's full passes, which walked all of it with the loop stopped: 107 ms a pass here, 1.6 ms once frozen
-    with 20k live rows on top (`.venv/bin/python bench/gc_pause.py`); under load at c=4 such a pass came about twice
-    a minute, and a bench run saw one stop the loop for 130 ms."""
+    """Leave what the imports and the startup built (NiceGUI, FastAPI, plotly, the System: ~170k objects) out of the
+    garbage collector's full passes, which walked all of it with the loop stopped: 106 ms a pass here, 1.2 ms once
+    frozen with 20k live rows on top (`.venv/bin/python bench/gc_pause.py`). Passes come more often after (a quarter
+    of a smaller heap sets one off), each a few ms. What is frozen is still freed by its reference count."""
     gc.collect()
     gc.freeze()
 

@@ -208,6 +208,14 @@ def proc_cpu_s(pids: list[int], children: bool = False) -> float:
     return total
 
 
+def busy_share(before: Any, after: Any) -> float:
+    """The share of all CPUs' time between two `psutil.cpu_times()` that was not idle: near 1, the client, the
+    upstream and the proxy compete for CPU, and a proxy's CPU per request costs throughput wherever it is spent."""
+    total = sum(after) - sum(before)
+    idle = (after.idle + getattr(after, 'iowait', 0)) - (before.idle + getattr(before, 'iowait', 0))
+    return 1 - idle / total if total > 0 else 0.0
+
+
 # ---- the load -------------------------------------------------------------------------------------------------
 @dataclass
 class Samples:
@@ -215,6 +223,9 @@ class Samples:
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     cpu_s: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
     units: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))  # requests or chunks
+    busy: list[float] = field(default_factory=list)  # the machine's CPUs, busy share over each round's run
+    app_cpu_s: float = 0.0  # the app's CPU during the run, whichever target it was (for direct: its own work on
+    # the side, llama-server's log lines and the metrics sampler, which a proxied request pays too)
 
 
 def chat_body(model: str, max_tokens: int, stream: bool) -> dict[str, Any]:
@@ -302,9 +313,12 @@ class Bench:
     async def measure(self, test: str, target: Target, run: Callable[[Target, Samples], Awaitable[None]]) -> None:
         s = self.results[(test, target.name)]
         kids = target.name == 'nginx'
-        cpu0 = proc_cpu_s(target.pids, kids)
+        app = next(t for t in self.scripted if t.name == 'proxy').pids
+        cpu0, machine0, app0 = proc_cpu_s(target.pids, kids), psutil.cpu_times(), proc_cpu_s(app)
         await run(target, s)
         s.cpu_s[test] += proc_cpu_s(target.pids, kids) - cpu0
+        s.app_cpu_s += proc_cpu_s(app) - app0
+        s.busy.append(busy_share(machine0, psutil.cpu_times()))
 
     async def interleaved(
         self, test: str, targets: list[Target], run: Callable[[Target, Samples], Awaitable[None]], rounds: int = 0
@@ -515,6 +529,18 @@ script, 2 rounds, `lat_*,real_lat_*`) the paired added p50s of both sides overla
 SQLite in a thread), the guards, llama-server's log lines (3 per embedding, read, published and written), the
 metrics sampler.
 
+The c=4 rows against the machine's CPU (2026-12-02; the columns "CPU us/req" and "machine busy"): both CPUs are
+75-87 % busy whichever target runs, so a request's CPU costs throughput wherever it is spent. Direct served ~2100-2200
+embeddings/s for ~740-750 us of CPU each across the machine (the client, llama-server, and the app's own work on the
+side: llama-server's log lines and the metrics sampler, ~70-75 us per embedding and ~280-300 us per chat, "(app N)"
+in the direct rows); the proxy spent ~240-250 us per embedding and ~420-515 us per chat beyond that, and the ratios
+follow the budget: 740 / (740 + 240) = 75 % expected, 70-77 % measured (this table and `--only
+real_rps_emb,real_rps_chat` runs). So 90 % of direct for embeddings needs under ~85 us of proxy CPU per request,
+which nginx (61-81 us) meets and the bare relay (90-118 us, nothing recorded) only just; for chat (~2.9-3.6 ms of
+machine CPU per request direct) the budget is ~320-400 us. Also from this day: the objects the imports and the
+startup build are frozen out of the garbage collector's full passes (main.py `freeze_startup_objects`: 106 ms a pass
+with the loop stopped, 1.2 ms after; `bench/gc_pause.py`), which removes a stall, not CPU per request.
+
 Reading it: the proxy costs CPU per request (~0.15-0.2 ms at c=32, ~0.3-0.45 ms at c=1, where the app also wakes
 for each request alone) against nginx's ~0.02-0.08 ms; on this box that CPU is taken from the load client and the
 upstream, hence ~35-45 % of direct req/s at c=32. The machine's speed drifts by up to ~1.6x within minutes (direct
@@ -579,7 +605,10 @@ def quick_summary(bench: Bench, steps: list[str], targets: list[str]) -> str:
                 fig = f'{med(v):.0f}/s ({med(v) / med(d):.0%})'
             else:
                 fig = f'p50 {1000 * pctl(v, 0.5):.3f} ms'
-            out.append(f'{test:10} {t:6} {fig}{added}{cpu} errors {sum(s.errors.values())}')
+            busy = f' machine busy {med(s.busy):.0%}' if s.busy else ''
+            if t == 'direct' and s.units[key]:
+                busy += f' (app CPU on the side {1e6 * s.app_cpu_s / s.units[key]:.0f} us)'
+            out.append(f'{test:10} {t:6} {fig}{added}{cpu}{busy} errors {sum(s.errors.values())}')
     return '\n'.join(out)
 
 
@@ -661,8 +690,9 @@ def render(bench: Bench, args: argparse.Namespace, targets: list[str], prof: dic
         f' paired per round as above; c={SLOTS}: {args.real_requests} requests per round ({LARGE}:'
         f' {args.real_requests // 8}), {args.rounds} rounds)',
         '',
-        f'| model | request | target | p50 ms | added p50 ms | req/s at c={SLOTS} | % of direct | errors |',
-        '|---|---|---|---|---|---|---|---|',
+        f'| model | request | target | p50 ms | added p50 ms | req/s at c={SLOTS} | % of direct | CPU us/req at'
+        f' c={SLOTS} | machine busy | errors |',
+        '|---|---|---|---|---|---|---|---|---|---|',
     ]
     plain_rows = (
         (REAL, 'chat', 'real_lat_chat', 'real_rps_chat'),
@@ -674,13 +704,17 @@ def render(bench: Bench, args: argparse.Namespace, targets: list[str], prof: dic
         for t in targets:
             v = R[(lat, t)].values['latency']
             add = f'{1000 * paired(R, lat, t):+.3f}' if t != 'direct' else ''
-            rate = pct = ''
+            rate = pct = cpu = busy = ''
             errors = sum(R[(lat, t)].errors.values())
             if rps is not None:
                 r, d = med(R[(rps, t)].values['rps']), med(R[(rps, 'direct')].values['rps'])
                 rate, pct = f'{r:.0f}', f'{100 * r / d:.0f} %'
                 errors += sum(R[(rps, t)].errors.values())
-            lines.append(f'| {model} | {label} | {t} | {1000 * pctl(v, 0.5):.3f} | {add} | {rate} | {pct} | {errors} |')
+                s = R[(rps, t)]
+                cpu = cpu_per(rps, t, 'rps') if t != 'direct' else f'(app {1e6 * s.app_cpu_s / s.units["rps"]:.0f})'
+                busy = f'{100 * med(s.busy):.0f} %'
+            row = f'| {model} | {label} | {t} | {1000 * pctl(v, 0.5):.3f} | {add} | {rate} | {pct} | {cpu} | {busy} |'
+            lines.append(row + f' {errors} |')
     lines += [
         '',
         f'**Real llama-server, streams** (`-np {SLOTS}`; {args.real_tokens} tokens each; tokens/s = content chunks/s)',

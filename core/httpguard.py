@@ -233,8 +233,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         cycle.response_complete = True
         if not cycle.keep_alive:  # the server is shutting down
             self.transport.close()
-        else:
-            self.on_response_complete()
+        self.on_response_complete()  # (counted, as uvicorn counts every answer; then the next request, if open)
 
     def lane_hand_back(self, scope: Scope, body: bytes) -> bool:
         """Serve a held request the ASGI way: the cycle uvicorn would have made at its headers, body complete.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ROOT, AppProcess, start_app, stop_process
+from tests.conftest import ROOT, AppProcess, start_app, stop_process, wait_for
 
 
 def test_help_describes_every_flag() -> None:
@@ -31,6 +31,16 @@ def test_health_and_home_page(app_process: AppProcess) -> None:
         assert label in home.text
     for path in ('/models', '/activity', '/monitoring', '/logs', '/settings', '/chat'):
         assert httpx.get(f'{app_process.base_url}{path}').status_code == 200
+
+
+async def test_the_objects_built_at_startup_are_frozen_out_of_full_collections(app_process: AppProcess) -> None:
+    # main.py freezes them once the System has started (a full pass over them stopped the loop for ~0.1 s).
+    async with httpx.AsyncClient(base_url=app_process.base_url) as c:
+
+        async def frozen() -> bool:
+            return (await c.get('/api/health/runtime')).json()['gc_frozen_objects'] > 50_000
+
+        await wait_for(frozen, 30, interval=0.2)
 
 
 def test_config_api_round_trip(app_process: AppProcess) -> None:

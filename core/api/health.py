@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -46,6 +47,9 @@ class Runtime(BaseModel):
     asyncio_tasks: int = Field(description='Tasks on the event loop: one per request in flight, plus the services')
     children: int = Field(description='Running child processes (llama-servers)')
     event_subscribers: int = Field(description='Subscriptions to core events: pages, /api/events clients, services')
+    gc_frozen_objects: int = Field(
+        description="Objects built at startup and left out of the garbage collector's full passes (main.py)"
+    )
     disk_bytes: DiskBytes
 
 
@@ -54,4 +58,9 @@ async def runtime(system: System = Depends(get_system)) -> dict[str, Any]:
     """What the app process holds now; each should stay flat while it runs (see `bench/soak.py`)."""
     tasks = len(asyncio.all_tasks())  # on the loop, before the thread below adds its own work
     figures = await asyncio.to_thread(process_figures, system.data_dir)
-    return {**figures, 'asyncio_tasks': tasks, 'event_subscribers': system.bus.subscriber_count}
+    return {
+        **figures,
+        'asyncio_tasks': tasks,
+        'event_subscribers': system.bus.subscriber_count,
+        'gc_frozen_objects': gc.get_freeze_count(),
+    }
