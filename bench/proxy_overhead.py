@@ -600,14 +600,15 @@ def quick_summary(bench: Bench, steps: list[str], targets: list[str]) -> str:
                 added = f' added {1000 * (pctl(v, 0.5) - pctl(d, 0.5)):+.3f} ms'
                 if s.values['round_p50']:
                     added += f' (paired {1000 * paired(bench.results, test, t):+.3f})'
-            cpu = f' CPU {1e6 * s.cpu_s[test] / s.units[key]:.0f} us' if s.units[key] and t != 'direct' else ''
+            unit = 'chunks' if key == 'chunks_per_s' else key
+            cpu = f' CPU {1e6 * s.cpu_s[test] / s.units[unit]:.0f} us' if s.units[unit] and t != 'direct' else ''
             if key in ('rps', 'chunks_per_s'):
                 fig = f'{med(v):.0f}/s ({med(v) / med(d):.0%})'
             else:
                 fig = f'p50 {1000 * pctl(v, 0.5):.3f} ms'
             busy = f' machine busy {med(s.busy):.0%}' if s.busy else ''
-            if t == 'direct' and s.units[key]:
-                busy += f' (app CPU on the side {1e6 * s.app_cpu_s / s.units[key]:.0f} us)'
+            if t == 'direct' and s.units[unit]:
+                busy += f' (app CPU on the side {1e6 * s.app_cpu_s / s.units[unit]:.0f} us)'
             out.append(f'{test:10} {t:6} {fig}{added}{cpu}{busy} errors {sum(s.errors.values())}')
     return '\n'.join(out)
 

@@ -60,6 +60,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._held_body: list[bytes] = []
         self._lane: LaneRequest | None = None  # the lane's request in flight on this connection
         self._lane_cycle: _LaneCycle | None = None
+        self._lane_head = b''  # a streamed answer's head, written with its first piece
         self._last_request = False  # a graceful shutdown came while a held body was arriving: answer it, then close
         self._timer: asyncio.TimerHandle | None = None
         self._in_headers = True  # from a request's first byte (or the connection) to its headers' end
@@ -219,17 +220,61 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def lane_reply(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """The lane's whole answer, as uvicorn would have written it; then the next request, as after any."""
-        cycle, self._lane = self._lane_cycle, None
+        cycle = self._lane_cycle
         if cycle is None or cycle.response_complete or self.transport.is_closing():
+            self._lane = None
             return
+        out = self._head(status, headers, cycle)
+        out += (b'content-length: %d\r\n\r\n' % len(body), body)
+        self.transport.write(b''.join(out))
+        self._lane_done(cycle)
+
+    def lane_start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """The head of a streamed answer: chunked, as uvicorn writes one with no length, and like uvicorn written
+        with the first piece of the body (one write less, and the client's first event comes with it)."""
+        cycle = self._lane_cycle
+        if cycle is None or cycle.response_complete:
+            return
+        out = self._head(status, headers, cycle)
+        out.append(b'transfer-encoding: chunked\r\n\r\n')
+        self._lane_head = b''.join(out)
+
+    def lane_chunk(self, data: bytes, last: bool) -> None:
+        """A piece of the streamed answer; `last` ends it (then the next request, as after any)."""
+        cycle = self._lane_cycle
+        if cycle is None or cycle.response_complete or self.transport.is_closing():
+            if last:
+                self._lane = None
+            return
+        out = [b'%x\r\n' % len(data), data, b'\r\n'] if data else []
+        if self._lane_head:
+            out.insert(0, self._lane_head)
+            self._lane_head = b''
+        if last:
+            out.append(b'0\r\n\r\n')
+        self.transport.write(b''.join(out))
+        if last:
+            self._lane_done(cycle)
+
+    @property
+    def writable(self) -> bool:
+        return not self.flow.write_paused
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._lane is not None:
+            self._lane.writable()
+
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]], cycle: _LaneCycle) -> list[bytes]:
         out = [STATUS_LINE[status]]
         for name, value in (*self.server_state.default_headers, *headers):
             out += (name, b': ', value, b'\r\n')
-        out.append(b'content-length: %d\r\n' % len(body))
         if not cycle.keep_alive:
             out.append(b'connection: close\r\n')
-        out += (b'\r\n', body)
-        self.transport.write(b''.join(out))
+        return out
+
+    def _lane_done(self, cycle: _LaneCycle) -> None:
+        self._lane = None
         cycle.response_complete = True
         if not cycle.keep_alive:  # the server is shutting down
             self.transport.close()

@@ -248,12 +248,12 @@ async def test_events_and_stats(served: Served) -> None:
 
 def test_time_to_first_token_skips_progress_events_only() -> None:
     # A network read may hold progress events and the first token together; that read is the first token.
-    from core.proxy.service import _has_output
+    from core.proxy.service import has_output
 
     progress = b'data: {"prompt_progress":{"total":90,"cache":0,"processed":64,"time_ms":3.1}}\n\n'
     token = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}],"object":"chat.completion.chunk"}\n\n'
-    assert not _has_output(progress) and not _has_output(progress * 3)
-    assert _has_output(token) and _has_output(progress * 2 + token)
+    assert not has_output(progress) and not has_output(progress * 3)
+    assert has_output(token) and has_output(progress * 2 + token)
 
 
 def test_token_counts_are_read_from_the_tail_of_a_json_reply() -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from core.proxy.upstream import _Connection
+from core.proxy.upstream import Unreachable, _Connection
 from tests.conftest import SLOW_MODEL, wait_for
 from tests.proxy_helpers import Served, serve, slot_busy
 from tests.supervisor_helpers import direct
+from tests.test_proxy_disconnect import CANCELLED_WITHIN_S, idle_within
 
 A = 'tiny-llama'
 ORIGIN = 'http://app.example'
@@ -88,6 +91,83 @@ async def test_plain_requests_take_the_lane_and_get_llama_servers_answer(served:
     assert served.system.scheduler.describe(A)['inflight'] == 0  # every lease given back
 
 
+async def stream_lines(c: httpx.AsyncClient, body: dict[str, Any], **kw: Any) -> tuple[httpx.Response, list[str]]:
+    async with c.stream('POST', '/v1/chat/completions', json=body, **kw) as r:
+        return r, [line async for line in r.aiter_lines() if line.startswith('data: ')]
+
+
+def tokens(lines: list[str]) -> str:
+    out = []
+    for line in lines:
+        if line != 'data: [DONE]':
+            for choice in json.loads(line[6:]).get('choices') or []:
+                out.append((choice.get('delta') or {}).get('content') or '')
+    return ''.join(out)
+
+
+async def test_a_stream_takes_the_lane_and_is_passed_on_as_it_comes(served: Served) -> None:
+    lane = served.system.fast_lane
+    body = {**CHAT, 'stream': True, 'stream_options': {'include_usage': True}}
+    async with served.client() as c:
+        await warm(served, c)
+        before = lane.taken
+        # The first on the pooled connection; llama-server closes a stream's, so the second on a new one.
+        first, first_lines = await stream_lines(c, body, headers={'origin': ORIGIN})
+        second, second_lines = await stream_lines(c, body)
+        assert lane.taken == before + 2
+        recorded = await rows(c, 2)
+    async with direct(served.upstream(A)) as own:
+        async with own.stream('POST', '/v1/chat/completions', json={**body, 'model': None}) as r:
+            own_lines = [line async for line in r.aiter_lines() if line.startswith('data: ')]
+    for r, lines in ((first, first_lines), (second, second_lines)):
+        assert r.status_code == 200
+        assert r.headers['content-type'].startswith('text/event-stream')
+        assert r.headers['transfer-encoding'] == 'chunked' and 'content-length' not in r.headers
+        assert r.headers['cache-control'] == 'no-cache' and r.headers['x-accel-buffering'] == 'no'
+        assert lines[-1] == 'data: [DONE]'
+        assert tokens(lines) == tokens(own_lines) and tokens(lines)  # llama-server's tokens, all of them
+    assert first.headers['access-control-allow-origin'] == ORIGIN
+    for row in recorded:
+        assert row['model'] == A and row['status'] == 200 and row['stream']
+        assert row['completion_tokens'] == 4 and row['ttft_s'] > 0
+    assert served.system.scheduler.describe(A)['inflight'] == 0
+
+
+async def test_a_stream_whose_new_connection_is_turned_away_is_sent_the_usual_way(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # llama-server closes a new connection unanswered while all its HTTP threads are busy: the ASGI path has the
+    # retries for that, so the lane hands such a stream to it, its record carried over.
+    pool = served.system.proxy._client()
+    body = {**CHAT, 'stream': True}
+    async with served.client() as c:
+        await warm(served, c)
+        count = len(await rows(c, 50))
+
+        async def turned_away(*args: Any) -> Any:
+            raise Unreachable('upstream closed the connection before answering (EOF)')
+
+        monkeypatch.setattr(pool, 'send_now', lambda *args: None)  # no idle connection: a new one is needed
+        monkeypatch.setattr(pool, 'send_fresh', turned_away)
+        taken = served.system.fast_lane.taken
+        r, lines = await stream_lines(c, body)
+        assert served.system.fast_lane.taken == taken + 1
+        recorded = await rows(c, 50)
+    assert r.status_code == 200 and lines[-1] == 'data: [DONE]' and tokens(lines)
+    assert len(recorded) == count + 1 and recorded[0]['status'] == 200 and recorded[0]['stream']
+
+
+async def test_a_stream_request_llama_server_refuses_is_answered_whole(served: Served) -> None:
+    async with served.client() as c:
+        await warm(served, c)
+        taken = served.system.fast_lane.taken
+        r = await c.post('/v1/chat/completions', json={**CHAT, 'stream': True, 'messages': 'not a list'})
+        assert served.system.fast_lane.taken == taken + 1
+    assert r.status_code == 400 and r.headers['content-type'].startswith('application/json')
+    assert r.json()['error']['message']
+    assert int(r.headers['content-length']) == len(r.content)
+
+
 async def test_what_the_lane_does_not_take_is_answered_the_usual_way(served: Served) -> None:
     lane = served.system.fast_lane
     async with served.client() as c:
@@ -96,9 +176,6 @@ async def test_what_the_lane_does_not_take_is_answered_the_usual_way(served: Ser
         unknown = await c.post('/v1/chat/completions', json={**CHAT, 'model': 'no-such-model'})
         json_type = {'content-type': 'application/json'}
         broken = await c.post('/v1/chat/completions', content=b'{"model": ', headers=json_type)
-        async with c.stream('POST', '/v1/chat/completions', json={**CHAT, 'stream': True}) as r:
-            assert r.status_code == 200 and r.headers['content-type'].startswith('text/event-stream')
-            assert [line async for line in r.aiter_lines() if line.startswith('data: ')][-1] == 'data: [DONE]'
         unbounded = await c.post('/v1/chat/completions', json={**CHAT, 'max_tokens': None})  # assembled
         assert lane.taken == before
     assert unknown.status_code == 404 and unknown.json()['error']['code'] == 'model_not_found'
@@ -292,3 +369,101 @@ async def test_a_shutdown_lets_a_request_whose_body_is_arriving_finish(served: S
         assert answer['error']['code'] == 'model_not_found'
     assert await reader.read() == b''  # then closed
     writer.close()
+
+
+# ---- streams in the lane: a client that leaves, an upstream that dies, an operator's cancel, a slow reader -----
+LONG = {'model': SLOW, 'prompt': 'hi', 'max_tokens': 12000, 'ignore_eos': True, 'stream': True}
+
+
+async def test_a_client_leaving_a_stream_in_the_lane_stops_llama_server(slow: Served) -> None:
+    async with slow.client() as c:
+        await warm(slow, c, SLOW)
+        taken = slow.system.fast_lane.taken
+        async with c.stream('POST', '/v1/completions', json=LONG) as r:
+            assert r.status_code == 200 and slow.system.fast_lane.taken == taken + 1
+            tokens = 0
+            async for line in r.aiter_lines():
+                tokens += line.startswith('data: ') and '"prompt_progress"' not in line
+                if tokens >= 5:
+                    break  # generating: leaving the block closes the connection mid-stream
+        await idle_within(slow, CANCELLED_WITHIN_S)
+        row = (await rows(c, 1))[0]
+    assert row['status'] == 499 and row['error'] == 'client disconnected' and row['ttft_s'] is not None
+    assert row['stream'] and slow.system.scheduler.describe(SLOW)['inflight'] == 0
+
+
+async def test_an_upstream_dying_under_a_stream_in_the_lane_ends_it_with_an_error_event(slow: Served) -> None:
+    async with slow.client() as c:
+        await warm(slow, c, SLOW)
+        taken = slow.system.fast_lane.taken
+        lines: list[str] = []
+        async with c.stream('POST', '/v1/completions', json=LONG) as r:
+            assert slow.system.fast_lane.taken == taken + 1
+            killed = False
+            async for line in r.aiter_lines():
+                lines.append(line)
+                if not killed and '"text":"' in line:
+                    os.kill(slow.upstream(SLOW).pid, signal.SIGKILL)
+                    killed = True
+        row = (await rows(c, 1))[0]
+    events = [line for line in lines if line]
+    assert events[-2] == 'event: error' and events[-1].startswith('data: {"error"')
+    assert 'data: [DONE]' not in lines
+    assert row['status'] == 502 and 'connection lost' in row['error']
+
+
+async def test_an_operator_cancel_of_a_stream_in_the_lane_ends_it_with_an_error_event(slow: Served) -> None:
+    async with slow.client() as c, slow.client() as admin:
+        await warm(slow, c, SLOW)
+        taken = slow.system.fast_lane.taken
+        async with c.stream('POST', '/v1/completions', json=LONG) as r:
+            assert slow.system.fast_lane.taken == taken + 1
+            inflight = (await admin.get('/api/requests/inflight')).json()['requests']
+            assert (await admin.post(f'/api/requests/{inflight[0]["id"]}/cancel')).status_code == 200
+            lines = [line async for line in r.aiter_lines() if line]
+        assert lines[-2] == 'event: error' and '"cancelled"' in lines[-1]
+        await idle_within(slow, CANCELLED_WITHIN_S)
+        row = (await rows(c, 1))[0]
+    assert row['status'] == 499 and 'cancelled' in row['error']
+    assert slow.system.scheduler.describe(SLOW)['inflight'] == 0
+
+
+async def test_a_client_slow_to_read_a_stream_gets_all_of_it(served: Served) -> None:
+    # A client that stops reading: once its connection's buffers are full the lane stops passing events on (they
+    # wait, and past a bound llama-server's socket is paused); when it reads again it gets every one.
+    async with served.client() as c:
+        await warm(served, c)
+    host, port = served.base_url.removeprefix('http://').split(':')
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    # Small buffers on the app's side of it too (a slow network), so that a few hundred events fill them.
+    here = sock.getsockname()
+    proto = await wait_for(
+        lambda: next((p for p in served.server.server_state.connections if p.client == here), None), 10
+    )
+    proto.transport.get_extra_info('socket').setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    proto.transport.set_write_buffer_limits(high=8192)
+    n = 900
+    body = json.dumps({'model': A, 'prompt': 'hi', 'max_tokens': n, 'ignore_eos': True, 'stream': True}).encode()
+    head = f'POST /v1/completions HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n'
+    writer.write(head.encode() + b'content-length: %d\r\n\r\n' % len(body) + body)
+    await writer.drain()
+
+    def held_back() -> bool:  # llama-server has sent all of it; the lane holds what the client has not taken
+        lane = proto._lane
+        resp = lane.resp if lane is not None else None
+        return proto.flow.write_paused and resp is not None and resp.complete and bool(resp._chunks)
+
+    await wait_for(held_back, 30, interval=0.01)
+    data = b''
+    while not data.endswith(b'0\r\n\r\n'):  # (nothing wakes the lane but the client's reading now)
+        data += await asyncio.wait_for(reader.read(65536), 10)
+    writer.close()
+    events = [line for line in data.split(b'\n') if line.startswith(b'data: ')]
+    assert events[-1] == b'data: [DONE]'
+    assert sum(b'"text":"' in e for e in events) >= n - 1  # every token (the last event may carry none)
+    async with served.client() as c:
+        row = (await rows(c, 1))[0]
+    assert row['status'] == 200 and row['completion_tokens'] == n

@@ -594,7 +594,7 @@ class Proxy:
         waiting_first = is_sse
         first_s = 0.0
         while chunk := await resp.chunk():
-            if waiting_first and _has_output(chunk):
+            if waiting_first and has_output(chunk):
                 rec.mark_first_token()
                 waiting_first = False
             if not n:
@@ -905,7 +905,7 @@ def _remote_card(remote: Remote, model: Any) -> dict[str, Any]:
     }
 
 
-def _has_output(sse: bytes) -> bool:
+def has_output(sse: bytes) -> bool:
     """Whether these SSE bytes hold an event other than llama-server's prompt-processing progress."""
     return sse.count(b'data:') > sse.count(b'"prompt_progress"')
 

@@ -396,6 +396,15 @@ class UpstreamClient:
         conn.max_idle = max_idle
         return conn.send(request_head('POST', target, f'{host}:{port}', headers, len(body)), body, False)
 
+    async def send_fresh(
+        self, host: str, port: int, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes, max_idle: int
+    ) -> Response:
+        """`send_now` on a new connection: the response is read through its `on_wake`. Raises Unreachable when
+        the connect fails; a connection closed unanswered shows as an `Unreachable` error on the response."""
+        conn = await self._connect((host, port, None), self.connect_timeout)
+        conn.max_idle = max_idle
+        return conn.send(request_head('POST', target, f'{host}:{port}', headers, len(body)), body, False)
+
     async def _connect(self, key: _Key, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
         host, port, tls = key
