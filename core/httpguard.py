@@ -60,7 +60,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._held_body: list[bytes] = []
         self._lane: LaneRequest | None = None  # the lane's request in flight on this connection
         self._lane_cycle: _LaneCycle | None = None
-        self._lane_head = b''  # a streamed answer's head, written with its first piece
+        self._lane_head: tuple[int, list[tuple[bytes, bytes]]] | None = None  # a stream's, until its first piece
+        self._handed: RequestResponseCycle | None = None  # a handed-back request queued behind a pipelined one
         self._last_request = False  # a graceful shutdown came while a held body was arriving: answer it, then close
         self._timer: asyncio.TimerHandle | None = None
         self._in_headers = True  # from a request's first byte (or the connection) to its headers' end
@@ -92,6 +93,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         lane, self._lane = self._lane, None
         if lane is not None:
             lane.client_gone()
+        handed, self._handed = self._handed, None
+        if handed is not None and handed is not self.cycle:  # (uvicorn tells only `self.cycle`)
+            if not handed.response_complete:
+                handed.disconnected = True
+            handed.message_event.set()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -230,14 +236,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._lane_done(cycle)
 
     def lane_start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """The head of a streamed answer: chunked, as uvicorn writes one with no length, and like uvicorn written
-        with the first piece of the body (one write less, and the client's first event comes with it)."""
-        cycle = self._lane_cycle
-        if cycle is None or cycle.response_complete:
-            return
-        out = self._head(status, headers, cycle)
-        out.append(b'transfer-encoding: chunked\r\n\r\n')
-        self._lane_head = b''.join(out)
+        """The head of a streamed answer: chunked, as uvicorn writes one with no length; written with the first
+        piece of the body (one write less, and the client's first event comes with it)."""
+        self._lane_head = (status, headers)
 
     def lane_chunk(self, data: bytes, last: bool) -> None:
         """A piece of the streamed answer; `last` ends it (then the next request, as after any)."""
@@ -247,9 +248,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self._lane = None
             return
         out = [b'%x\r\n' % len(data), data, b'\r\n'] if data else []
-        if self._lane_head:
-            out.insert(0, self._lane_head)
-            self._lane_head = b''
+        if self._lane_head is not None:  # (its keep-alive as it is now: a shutdown may have come since)
+            head = self._head(*self._lane_head, cycle)
+            head.append(b'transfer-encoding: chunked\r\n\r\n')
+            out[:0] = head
+            self._lane_head = None
         if last:
             out.append(b'0\r\n\r\n')
         self.transport.write(b''.join(out))
@@ -302,8 +305,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         cycle.body += body
         cycle.more_body = False
         cycle.message_event.set()  # as uvicorn's own on_message_complete does: receive() returns the body
-        if self.cycle is lane_cycle:  # (else a pipelined request came since; it waits for this one)
+        if self.cycle is lane_cycle:
             self.cycle = cycle
+        else:  # a pipelined request came since, and waits for this one: a disconnect is told to both
+            self._handed = cycle
         self._start_asgi_task(cycle, self.app)
         return True
 

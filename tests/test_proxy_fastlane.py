@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from core.proxy.upstream import Unreachable, _Connection
+from core.proxy import upstream
+from core.proxy.upstream import Response, Unreachable, _Connection
 from tests.conftest import SLOW_MODEL, wait_for
 from tests.proxy_helpers import Served, serve, slot_busy
 from tests.supervisor_helpers import direct
@@ -111,10 +112,14 @@ async def test_a_stream_takes_the_lane_and_is_passed_on_as_it_comes(served: Serv
     async with served.client() as c:
         await warm(served, c)
         before = lane.taken
+        pool = served.system.proxy._client()
+        fresh = []
+        send_fresh = pool.send_fresh
+        pool.send_fresh = lambda *args: fresh.append(args) or send_fresh(*args)  # type: ignore[method-assign]
         # The first on the pooled connection; llama-server closes a stream's, so the second on a new one.
         first, first_lines = await stream_lines(c, body, headers={'origin': ORIGIN})
         second, second_lines = await stream_lines(c, body)
-        assert lane.taken == before + 2
+        assert lane.taken == before + 2 and len(fresh) == 1
         recorded = await rows(c, 2)
     async with direct(served.upstream(A)) as own:
         async with own.stream('POST', '/v1/chat/completions', json={**body, 'model': None}) as r:
@@ -155,6 +160,63 @@ async def test_a_stream_whose_new_connection_is_turned_away_is_sent_the_usual_wa
         recorded = await rows(c, 50)
     assert r.status_code == 200 and lines[-1] == 'data: [DONE]' and tokens(lines)
     assert len(recorded) == count + 1 and recorded[0]['status'] == 200 and recorded[0]['stream']
+
+
+async def test_a_stream_whose_new_connection_is_closed_unanswered_is_sent_the_usual_way(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same, the way llama-server does it: the connection is accepted, then closed before a byte of answer.
+    pool = served.system.proxy._client()
+    closed = 0
+
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal closed
+        closed += 1
+        writer.close()
+
+    busy = await asyncio.start_server(close_at_once, '127.0.0.1', 0)
+    busy_port = busy.sockets[0].getsockname()[1]
+    send_fresh = pool.send_fresh
+    async with served.client() as c:
+        await warm(served, c)
+        monkeypatch.setattr(pool, 'send_now', lambda *args: None)
+        monkeypatch.setattr(pool, 'send_fresh', lambda host, port, *rest: send_fresh(host, busy_port, *rest))
+        taken = served.system.fast_lane.taken
+        r, lines = await stream_lines(c, {**CHAT, 'stream': True})
+        assert served.system.fast_lane.taken == taken + 1 and closed == 1
+    busy.close()
+    assert r.status_code == 200 and lines[-1] == 'data: [DONE]' and tokens(lines)
+    assert served.system.scheduler.describe(A)['inflight'] == 0
+
+
+async def test_a_request_pipelined_behind_a_stream_is_answered_after_it(served: Served) -> None:
+    async with served.client() as c:
+        await warm(served, c)
+    host, port = served.base_url.removeprefix('http://').split(':')
+    raw = b''
+    for body in ({**CHAT, 'stream': True}, {'model': A, 'input': 'hello'}):
+        path = '/v1/chat/completions' if 'messages' in body else '/v1/embeddings'
+        data = json.dumps(body).encode()
+        head = f'POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n'
+        raw += head.encode() + b'content-length: %d\r\n\r\n' % len(data) + data
+    taken = served.system.fast_lane.taken
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(raw)  # both in one write: the embedding waits for the stream
+    await writer.drain()
+    data = b''
+    while True:  # the stream, then the embedding's answer (perhaps in the same read)
+        data += await asyncio.wait_for(reader.read(65536), 10)
+        stream, end, rest = data.partition(b'\r\n0\r\n\r\n')
+        head, sep, tail = rest.partition(b'\r\n\r\n')
+        if end and sep:
+            length = int(next(h for h in head.split(b'\r\n') if h.lower().startswith(b'content-length:'))[15:])
+            if len(tail) >= length:
+                break
+    writer.close()
+    status, answer = head.split(b'\r\n')[0], json.loads(tail[:length])
+    assert stream.startswith(b'HTTP/1.1 200 ') and b'data: [DONE]' in stream
+    assert status.startswith(b'HTTP/1.1 200 ') and answer['data'][0]['embedding']
+    assert served.system.fast_lane.taken >= taken + 1  # the stream, at least (the embedding may go either way)
 
 
 async def test_a_stream_request_llama_server_refuses_is_answered_whole(served: Served) -> None:
@@ -410,6 +472,7 @@ async def test_an_upstream_dying_under_a_stream_in_the_lane_ends_it_with_an_erro
     assert events[-2] == 'event: error' and events[-1].startswith('data: {"error"')
     assert 'data: [DONE]' not in lines
     assert row['status'] == 502 and 'connection lost' in row['error']
+    assert slow.system.scheduler.describe(SLOW)['inflight'] == 0
 
 
 async def test_an_operator_cancel_of_a_stream_in_the_lane_ends_it_with_an_error_event(slow: Served) -> None:
@@ -428,38 +491,50 @@ async def test_an_operator_cancel_of_a_stream_in_the_lane_ends_it_with_an_error_
     assert slow.system.scheduler.describe(SLOW)['inflight'] == 0
 
 
-async def test_a_client_slow_to_read_a_stream_gets_all_of_it(served: Served) -> None:
-    # A client that stops reading: once its connection's buffers are full the lane stops passing events on (they
-    # wait, and past a bound llama-server's socket is paused); when it reads again it gets every one.
-    async with served.client() as c:
-        await warm(served, c)
-    host, port = served.base_url.removeprefix('http://').split(':')
+async def slow_reader(s: Served, body: dict[str, Any]) -> tuple[Any, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client with small socket buffers (the app's side of its connection too, a slow network: a few hundred
+    events fill them) that has sent a stream request and reads nothing yet; with the app's protocol for it."""
+    host, port = s.base_url.removeprefix('http://').split(':')
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((host, int(port)))
     reader, writer = await asyncio.open_connection(sock=sock)
-    # Small buffers on the app's side of it too (a slow network), so that a few hundred events fill them.
     here = sock.getsockname()
-    proto = await wait_for(
-        lambda: next((p for p in served.server.server_state.connections if p.client == here), None), 10
-    )
+    proto = await wait_for(lambda: next((p for p in s.server.server_state.connections if p.client == here), None), 10)
     proto.transport.get_extra_info('socket').setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     proto.transport.set_write_buffer_limits(high=8192)
-    n = 900
-    body = json.dumps({'model': A, 'prompt': 'hi', 'max_tokens': n, 'ignore_eos': True, 'stream': True}).encode()
+    raw = json.dumps(body).encode()
     head = f'POST /v1/completions HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n'
-    writer.write(head.encode() + b'content-length: %d\r\n\r\n' % len(body) + body)
+    writer.write(head.encode() + b'content-length: %d\r\n\r\n' % len(raw) + raw)
     await writer.drain()
+    return proto, reader, writer
 
-    def held_back() -> bool:  # llama-server has sent all of it; the lane holds what the client has not taken
-        lane = proto._lane
-        resp = lane.resp if lane is not None else None
-        return proto.flow.write_paused and resp is not None and resp.complete and bool(resp._chunks)
 
-    await wait_for(held_back, 30, interval=0.01)
+async def read_chunked(reader: asyncio.StreamReader) -> bytes:
     data = b''
-    while not data.endswith(b'0\r\n\r\n'):  # (nothing wakes the lane but the client's reading now)
+    while not data.endswith(b'0\r\n\r\n'):
         data += await asyncio.wait_for(reader.read(65536), 10)
+    return data
+
+
+def waiting(proto: Any) -> Response | None:
+    """The lane's upstream response on this connection while the client is not reading and events wait for it."""
+    lane = proto._lane
+    resp = lane.resp if lane is not None else None
+    return resp if proto.flow.write_paused and resp is not None and resp.unread else None
+
+
+async def test_a_client_slow_to_read_a_stream_gets_all_of_it(served: Served) -> None:
+    # Once its connection's buffers are full the lane stops passing events on; here llama-server sends them all
+    # meanwhile, so nothing but the client's reading again wakes the lane.
+    async with served.client() as c:
+        await warm(served, c)
+    n = 900
+    proto, reader, writer = await slow_reader(
+        served, {'model': A, 'prompt': 'hi', 'max_tokens': n, 'stream': True, 'ignore_eos': True}
+    )
+    await wait_for(lambda: (resp := waiting(proto)) is not None and resp.complete, 30, interval=0.01)
+    data = await read_chunked(reader)
     writer.close()
     events = [line for line in data.split(b'\n') if line.startswith(b'data: ')]
     assert events[-1] == b'data: [DONE]'
@@ -467,3 +542,40 @@ async def test_a_client_slow_to_read_a_stream_gets_all_of_it(served: Served) -> 
     async with served.client() as c:
         row = (await rows(c, 1))[0]
     assert row['status'] == 200 and row['completion_tokens'] == n
+
+
+async def test_a_stream_the_client_does_not_read_pauses_llama_server(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past HIGH_WATER unread bytes the upstream socket is paused (llama-server then waits); reading resumes it.
+    monkeypatch.setattr(upstream, 'HIGH_WATER', 16384)
+    async with served.client() as c:
+        await warm(served, c)
+    n = 900
+    proto, reader, writer = await slow_reader(
+        served, {'model': A, 'prompt': 'hi', 'max_tokens': n, 'stream': True, 'ignore_eos': True}
+    )
+    resp = await wait_for(lambda: waiting(proto), 30, interval=0.01)
+    await wait_for(lambda: resp._conn.paused, 30, interval=0.01)
+    assert not resp.complete
+    data = await read_chunked(reader)
+    writer.close()
+    events = [line for line in data.split(b'\n') if line.startswith(b'data: ')]
+    assert events[-1] == b'data: [DONE]' and sum(b'"text":"' in e for e in events) >= n - 1
+
+
+async def test_events_waiting_for_a_slow_client_reach_it_before_the_error(slow: Served) -> None:
+    # llama-server dies while the client is not reading: it still gets what came before, then the error event.
+    async with slow.client() as c:
+        await warm(slow, c, SLOW)
+    proto, reader, writer = await slow_reader(slow, {**LONG, 'timings_per_token': True})  # (events all differ)
+    resp = await wait_for(lambda: waiting(proto), 30, interval=0.01)
+    pending = b''.join(resp._chunks)
+    assert b'"predicted_n":' in pending.split(b'\n\n')[0]
+    os.kill(slow.upstream(SLOW).pid, signal.SIGKILL)
+    await wait_for(lambda: resp.error is not None, 10, interval=0.005)  # the lane has seen the loss
+    data = await read_chunked(reader)
+    writer.close()
+    assert pending and pending.split(b'\n\n')[0] in data  # (pieces of it, as they were framed when written)
+    events = [line for line in data.split(b'\n') if line]
+    assert b'event: error' in events and b'data: [DONE]' not in events

@@ -223,11 +223,13 @@ class LaneRequest:
         try:
             resp = await sent
         except Unreachable:  # llama-server turned the new connection away (all its HTTP threads busy): the ASGI
-            self._hand_back()  # path tries again, as it does for its own
+            if not self._ended:  # path tries again, as it does for its own (unless a cancel came meanwhile)
+                self._hand_back()
             return
         except Exception as exc:
-            log.error('fast lane: connecting for %s failed', self.rec.model, exc_info=exc)
-            self._fail(ProxyError(500, f'internal error: {exc}', 'internal_error', 'internal_error'))
+            if not self._ended:
+                log.error('fast lane: connecting for %s failed', self.rec.model, exc_info=exc)
+                self._fail(ProxyError(500, f'internal error: {exc}', 'internal_error', 'internal_error'))
             return
         if self._ended:
             resp.abort()
@@ -264,6 +266,10 @@ class LaneRequest:
             return
         try:
             error = resp.error
+            if error is not None and self.streaming and resp.unread:  # what came before the loss is the client's
+                if not self.conn.writable:
+                    return
+                self.conn.lane_chunk(self._took(resp.take()), last=False)
             if error is not None:
                 resp.abort()
                 if isinstance(error, Unreachable):  # not taken by the server: the ASGI path sends it again
@@ -305,15 +311,7 @@ class LaneRequest:
             self.conn.lane_start(resp.status, self._with_extra(headers + SSE_HEADERS))
         if not self.conn.writable:  # (`writable()` brings it back here)
             return
-        chunk = resp.take()
-        if chunk:
-            if self.waiting_first and has_output(chunk):
-                rec.mark_first_token()
-                self.waiting_first = False
-            if not self.n:
-                self.first_s = time.perf_counter() - rec.t0
-            self.tail.append(chunk)
-            self.n += 1
+        chunk = self._took(resp.take())
         if resp.complete:
             resp.release()
             self.conn.lane_chunk(chunk, last=True)
@@ -322,6 +320,18 @@ class LaneRequest:
             self._end()
         elif chunk:
             self.conn.lane_chunk(chunk, last=False)
+
+    def _took(self, chunk: bytes) -> bytes:
+        """A piece of the stream, counted: the first token dated, the last pieces kept."""
+        if chunk:
+            if self.waiting_first and has_output(chunk):
+                self.rec.mark_first_token()
+                self.waiting_first = False
+            if not self.n:
+                self.first_s = time.perf_counter() - self.rec.t0
+            self.tail.append(chunk)
+            self.n += 1
+        return chunk
 
     def _fail(self, err: ProxyError, status: int | None = None, reason: str | None = None) -> None:
         """Answer `err` (mid-stream: as a last `error` event, as the ASGI path does); recorded as it (or as
@@ -344,8 +354,9 @@ class LaneRequest:
     def _abort(self) -> None:
         if self.resp is not None:
             self.resp.abort()
-        if self._opening is not None and not self._opening.done():
-            self._opening.cancel()
+        opening = self._opening
+        if opening is not None and not opening.done() and opening is not asyncio.current_task():
+            opening.cancel()
 
     def _hand_back(self) -> None:
         self._release()

@@ -162,6 +162,11 @@ class Response:
         return self._done
 
     @property
+    def unread(self) -> bool:
+        """Body bytes arrived that `take()` or `chunk()` has not returned yet."""
+        return bool(self._chunks)
+
+    @property
     def drained(self) -> bool:
         """The message is complete and every byte of it was read: the next `chunk()` returns b''."""
         return self._done and not self._chunks and self._error is None
