@@ -579,3 +579,38 @@ async def test_events_waiting_for_a_slow_client_reach_it_before_the_error(slow: 
     assert pending and pending.split(b'\n\n')[0] in data  # (pieces of it, as they were framed when written)
     events = [line for line in data.split(b'\n') if line]
     assert b'event: error' in events and b'data: [DONE]' not in events
+
+
+async def test_a_handed_back_stream_queued_behind_a_pipelined_request_hears_its_client_leave(
+    slow: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lane's new connection is turned away after the next request on the connection was read: the stream goes
+    # the ASGI way while uvicorn already holds that next request, and a disconnect must still reach the stream.
+    pool = slow.system.proxy._client()
+    async with slow.client() as c:
+        await warm(slow, c, SLOW)
+
+    async def turned_away(*args: Any) -> Any:
+        await asyncio.sleep(0.05)  # (the pipelined request is read meanwhile)
+        raise Unreachable('upstream closed the connection before answering (EOF)')
+
+    monkeypatch.setattr(pool, 'send_now', lambda *args: None)
+    monkeypatch.setattr(pool, 'send_fresh', turned_away)
+    host, port = slow.base_url.removeprefix('http://').split(':')
+    raw = b''
+    for body in (LONG, {'model': SLOW, 'prompt': 'x', 'max_tokens': 1}):
+        data = json.dumps(body).encode()
+        head = f'POST /v1/completions HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n'
+        raw += head.encode() + b'content-length: %d\r\n\r\n' % len(data) + data
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(raw)
+    await writer.drain()
+    got = b''
+    while got.count(b'"text":"') < 5:  # generating, the ASGI way
+        got += await asyncio.wait_for(reader.read(65536), 10)
+    writer.close()
+    monkeypatch.undo()
+    await idle_within(slow, CANCELLED_WITHIN_S)
+    async with slow.client() as c:
+        row = next(r for r in await rows(c, 5) if r['stream'])
+    assert row['status'] == 499 and row['error'] == 'client disconnected'
