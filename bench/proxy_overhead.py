@@ -541,6 +541,15 @@ machine CPU per request direct) the budget is ~320-400 us. Also from this day: t
 startup build are frozen out of the garbage collector's full passes (main.py `freeze_startup_objects`: 106 ms a pass
 with the loop stopped, 1.2 ms after; `bench/gc_pause.py`), which removes a stall, not CPU per request.
 
+Streams take the lane too (2026-12-02, later that day): each read from llama-server is passed on from the protocol
+callback as one chunk (the head with the first), held while the client is not reading, on a new connection when
+none is idle. `bench/ab_commits.sh 39eb96e 3 ttfb_c1,real_slots` (the commit before it against it, alternated): the
+scripted stream's TTFB at c=1, paired added p50, went from +1.23-1.42 ms to +0.86-0.91 ms (nginx +0.07-0.26 ms);
+real llama-server streams at c=4 were 90-92 % of direct before and 88-94 % after (nginx 86-105 % in the same
+rounds), proxy errors 1, 0, 1 before and 0, 0, 0 after. The proxy's CPU per streamed token is 46-50 us (nginx
+24-27 us, which is about what the two socket calls per token cost here); the app's own work on the side in the direct
+rounds is 6-8 us of it. So tokens/s at c=4 is held where the plain rows are: by the CPU the two cores share.
+
 Reading it: the proxy costs CPU per request (~0.15-0.2 ms at c=32, ~0.3-0.45 ms at c=1, where the app also wakes
 for each request alone) against nginx's ~0.02-0.08 ms; on this box that CPU is taken from the load client and the
 upstream, hence ~35-45 % of direct req/s at c=32. The machine's speed drifts by up to ~1.6x within minutes (direct
