@@ -61,7 +61,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._lane: LaneRequest | None = None  # the lane's request in flight on this connection
         self._lane_cycle: _LaneCycle | None = None
         self._lane_head: tuple[int, list[tuple[bytes, bytes]]] | None = None  # a stream's, until its first piece
-        self._handed: RequestResponseCycle | None = None  # a handed-back request queued behind a pipelined one
+        # The cycle still answering once a pipelined request took `self.cycle` (uvicorn tells a disconnect to
+        # `self.cycle` only, so a stream running ahead of a pipelined request would never hear its client leave).
+        self._ahead: RequestResponseCycle | None = None
         self._last_request = False  # a graceful shutdown came while a held body was arriving: answer it, then close
         self._timer: asyncio.TimerHandle | None = None
         self._in_headers = True  # from a request's first byte (or the connection) to its headers' end
@@ -93,11 +95,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         lane, self._lane = self._lane, None
         if lane is not None:
             lane.client_gone()
-        handed, self._handed = self._handed, None
-        if handed is not None and handed is not self.cycle:  # (uvicorn tells only `self.cycle`)
-            if not handed.response_complete:
-                handed.disconnected = True
-            handed.message_event.set()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead is not self.cycle and not ahead.response_complete:
+            ahead.disconnected = True
+            ahead.message_event.set()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -111,6 +112,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._flood += len(data)
             if self._flood > MAX_HEADER_BYTES:
                 self._refuse()
+
+    def on_response_complete(self) -> None:
+        if self._ahead is not None and self._ahead.response_complete:
+            self._ahead = None
+        super().on_response_complete()
 
     def _head_begins(self) -> None:
         self._in_headers, self._header_bytes, self._flood = True, 0, 0
@@ -151,7 +157,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._body_at = self.loop.time()
             self._arm(self._body_late)
             return
+        running = self.cycle
         super().on_headers_complete()
+        if running is not self.cycle and isinstance(running, RequestResponseCycle) and not running.response_complete:
+            self._ahead = running  # (the lane's stand-in is not one: the lane hears of a disconnect itself)
         if self.cycle is not None and self.cycle.scope is self.scope and not self.transport.is_closing():
             if _has_body(self.scope['headers']):
                 self._body_at = self.loop.time()
@@ -307,8 +316,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         cycle.message_event.set()  # as uvicorn's own on_message_complete does: receive() returns the body
         if self.cycle is lane_cycle:
             self.cycle = cycle
-        else:  # a pipelined request came since, and waits for this one: a disconnect is told to both
-            self._handed = cycle
+        else:  # a pipelined request came since, and waits for this one
+            self._ahead = cycle
         self._start_asgi_task(cycle, self.app)
         return True
 

@@ -101,6 +101,7 @@ class FastLane:
         """Take the request (returning it in flight) or None: the caller serves it the ASGI way. `admits` has
         passed it."""
         proxy = self.proxy
+        t0 = time.perf_counter()
         try:
             data = jsonio.loads(body)
         except ValueError:
@@ -142,7 +143,7 @@ class FastLane:
             return None
         client = scope.get('client')
         rec = proxy.activity.begin(client[0] if client else '', scope['path'], 'POST')
-        rec.model, rec.stream = model_id, stream
+        rec.model, rec.stream, rec.t0 = model_id, stream, t0  # (its clock from here, before the send)
         proxy.activity.announce(rec)
         self.taken += 1
         return LaneRequest(self, conn, scope, body, rec, proc, sent)
