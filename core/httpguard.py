@@ -275,7 +275,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def resume_writing(self) -> None:
         super().resume_writing()
         if self._lane is not None:
-            self._lane.writable()
+            self._lane.reading_again()
 
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], cycle: _LaneCycle) -> list[bytes]:
         out = [STATUS_LINE[status]]

@@ -255,7 +255,7 @@ class LaneRequest:
         self.rec.status, self.rec.error = CLIENT_CLOSED, 'client disconnected'
         self._end()
 
-    def writable(self) -> None:
+    def reading_again(self) -> None:
         """The client reads again: pass on what llama-server sent meanwhile."""
         if self.resp is not None:
             self._on_wake()
@@ -310,7 +310,7 @@ class LaneRequest:
             rec.status = resp.status
             headers = [h for h in relayed_headers(resp.headers) if h[0] not in _STREAM_HEADER_NAMES]
             self.conn.lane_start(resp.status, self._with_extra(headers + SSE_HEADERS))
-        if not self.conn.writable:  # (`writable()` brings it back here)
+        if not self.conn.writable:  # (`reading_again()` brings it back here)
             return
         chunk = self._took(resp.take())
         if resp.complete:
