@@ -26,23 +26,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from core.frontdoor import GUARDED, RESPONSE_HEADERS, FrontDoor, Scope
 from core.proxy import jsonio
 from core.proxy.activity import CARRIED, CLIENT_CLOSED, RequestRecord
-from core.proxy.asgi import JSON, SSE_HEADERS
+from core.proxy.asgi import JSON
 from core.proxy.errors import ProxyError
 from core.proxy.routes import CHAT, PLAIN, TEXT, RouteSpec
 from core.proxy.service import (
-    TAIL_CHUNKS,
+    Tally,
     gateway_error,
-    has_output,
     record_end,
     relayed_headers,
     request_headers,
+    stream_headers,
     upstream_target,
 )
 from core.proxy.upstream import SSE, Response, Unreachable
@@ -174,9 +173,7 @@ class LaneRequest:
         '_opening',
         'body',
         'conn',
-        'first_s',
         'lane',
-        'n',
         'parts',
         'proc',
         'rec',
@@ -184,8 +181,7 @@ class LaneRequest:
         'scope',
         'sent',
         'streaming',
-        'tail',
-        'waiting_first',
+        'tally',
     )
 
     def __init__(
@@ -204,10 +200,7 @@ class LaneRequest:
         self.parts: list[bytes] = []
         self._ended = False
         self.streaming = False  # the head of an event stream was written: what follows goes out in chunks
-        self.tail: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
-        self.n = 0
-        self.first_s = 0.0
-        self.waiting_first = True
+        self.tally = Tally(rec, True)  # (used by a stream only)
         rec.task = self
         self.resp: Response | None = None
         self._opening: asyncio.Future[None] | None = None
@@ -270,7 +263,7 @@ class LaneRequest:
             if error is not None and self.streaming and resp.unread:  # what came before the loss is the client's
                 if not self.conn.writable:
                     return
-                self.conn.lane_chunk(self._took(resp.take()), last=False)
+                self.conn.lane_chunk(self.tally.took(resp.take()), last=False)
             if error is not None:
                 resp.abort()
                 if isinstance(error, Unreachable):  # not taken by the server: the ASGI path sends it again
@@ -308,31 +301,18 @@ class LaneRequest:
         if not self.streaming:
             self.streaming = True
             rec.status = resp.status
-            headers = [h for h in relayed_headers(resp.headers) if h[0] not in _STREAM_HEADER_NAMES]
-            self.conn.lane_start(resp.status, self._with_extra(headers + SSE_HEADERS))
+            headers = [h for h in stream_headers(resp.headers) if h[0] != b'content-length']  # (chunked here)
+            self.conn.lane_start(resp.status, self._with_extra(headers))
         if not self.conn.writable:  # (`reading_again()` brings it back here)
             return
-        chunk = self._took(resp.take())
+        chunk = self.tally.took(resp.take())
         if resp.complete:
             resp.release()
             self.conn.lane_chunk(chunk, last=True)
-            tail = b''.join(self.tail)
-            record_end(rec, resp.status, tail, self.n <= TAIL_CHUNKS, True, self.sent, self.first_s)
+            self.tally.end(resp.status, self.sent)
             self._end()
         elif chunk:
             self.conn.lane_chunk(chunk, last=False)
-
-    def _took(self, chunk: bytes) -> bytes:
-        """A piece of the stream, counted: the first token dated, the last pieces kept."""
-        if chunk:
-            if self.waiting_first and has_output(chunk):
-                self.rec.mark_first_token()
-                self.waiting_first = False
-            if not self.n:
-                self.first_s = time.perf_counter() - self.rec.t0
-            self.tail.append(chunk)
-            self.n += 1
-        return chunk
 
     def _fail(self, err: ProxyError, status: int | None = None, reason: str | None = None) -> None:
         """Answer `err` (mid-stream: as a last `error` event, as the ASGI path does); recorded as it (or as
@@ -380,9 +360,6 @@ class LaneRequest:
         self._release()
         self.rec.task = None
         self.lane.proxy.finish_record(self.rec)
-
-
-_STREAM_HEADER_NAMES = frozenset([b'content-length', *(name for name, _ in SSE_HEADERS)])
 
 
 def _is_stream(resp: Response) -> bool:

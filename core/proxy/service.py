@@ -582,25 +582,15 @@ class Proxy:
         )
 
     async def _pass_on(self, call: _Call, resp: Response, sent_s: float) -> None:
-        reply, rec = call.reply, call.rec
+        reply = call.reply
         is_sse = resp.content_type.startswith(b'text/event-stream')
-        headers = relayed_headers(resp.headers)
-        if is_sse:
-            headers = [h for h in headers if h[0] not in _SSE_HEADER_NAMES] + SSE_HEADERS
         if not reply.started:
-            await reply.start(resp.status, headers, sse=is_sse)
-        tail: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
-        n = 0
-        waiting_first = is_sse
-        first_s = 0.0
+            await reply.start(
+                resp.status, stream_headers(resp.headers) if is_sse else relayed_headers(resp.headers), sse=is_sse
+            )
+        tally = Tally(call.rec, is_sse)
         while chunk := await resp.chunk():
-            if waiting_first and has_output(chunk):
-                rec.mark_first_token()
-                waiting_first = False
-            if not n:
-                first_s = time.perf_counter() - rec.t0
-            tail.append(chunk)
-            n += 1
+            tally.took(chunk)
             if resp.drained:  # the last piece: it ends the reply too, one send fewer
                 break
             await reply.body(chunk)
@@ -609,7 +599,7 @@ class Proxy:
         try:
             await reply.body(chunk, more=False)
         finally:
-            record_end(rec, resp.status, b''.join(tail), n <= TAIL_CHUNKS, is_sse, sent_s, first_s)
+            tally.end(resp.status, sent_s)
 
     def _resolve(self, name: Any, also: Callable[[str], list[str]] | None = None) -> Any:
         if name is None or name == '':
@@ -719,6 +709,41 @@ async def _tell(reply: Reply, rec: RequestRecord, err: ProxyError, gone_is_recor
     except ClientGone:
         if gone_is_recorded:
             rec.status, rec.error = CLIENT_CLOSED, 'client disconnected'
+
+
+class Tally:
+    """What relaying an answer piece by piece keeps for its record: the first token's time (an event stream's
+    first event that is not prompt progress), the first piece's, the last pieces (for the token counts)."""
+
+    __slots__ = ('first_s', 'is_sse', 'n', 'rec', 'tail', 'waiting_first')
+
+    def __init__(self, rec: RequestRecord, is_sse: bool) -> None:
+        self.rec, self.is_sse = rec, is_sse
+        self.tail: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
+        self.n = 0
+        self.first_s = 0.0
+        self.waiting_first = is_sse
+
+    def took(self, chunk: bytes) -> bytes:
+        if chunk:
+            if self.waiting_first and has_output(chunk):
+                self.rec.mark_first_token()
+                self.waiting_first = False
+            if not self.n:
+                self.first_s = time.perf_counter() - self.rec.t0
+            self.tail.append(chunk)
+            self.n += 1
+        return chunk
+
+    def end(self, status: int, sent_s: float) -> None:
+        """The record's figures from what was relayed (`record_end`)."""
+        whole = self.n <= TAIL_CHUNKS
+        record_end(self.rec, status, b''.join(self.tail), whole, self.is_sse, sent_s, self.first_s)
+
+
+def stream_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An event stream's headers as the client gets them: `relayed_headers`, with ours for caching and buffering."""
+    return [h for h in relayed_headers(headers) if h[0] not in _SSE_HEADER_NAMES] + SSE_HEADERS
 
 
 def record_end(
