@@ -904,6 +904,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
             failed = httpx.get(f'{base}/api/requests', params={'status': 'error', 'limit': 5}).json()['requests']
             for row in failed:
                 print(f'proxy error: {row["status"]} {row["route"]} {row["error"]}')
+            runtime = httpx.get(f'{base}/api/health/runtime').json()
+            print(f'fast lane: {runtime["fast_lane_requests"]} requests (warm-up included)')
             return
         text = render(bench, args, names, prof, meta)
         print(text)

@@ -74,11 +74,13 @@ class EventBus:
         self._subs: list[Subscription] = []
         self._seq = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._lock = threading.Lock()
+        self._wanted: dict[str, bool] = {}  # topic -> whether a subscriber takes it (cleared as they come and go)
 
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Remember the loop so that publishes from worker threads are delivered on it."""
-        self._loop = loop
+        """Remember the loop (called on its thread) so that publishes from worker threads are delivered on it."""
+        self._loop, self._loop_thread = loop, threading.get_ident()
 
     @property
     def subscriber_count(self) -> int:
@@ -92,10 +94,21 @@ class EventBus:
         """A bounded queue of events; if it fills up the subscription is dropped instead of growing."""
         return self._add(Subscription(self, _topics(topics), None, maxsize))
 
+    def wanted(self, topic: str) -> bool:
+        """Whether any subscriber takes `topic`: a publisher can skip building an event that no one reads (a log
+        line each, several per request, with no page open)."""
+        hit = self._wanted.get(topic)
+        if hit is None:
+            with self._lock:  # (not cached from a list that a subscription changes meanwhile)
+                hit = self._wanted[topic] = any(sub.wants(topic) for sub in self._subs)
+        return hit
+
     def publish(self, topic: str, type_: str, data: dict[str, Any]) -> Event:
         event = Event(topic, type_, data, time.time(), next(self._seq))
         loop = self._loop
-        if loop is not None and not loop.is_closed() and _running_loop() is not loop:
+        # The thread, not asyncio.get_running_loop(): on Python 3.11 that is a getpid() system call, and a chat
+        # request publishes ~10 events (llama-server's log lines, the request's record).
+        if loop is not None and threading.get_ident() != self._loop_thread and not loop.is_closed():
             loop.call_soon_threadsafe(self._deliver, event)
         else:
             self._deliver(event)
@@ -125,23 +138,18 @@ class EventBus:
     def _add(self, sub: Subscription) -> Subscription:
         with self._lock:
             self._subs.append(sub)
+            self._wanted.clear()
         return sub
 
     def _remove(self, sub: Subscription) -> None:
         with self._lock:
             if sub in self._subs:
                 self._subs.remove(sub)
+            self._wanted.clear()
 
 
 def _topics(topics: Iterable[str] | None) -> frozenset[str] | None:
     return None if topics is None else frozenset(topics)
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def _log_task_error(task: asyncio.Future[Any]) -> None:

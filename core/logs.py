@@ -51,10 +51,13 @@ class LogRecord:
 _LLAMA_LEVEL = re.compile(r'^(?:\d+\.\d+\.\d+\.\d+\s+)?([DIWE])\s')
 
 
+_LETTER_LEVEL = {'D': 'debug', 'I': 'info', 'W': 'warning', 'E': 'error'}
+
+
 def llama_line_level(line: str) -> str:
     m = _LLAMA_LEVEL.match(line)
     if m:
-        return {'D': 'debug', 'I': 'info', 'W': 'warning', 'E': 'error'}[m.group(1)]
+        return _LETTER_LEVEL[m.group(1)]
     low = line.lower()
     if 'error' in low or 'failed' in low or 'exception' in low:
         return 'error'
@@ -90,7 +93,8 @@ class LogService:
             self._buf.append(rec)
         if self._files is not None:
             self._files.put(rec)
-        self.bus.publish('logs', 'line', rec.as_dict())
+        if self.bus.wanted('logs'):
+            self.bus.publish('logs', 'line', rec.as_dict())
         return rec
 
     @property

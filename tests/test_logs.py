@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -51,6 +52,34 @@ async def test_log_filters(system_factory) -> None:
         r = await client.get('/api/logs', params={'level': 'loud'})
         assert r.status_code == 422
         assert (await client.get('/api/logs', params={'limit': 0})).status_code == 422
+
+
+async def test_a_subscriber_hears_the_lines_added_while_it_listens() -> None:
+    """With no one listening a line is kept, not published; a page that opens hears the next lines at once, and
+    one that closed hears none."""
+    bus = EventBus()
+    bus.attach_loop(asyncio.get_running_loop())
+    logs = LogService(bus)
+    logs.add_llama_line('alpha', 'I before anyone listened')
+    heard: list[str] = []
+    other: list[str] = []
+    with bus.subscribe(['metrics'], lambda e: other.append(e.type)):
+        logs.add_llama_line('alpha', 'I still nobody on logs')
+        sub = bus.subscribe(['logs'], lambda e: heard.append(e.data['message']))
+        logs.add_llama_line('alpha', 'W while listening')
+        sub.close()
+        logs.add_llama_line('alpha', 'I after it left')
+        with bus.subscribe(None, lambda e: heard.append(e.data['message'])):  # all topics
+            logs.add_llama_line('alpha', 'E to everyone')
+    assert heard == ['W while listening', 'E to everyone']
+    assert other == []
+    assert [r.message for r in logs.query()] == [
+        'I before anyone listened',
+        'I still nobody on logs',
+        'W while listening',
+        'I after it left',
+        'E to everyone',
+    ]
 
 
 def test_llama_levels_from_real_server_output(llama_binary, tmp_path: Path) -> None:

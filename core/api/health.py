@@ -50,6 +50,9 @@ class Runtime(BaseModel):
     gc_frozen_objects: int = Field(
         description="Objects built at startup and left out of the garbage collector's full passes (main.py)"
     )
+    fast_lane_requests: int = Field(
+        description='Requests served in the fast lane, from the HTTP protocol with no task (core/proxy/fastlane.py)'
+    )
     disk_bytes: DiskBytes
 
 
@@ -63,4 +66,5 @@ async def runtime(system: System = Depends(get_system)) -> dict[str, Any]:
         'asyncio_tasks': tasks,
         'event_subscribers': system.bus.subscriber_count,
         'gc_frozen_objects': gc.get_freeze_count(),
+        'fast_lane_requests': system.fast_lane.taken,
     }
