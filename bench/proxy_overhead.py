@@ -906,6 +906,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
                 print(f'proxy error: {row["status"]} {row["route"]} {row["error"]}')
             runtime = httpx.get(f'{base}/api/health/runtime').json()
             print(f'fast lane: {runtime["fast_lane_requests"]} requests (warm-up included)')
+            print(f'garbage collector: {runtime["gc_passes"]} passes, {1000 * runtime["gc_seconds"]:.1f} ms')
             return
         text = render(bench, args, names, prof, meta)
         print(text)

@@ -4,11 +4,36 @@ the same through `GET /api/health/runtime` when the app seems to get heavier."""
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+
+class GcClock:
+    """The garbage collector's passes and the time they took (each one stops the loop), from `gc.callbacks`."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def install(self) -> None:
+        if self._on_pass not in gc.callbacks:
+            gc.callbacks.append(self._on_pass)
+
+    def _on_pass(self, phase: str, _info: dict[str, int]) -> None:
+        if phase == 'start':
+            self._started = time.perf_counter()
+        else:
+            self.passes += 1
+            self.seconds += time.perf_counter() - self._started
+
+
+GC_CLOCK = GcClock()  # (one per process, as the collector is)
 
 
 def process_figures(data_dir: Path) -> dict[str, Any]:

@@ -69,6 +69,7 @@ async def test_plain_requests_take_the_lane_and_get_llama_servers_answer(served:
         emb = await c.post('/v1/embeddings', json={'model': A, 'input': 'hello'})
         text = await c.post('/v1/completions', json=text_body)
         assert lane.taken == before + 3  # all three went the lane
+        assert (await c.get('/api/health/runtime')).json()['fast_lane_requests'] == lane.taken  # an operator sees it
         recorded = await rows(c, 3)
         other = await c.get('/api/health')  # an answer the ASGI path wrote
     async with direct(served.upstream(A)) as own:

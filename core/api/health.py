@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from core.api import get_system
-from core.runtime import process_figures
+from core.runtime import GC_CLOCK, process_figures
 from core.system import System
 
 router = APIRouter(prefix='/api', tags=['health'])
@@ -50,6 +50,8 @@ class Runtime(BaseModel):
     gc_frozen_objects: int = Field(
         description="Objects built at startup and left out of the garbage collector's full passes (main.py)"
     )
+    gc_passes: int = Field(description="The garbage collector's passes since the app started (main.py)")
+    gc_seconds: float = Field(description='The time those passes took, the loop stopped meanwhile')
     fast_lane_requests: int = Field(
         description='Requests served in the fast lane, from the HTTP protocol with no task (core/proxy/fastlane.py)'
     )
@@ -66,5 +68,7 @@ async def runtime(system: System = Depends(get_system)) -> dict[str, Any]:
         'asyncio_tasks': tasks,
         'event_subscribers': system.bus.subscriber_count,
         'gc_frozen_objects': gc.get_freeze_count(),
+        'gc_passes': GC_CLOCK.passes,
+        'gc_seconds': round(GC_CLOCK.seconds, 6),
         'fast_lane_requests': system.fast_lane.taken,
     }
