@@ -550,6 +550,21 @@ rounds), proxy errors 1, 0, 1 before and 0, 0, 0 after. The proxy's CPU per stre
 24-27 us, which is about what the two socket calls per token cost here); the app's own work on the side in the direct
 rounds is 6-8 us of it. So tokens/s at c=4 is held where the plain rows are: by the CPU the two cores share.
 
+Where the app's CPU goes at c=4 (2026-12-02, the next session): `perf record -g` on the app during c=4 embeddings
+(direct and proxy rounds): 56 % the Python interpreter, 32 % the kernel (the TCP sends ~8 %, sleeping and waking in
+`epoll_pwait` ~7-10 %, reading llama-server's output ~4 %), the rest uvloop, httptools and libc; garbage collection
+~5 us a request (`/api/health/runtime` now counts its passes and their time; a gen-0 threshold of 20000 took as long
+in all). `strace` showed ~10 `getpid()` calls per chat request: asyncio.get_running_loop() makes one on Python 3.11,
+and each published event asked it; the bus now compares thread ids, and a log line is published only while a page
+or `/api/events` client listens to `logs`. `bench/ab_commits.sh 38f57c2 3
+real_lat_chat,real_lat_emb,real_rps_chat,real_rps_emb` (before and after, alternated): c=4 chat 80, 83, 84 % ->
+87, 93, 90 % of direct (nginx 88-98 %), c=4 embeddings 71, 75, 79 % -> 75, 77, 81 % (nginx 90-107 %); c=1 paired
+added p50 unchanged (chat +0.19-0.33 ms, embeddings +0.18-0.31 ms on both sides). Tried and not kept: pausing the
+read of llama-server's output between its 20 ms batches (its ~3 reads per chat request come in mid-request) halved
+direct embeddings/s with the CPUs half idle: uvloop's pipes to a child are socketpairs, whose send buffer filled
+and held llama-server up. What is left at c=4 is the lane's Python (the record, guards, timers, header lists: about
+100 us a request above `bench/bare_proxy.py`) and the second hop's system calls.
+
 Reading it: the proxy costs CPU per request (~0.15-0.2 ms at c=32, ~0.3-0.45 ms at c=1, where the app also wakes
 for each request alone) against nginx's ~0.02-0.08 ms; on this box that CPU is taken from the load client and the
 upstream, hence ~35-45 % of direct req/s at c=32. The machine's speed drifts by up to ~1.6x within minutes (direct
