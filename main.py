@@ -109,7 +109,7 @@ def freeze_startup_objects() -> None:
     frozen with 20k live rows on top (`.venv/bin/python bench/gc_pause.py`). Passes come more often after (a quarter
     of a smaller heap sets one off), each a few ms. What is frozen is still freed by its reference count. From here on
     every pass and its time is counted (`/api/health/runtime`: ~200 passes and ~0.13 s over a bench run of ~25 000
-    requests at c=4, ~5 us a request; a gen-0 threshold of 20000 instead of 700 took as long in all, so it is left as it is)."""
+    requests at c=4, ~5 us a request; a gen-0 threshold of 20000 instead of 700 took as long in all, so it is kept)."""
     GC_CLOCK.install()
     gc.collect()
     gc.freeze()
