@@ -200,7 +200,7 @@ class LaneRequest:
         self.parts: list[bytes] = []
         self._ended = False
         self.streaming = False  # the head of an event stream was written: what follows goes out in chunks
-        self.tally = Tally(rec, True)  # (used by a stream only)
+        self.tally = Tally(rec, True) if rec.stream else None  # (a plain answer is recorded whole, in `_answer`)
         rec.task = self
         self.resp: Response | None = None
         self._opening: asyncio.Future[None] | None = None
@@ -263,6 +263,7 @@ class LaneRequest:
             if error is not None and self.streaming and resp.unread:  # what came before the loss is the client's
                 if not self.conn.writable:
                     return
+                assert self.tally is not None
                 self.conn.lane_chunk(self.tally.took(resp.take()), last=False)
             if error is not None:
                 resp.abort()
@@ -270,7 +271,7 @@ class LaneRequest:
                     self._hand_back()
                 else:
                     self._fail(gateway_error(self.rec.model or '', error))
-            elif self.streaming or (resp.status and _is_stream(resp) and self.rec.stream):
+            elif self.streaming or (self.rec.stream and resp.status and _is_stream(resp)):
                 self._pass_on()
             elif resp.complete:
                 self._answer()
@@ -296,8 +297,8 @@ class LaneRequest:
     def _pass_on(self) -> None:
         """An event stream, as `Proxy._pass_on` relays one: the same headers, each read passed on at once, the
         first token dated, the last events kept for the token counts."""
-        resp, rec = self.resp, self.rec
-        assert resp is not None
+        resp, rec, tally = self.resp, self.rec, self.tally
+        assert resp is not None and tally is not None
         if not self.streaming:
             self.streaming = True
             rec.status = resp.status
@@ -305,11 +306,11 @@ class LaneRequest:
             self.conn.lane_start(resp.status, self._with_extra(headers))
         if not self.conn.writable:  # (`reading_again()` brings it back here)
             return
-        chunk = self.tally.took(resp.take())
+        chunk = tally.took(resp.take())
         if resp.complete:
             resp.release()
             self.conn.lane_chunk(chunk, last=True)
-            self.tally.end(resp.status, self.sent)
+            tally.end(resp.status, self.sent)
             self._end()
         elif chunk:
             self.conn.lane_chunk(chunk, last=False)

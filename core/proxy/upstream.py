@@ -396,10 +396,7 @@ class UpstreamClient:
         unanswered shows as an `Unreachable` error on the response: the request was not taken, so it may be sent
         again the usual way."""
         conn = self._take((host, port, None))
-        if conn is None:
-            return None
-        conn.max_idle = max_idle
-        return conn.send(request_head('POST', target, f'{host}:{port}', headers, len(body)), body, False)
+        return None if conn is None else _post(conn, host, port, target, headers, body, max_idle)
 
     async def send_fresh(
         self, host: str, port: int, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes, max_idle: int
@@ -407,8 +404,7 @@ class UpstreamClient:
         """`send_now` on a new connection: the response is read through its `on_wake`. Raises Unreachable when
         the connect fails; a connection closed unanswered shows as an `Unreachable` error on the response."""
         conn = await self._connect((host, port, None), self.connect_timeout)
-        conn.max_idle = max_idle
-        return conn.send(request_head('POST', target, f'{host}:{port}', headers, len(body)), body, False)
+        return _post(conn, host, port, target, headers, body, max_idle)
 
     async def _connect(self, key: _Key, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -463,3 +459,17 @@ class UpstreamClient:
                 conn.close()
         self._idle.clear()
         await asyncio.sleep(0)  # let the transports run their close callbacks
+
+
+def _post(
+    conn: _Connection,
+    host: str,
+    port: int,
+    target: str,
+    headers: Iterable[tuple[bytes, bytes]],
+    body: bytes,
+    max_idle: int,
+) -> Response:
+    """Write a POST on `conn` now (`send_now`, `send_fresh`): its response is read through its `on_wake`."""
+    conn.max_idle = max_idle
+    return conn.send(request_head('POST', target, f'{host}:{port}', headers, len(body)), body, False)
