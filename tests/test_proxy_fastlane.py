@@ -552,14 +552,20 @@ def waiting(proto: Any) -> Response | None:
 
 async def test_a_client_slow_to_read_a_stream_gets_all_of_it(served: Served) -> None:
     # Once its connection's buffers are full the lane stops passing events on; here llama-server sends them all
-    # meanwhile, so nothing but the client's reading again wakes the lane.
+    # meanwhile, so nothing but the client's reading again wakes the lane. (On a busy machine one read from
+    # llama-server may bring the rest of the stream while the client's buffers still had room: the lane has then
+    # written it all, the transport holds it, and the client must still get every event.)
     async with served.client() as c:
         await warm(served, c)
     n = 900
+    taken = served.system.fast_lane.taken
     proto, reader, writer = await slow_reader(
         served, {'model': A, 'prompt': 'hi', 'max_tokens': n, 'stream': True, 'ignore_eos': True}
     )
-    await wait_for(lambda: (resp := waiting(proto)) is not None and resp.complete, 60, interval=0.01)
+    await wait_for(lambda: served.system.fast_lane.taken == taken + 1, 30, interval=0.01)
+    lane = proto._lane
+    await wait_for(lambda: proto._lane is None or (lane.resp is not None and lane.resp.complete), 120, interval=0.01)
+    assert proto.flow.write_paused  # the client read nothing: its buffers are full
     data = await read_chunked(reader)
     writer.close()
     events = [line for line in dechunk(data).split(b'\n') if line.startswith(b'data: ')]
