@@ -5,9 +5,11 @@ rows only where many are needed (paging, query filters)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import csv
 import io
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -193,6 +195,30 @@ def test_query_filters_counts_and_pages(activity: Activity) -> None:
     facets = {'model': ['a', 'b'], 'upstream': [], 'route': [CHAT, '/v1/completions'], 'status': [200, 404, 500]}
     assert activity.facets() == facets
     assert activity.recent(model='b', limit=1)[0]['id'] == b_404  # the older reader still answers
+
+
+def test_a_request_finished_while_the_filter_choices_are_first_read_is_offered(activity: Activity) -> None:
+    """The page's first read of the choices runs in a thread while requests keep finishing on the loop: one that
+    finishes after that read flushed (so it is not in SQLite yet) must still be offered. CI saw the Model filter
+    stay at 'Any model' for good, and a choice the select did not offer was dropped."""
+    record(activity, 'early', 200)
+    reading, go = threading.Event(), threading.Event()
+    query = activity.store.query
+
+    def held(sql: str, *args: Any) -> Any:
+        if 'DISTINCT' in sql:
+            reading.set()
+            assert go.wait(10)
+        return query(sql, *args)
+
+    activity.store.query = held  # type: ignore[method-assign]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(activity.facets)
+        assert reading.wait(10)
+        record(activity, 'late', 200)
+        go.set()
+        assert first.result(10)['model'] == ['early', 'late']
+    assert activity.facets()['model'] == ['early', 'late']
 
 
 def test_export_csv_and_json_follow_the_filters(activity: Activity) -> None:

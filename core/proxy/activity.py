@@ -156,7 +156,10 @@ class Activity:
         self._flusher: asyncio.Task[None] | None = None
         # A read's flush waits for one already writing in another thread, so it never misses rows in transit.
         self._flush_lock = threading.Lock()
-        self._facets: dict[str, set[Any]] | None = None  # filter choices, read once (see `facets`)
+        # Filter choices (see `facets`): every finish adds to them from the start, so a row finished while the
+        # first read of the table runs in a thread is not missed (it may not be in SQLite yet when that read looks).
+        self._facets: dict[str, set[Any]] = {name: set() for name in FACETS}
+        self._facets_read = False
         self.write_error: str | None = None  # why the history on disk is behind, while it is
         self._schema_ready = False
         self._ensure_schema()  # pages may ask for recent requests before the app has finished starting
@@ -202,8 +205,7 @@ class Activity:
                 return 0
             if n:
                 log.warning('%d request(s) were in flight when the app last stopped: recorded as interrupted', n)
-                if self._facets is not None:
-                    self._facets['status'].add(INTERRUPTED)
+                self._facets['status'].add(INTERRUPTED)
             return n
 
     # ---- recording -----------------------------------------------------------------------------------------
@@ -236,10 +238,9 @@ class Activity:
         self._recent.append((time.time(), rec.duration_s, error))
         row = rec.as_dict()
         self._pending.append(tuple(row.values()))  # as_dict() follows COLUMNS
-        if self._facets is not None:
-            for name in FACETS:
-                if row[name] is not None:
-                    self._facets[name].add(row[name])
+        for name in FACETS:
+            if row[name] is not None:
+                self._facets[name].add(row[name])
         self._last.append(row)
         self.bus.publish('requests', 'finished', row)
 
@@ -340,10 +341,12 @@ class Activity:
         read from SQLite once, then kept up to date by `finish` (every Activity page asks on each redraw, and three
         DISTINCT scans of the table each time would hold the store's lock against the writer)."""
         with self._flush_lock:
-            if self._facets is None:
+            if not self._facets_read:
                 self.flush_unlocked()
                 sql = f'SELECT DISTINCT {{0}} FROM proxy_requests WHERE {{0}} IS NOT NULL AND {_FINISHED}'
-                self._facets = {name: {r[0] for r in self.store.query(sql.format(name))} for name in FACETS}
+                for name in FACETS:
+                    self._facets[name].update({r[0] for r in self.store.query(sql.format(name))})
+                self._facets_read = True
             # list() of a set is one C call under the GIL: safe against `finish` adding on the loop meanwhile
             return {name: sorted(list(values)) for name, values in self._facets.items()}
 
