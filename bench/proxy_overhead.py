@@ -578,9 +578,11 @@ chat ~430/s) gave chat 94, 88, 89, 89 % before and 88, 87, 87, 90 % after, embed
 64, 69 %, the proxy's CPU per request the same on both sides (chat 710-780 us, embeddings 395-435 us, with the app's
 work on the side): within the spread. A cProfile of the app on its thread's CPU clock (3200 chat requests at c=4)
 spreads the lane's own Python over some forty functions, none above a tenth of it: the two activity events ~10 %,
-token counts from the answer ~9 %, the header callbacks ~7 %, the body's parse and parameters ~6 %; reading
-llama-server's ~9 log lines per chat request costs the app ~300 us of CPU (the direct rows' "app CPU on the side"
-in these runs), proxied or not.
+token counts from the answer ~9 %, the header callbacks ~7 %, the body's parse and parameters ~6 %. Nor is it
+llama-server's ~9 log lines per chat request, read on the loop: with them dropped on arrival (a scratch switch,
+`bench/ab_commits.sh 9d8be11 4 real_rps_chat,real_rps_emb`) the app's CPU per chat fell from ~305 to ~215 us in
+the direct rounds and from ~720 to ~615 us proxied, and the c=4 ratios stayed (chat 90, 88, 90, 90 % with the
+lines, 88, 88, 90, 91 % without; embeddings 66-68 % and 67-69 %).
 
 Reading it: the proxy costs CPU per request (~0.15-0.2 ms at c=32, ~0.3-0.45 ms at c=1, where the app also wakes
 for each request alone) against nginx's ~0.02-0.08 ms; on this box that CPU is taken from the load client and the
