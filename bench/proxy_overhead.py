@@ -568,30 +568,30 @@ and held llama-server up. What is left at c=4 is the lane's Python (the record, 
 Why c=1 passes and c=4 does not (2026-12-03): four clients in a closed loop turn time added per request into lost
 req/s, ratio ~ direct latency / (direct latency + added latency at c=4). In the table above a chat takes 4 / 773 =
 5.2 ms at c=4 direct and 5.8 ms proxied (+0.6 ms), an embedding 1.42 and 2.07 ms (+0.65 ms): at c=1 the proxy adds
-~0.25 ms, at c=4 over twice that, since the answers llama-server finishes together are relayed one after another
-by one Python thread. 90 % allows a ninth of the direct latency: 0.16 ms for the 1.4 ms embedding, 0.58 ms for the
-5.2 ms chat. The goal's c=1 allowance (+0.5 ms) and its c=4 floor agree only for requests of ~4.5 ms or more at
-c=4, as a real model's are (larger-llama: 101 %). Tried and not kept: the lane's record (token counts, activity
-row, events) deferred past the other answers of the same loop pass (`loop.call_soon`), so that each reply goes out
-before the one before it is booked: `bench/ab_commits.sh 704b4dd 4 real_rps_chat,real_rps_emb` (a slow day: direct
-chat ~430/s) gave chat 94, 88, 89, 89 % before and 88, 87, 87, 90 % after, embeddings 66, 68, 69, 66 % and 73, 71,
-64, 69 %, the proxy's CPU per request the same on both sides (chat 710-780 us, embeddings 395-435 us, with the app's
-work on the side): within the spread. A cProfile of the app on its thread's CPU clock (3200 chat requests at c=4)
-spreads the lane's own Python over some forty functions, none above a tenth of it: the two activity events ~10 %,
-token counts from the answer ~9 %, the header callbacks ~7 %, the body's parse and parameters ~6 %. What holds the
-ratio is not llama-server's ~9 log lines per chat request, read on the loop: with them dropped on arrival (a scratch switch,
-`bench/ab_commits.sh 9d8be11 4 real_rps_chat,real_rps_emb`) the app's CPU per chat fell from ~305 to ~215 us in
-the direct rounds and from ~720 to ~615 us proxied, and the c=4 ratios stayed (chat 90, 88, 90, 90 % with the
-lines, 88, 88, 90, 91 % without; embeddings 66-68 % and 67-69 %). Nor the scheduler: the app's loop thread at nice
--10 gave the same ratios as at 0 (chat 88-89 %, embeddings 67-70 %, three rounds each, alternated). What the
-ratio tracks is the proxy's own CPU per request (`P`, the proxied rows' CPU less the direct rows' "on the side"): the
-ratio sits at or a little below D / (D + P), D being the machine's CPU per request direct (this hour: chat 89 %
-measured, 90 % so predicted; embeddings 67 %, 74 % predicted: there the hop's latency costs too). Trims of the lane's
-bookkeeping that saved ~20 us a request in isolation (token counts read from a small reply whole with orjson, 28 ->
-14 us; the request's `started` event built only for a page or an /api/events client, the record's row built in one
-C call, 21 -> 16 us) did not show against the run-to-run spread of P (~+-25 us): chat P 483-535 us before and
-475-522 us after, embeddings 369-390 and 348-383 us (`bench/ab_commits.sh 5ae1fde 4 real_rps_chat,real_rps_emb`,
-a slower hour: direct chat ~360-380/s); not kept.
+~0.25 ms, at c=4 over twice that, since the answers llama-server finishes together are relayed one after another by
+one Python thread. 90 % allows a ninth of the direct latency: 0.16 ms for the 1.4 ms embedding, 0.58 ms for the 5.2
+ms chat. The goal's c=1 allowance (+0.5 ms) and its c=4 floor agree only for requests of ~4.5 ms or more at c=4, as
+a real model's are (larger-llama: 101 %). Tried and not kept: the lane's record (token counts, activity row, events)
+deferred past the other answers of the same loop pass (`loop.call_soon`), so that each reply goes out before the one
+before it is booked: `bench/ab_commits.sh 704b4dd 4 real_rps_chat,real_rps_emb` (a slow day: direct chat ~430/s)
+gave chat 94, 88, 89, 89 % before and 88, 87, 87, 90 % after, embeddings 66, 68, 69, 66 % and 73, 71, 64, 69 %, the
+proxy's CPU per request the same on both sides (chat 710-780 us, embeddings 395-435 us, with the app's work on the
+side): within the spread. A cProfile of the app on its thread's CPU clock (3200 chat requests at c=4) spreads the
+lane's own Python over some forty functions, none above a tenth of it: the two activity events ~10 %, token counts
+from the answer ~9 %, the header callbacks ~7 %, the body's parse and parameters ~6 %. What holds the ratio is not
+llama-server's ~9 log lines per chat request, read on the loop: with them dropped on arrival (a scratch switch,
+`bench/ab_commits.sh 9d8be11 4 real_rps_chat,real_rps_emb`) the app's CPU per chat fell from ~305 to ~215 us in the
+direct rounds and from ~720 to ~615 us proxied, and the c=4 ratios stayed (chat 90, 88, 90, 90 % with the lines, 88,
+88, 90, 91 % without; embeddings 66-68 % and 67-69 %). Nor the scheduler: the app's loop thread at nice -10 gave the
+same ratios as at 0 (chat 88-89 %, embeddings 67-70 %, three rounds each, alternated). What the ratio tracks is the
+proxy's own CPU per request (`P`, the proxied rows' CPU less the direct rows' "on the side"): the ratio sits at or a
+little below D / (D + P), D being the machine's CPU per request direct (this hour: chat 89 % measured, 90 % so
+predicted; embeddings 67 %, 74 % predicted: there the hop's latency costs too). Trims of the lane's bookkeeping that
+saved ~20 us a request in isolation (token counts read from a small reply whole with orjson, 28 -> 14 us; the
+request's `started` event built only for a page or an /api/events client, the record's row built in one C call, 21
+-> 16 us) did not show against the run-to-run spread of P (~+-25 us): chat P 483-535 us before and 475-522 us after,
+embeddings 369-390 and 348-383 us (`bench/ab_commits.sh 5ae1fde 4 real_rps_chat,real_rps_emb`, a slower hour: direct
+chat ~360-380/s); not kept.
 
 Reading it: the proxy costs CPU per request (~0.15-0.2 ms at c=32, ~0.3-0.45 ms at c=1, where the app also wakes
 for each request alone) against nginx's ~0.02-0.08 ms; on this box that CPU is taken from the load client and the
